@@ -1,0 +1,36 @@
+//! `mooncake`: the mooncake-rs command-line tool.
+
+use clap::{Parser, Subcommand};
+
+/// mooncake-rs: KVCache-centric disaggregated infrastructure for LLM serving.
+#[derive(Debug, Parser)]
+#[command(name = "mooncake", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Top-level commands. Each lives in its own module with an `Args` type and a `run` function.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `mooncake bench …`.
+#[derive(Debug, Subcommand)]
+enum BenchCommand {}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Bench(b) => match b {},
+    }
+}

@@ -1,0 +1,545 @@
+//! The [`TransferEngine`]: registered memory, opened segments, batches, and the one-shot
+//! calls that Mooncake's Python users make.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::completion::{Batch, TransferStatus};
+use crate::descriptor::{BufferDesc, MetadataKeys, RemoteSegment, RpcMeta, SegmentDescriptor};
+use crate::error::{Error, ErrorKind, Result};
+use crate::location::Location;
+use crate::metadata::{EmbeddedMetadataStore, MetadataStore, block_on};
+use crate::segment::{Access, BufferRegistry, ForeignMemory, MemorySegment, Requester};
+use crate::transport::{
+    EngineContext, Opcode, SegmentHandle, TransferRequest, TransferTask, Transport, TransportBuilder,
+};
+
+/// Default time a peer may make no progress before its tasks fail.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An id of a batch allocated with [`TransferEngine::allocate_batch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BatchId(pub u64);
+
+/// Builds a [`TransferEngine`].
+pub struct EngineBuilder {
+    local_name: String,
+    hostname: String,
+    metadata: Option<Arc<dyn MetadataStore>>,
+    transports: Vec<Box<dyn TransportBuilder>>,
+    timeout: Duration,
+    keys: MetadataKeys,
+    rpc_port: u16,
+}
+
+impl std::fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineBuilder")
+            .field("local_name", &self.local_name)
+            .field("hostname", &self.hostname)
+            .field("transports", &self.transports.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EngineBuilder {
+    /// Sets the metadata store (default: the process-wide embedded store).
+    pub fn with_metadata(mut self, metadata: Arc<dyn MetadataStore>) -> Self {
+        self.metadata = Some(metadata);
+        self
+    }
+
+    /// Sets the host name or IP that peers should use (default `127.0.0.1`).
+    pub fn with_hostname(mut self, hostname: impl Into<String>) -> Self {
+        self.hostname = hostname.into();
+        self
+    }
+
+    /// Adds a transport; the first one that can reach a target is used for it.
+    pub fn with_transport(mut self, transport: impl TransportBuilder + 'static) -> Self {
+        self.transports.push(Box::new(transport));
+        self
+    }
+
+    /// Adds a boxed transport builder.
+    pub fn with_boxed_transport(mut self, transport: Box<dyn TransportBuilder>) -> Self {
+        self.transports.push(transport);
+        self
+    }
+
+    /// Sets how long a peer may make no progress before its tasks fail (default 5 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets the metadata key layout (default: from `MC_METADATA_CLUSTER_ID`).
+    pub fn with_keys(mut self, keys: MetadataKeys) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    /// Sets the RPC port published in `rpc_meta` (the handshake port, if any).
+    pub fn with_rpc_port(mut self, port: u16) -> Self {
+        self.rpc_port = port;
+        self
+    }
+
+    /// Starts the transports and publishes the (empty) segment.
+    pub fn build(self) -> Result<TransferEngine> {
+        if self.local_name.is_empty() {
+            return Err(Error::new(ErrorKind::Config, "the local segment name must not be empty"));
+        }
+        let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        let ctx = EngineContext {
+            local_name: self.local_name.clone(),
+            hostname: self.hostname.clone(),
+            registry: Arc::new(BufferRegistry::new()),
+            generation,
+            timeout: self.timeout,
+        };
+        let transports =
+            self.transports.into_iter().map(|b| b.build(&ctx)).collect::<Result<Vec<_>>>()?;
+        let metadata = self.metadata.unwrap_or_else(|| Arc::new(EmbeddedMetadataStore::global()));
+        let engine = TransferEngine {
+            inner: Arc::new(Inner {
+                ctx,
+                metadata,
+                transports,
+                keys: self.keys,
+                rpc_port: self.rpc_port,
+                segments: RwLock::new(SegmentTable::default()),
+                batches: Mutex::new(HashMap::new()),
+                next_batch: AtomicU64::new(1),
+                publish_lock: Mutex::new(()),
+            }),
+        };
+        engine.publish()?;
+        let rpc = RpcMeta { ip_or_host_name: engine.inner.ctx.hostname.clone(), rpc_port: engine.inner.rpc_port };
+        let key = engine.inner.keys.rpc_meta(&engine.inner.ctx.local_name);
+        block_on(engine.inner.metadata.put(&key, serde_json::to_vec(&rpc).expect("rpc meta serialises")))?;
+        Ok(engine)
+    }
+}
+
+#[derive(Default)]
+struct SegmentTable {
+    by_name: HashMap<String, SegmentHandle>,
+    by_id: HashMap<SegmentHandle, Arc<RemoteSegment>>,
+    next: u64,
+}
+
+struct Inner {
+    ctx: EngineContext,
+    metadata: Arc<dyn MetadataStore>,
+    transports: Vec<Arc<dyn Transport>>,
+    keys: MetadataKeys,
+    rpc_port: u16,
+    segments: RwLock<SegmentTable>,
+    batches: Mutex<HashMap<u64, Batch>>,
+    next_batch: AtomicU64,
+    publish_lock: Mutex<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for t in &self.transports {
+            t.shutdown();
+        }
+        let name = &self.ctx.local_name;
+        let _ = block_on(self.metadata.delete(&self.keys.segment(name)));
+        let _ = block_on(self.metadata.delete(&self.keys.rpc_meta(name)));
+    }
+}
+
+/// Moves bytes between registered memory of any two engines.
+///
+/// Cloning shares the engine; it shuts down (and unpublishes its segment) when the last
+/// clone drops.
+#[derive(Clone)]
+pub struct TransferEngine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for TransferEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransferEngine")
+            .field("name", &self.inner.ctx.local_name)
+            .field("transports", &self.inner.transports.iter().map(|t| t.name()).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl TransferEngine {
+    /// Starts building an engine whose segment is called `local_name`.
+    pub fn builder(local_name: impl Into<String>) -> EngineBuilder {
+        EngineBuilder {
+            local_name: local_name.into(),
+            hostname: "127.0.0.1".to_string(),
+            metadata: None,
+            transports: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+            keys: MetadataKeys::from_env(),
+            rpc_port: 0,
+        }
+    }
+
+    /// The local segment name.
+    pub fn local_name(&self) -> &str {
+        &self.inner.ctx.local_name
+    }
+
+    /// This engine's generation (changes on every restart).
+    pub fn generation(&self) -> u64 {
+        self.inner.ctx.generation
+    }
+
+    /// The registered memory.
+    pub fn registry(&self) -> &Arc<BufferRegistry> {
+        &self.inner.ctx.registry
+    }
+
+    /// The metadata store.
+    pub fn metadata(&self) -> &Arc<dyn MetadataStore> {
+        &self.inner.metadata
+    }
+
+    /// The installed transports.
+    pub fn transports(&self) -> &[Arc<dyn Transport>] {
+        &self.inner.transports
+    }
+
+    /// The descriptor this engine publishes right now.
+    pub fn local_descriptor(&self) -> SegmentDescriptor {
+        let mut d = SegmentDescriptor {
+            name: self.inner.ctx.local_name.clone(),
+            protocol: self.inner.transports.iter().map(|t| t.name()).collect::<Vec<_>>().join(","),
+            timestamp: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs().to_string())
+                .unwrap_or_default(),
+            generation: self.inner.ctx.generation,
+            buffers: self
+                .registry()
+                .regions()
+                .iter()
+                .filter(|r| r.access() != Access::LocalOnly)
+                .map(|r| BufferDesc {
+                    name: r.location().to_string(),
+                    addr: r.base(),
+                    length: r.len(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        for t in &self.inner.transports {
+            t.publish(&mut d);
+        }
+        d
+    }
+
+    fn publish(&self) -> Result<()> {
+        let _g = self.inner.publish_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let d = self.local_descriptor();
+        block_on(self.inner.metadata.put(&self.inner.keys.segment(&d.name), d.to_json()))
+    }
+
+    /// Registers `memory` so that transfers (local and remote) can use it, and publishes it.
+    pub fn register(&self, memory: Arc<dyn MemorySegment>) -> Result<()> {
+        let region = self.registry().register(memory)?;
+        for (i, t) in self.inner.transports.iter().enumerate() {
+            if let Err(e) = t.on_register(&region) {
+                for t in &self.inner.transports[..i] {
+                    t.on_unregister(&region);
+                }
+                let _ = self.registry().unregister(region.base());
+                return Err(e);
+            }
+        }
+        self.publish()
+    }
+
+    /// Registers `len` bytes at `addr` that the caller owns (Mooncake's `registerLocalMemory`).
+    ///
+    /// # Safety
+    /// The memory must stay valid until [`unregister_memory`](Self::unregister_memory)
+    /// returns for `addr` (or the engine is dropped).
+    pub unsafe fn register_memory(&self, addr: u64, len: usize, location: &str, remote_accessible: bool) -> Result<()> {
+        let location: Location = location.parse()?;
+        let access = if remote_accessible { Access::ReadWrite } else { Access::LocalOnly };
+        // SAFETY: forwarded from this function's contract.
+        let mem = unsafe { ForeignMemory::new(addr, len, location, access) };
+        self.register(Arc::new(mem))
+    }
+
+    /// Unregisters the region starting at `addr`, waiting for transfers that use it.
+    pub fn unregister_memory(&self, addr: u64) -> Result<()> {
+        let region = self.registry().unregister(addr)?;
+        for t in &self.inner.transports {
+            t.on_unregister(&region);
+        }
+        self.publish()
+    }
+
+    /// Opens a segment by name: one metadata round trip, then cached.
+    pub async fn open_segment(&self, name: &str) -> Result<SegmentHandle> {
+        if name == self.local_name() {
+            return Ok(SegmentHandle::LOCAL);
+        }
+        if let Some(h) = self.inner.segments.read().unwrap_or_else(|p| p.into_inner()).by_name.get(name) {
+            return Ok(*h);
+        }
+        let remote = self.fetch_segment(name).await?;
+        let mut t = self.inner.segments.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = t.by_name.get(name) {
+            return Ok(*h);
+        }
+        t.next += 1;
+        let h = SegmentHandle(t.next);
+        t.by_name.insert(name.to_string(), h);
+        t.by_id.insert(h, Arc::new(remote));
+        Ok(h)
+    }
+
+    /// [`open_segment`](Self::open_segment) for synchronous callers.
+    pub fn open_segment_blocking(&self, name: &str) -> Result<SegmentHandle> {
+        block_on(self.open_segment(name))
+    }
+
+    async fn fetch_segment(&self, name: &str) -> Result<RemoteSegment> {
+        let key = self.inner.keys.segment(name);
+        let bytes = self.inner.metadata.get(&key).await?.ok_or_else(|| {
+            Error::new(ErrorKind::SegmentNotFound, format!("segment {name:?} is not published (key {key})"))
+                .with_context("metadata", self.inner.metadata.scheme())
+        })?;
+        Ok(RemoteSegment::new(SegmentDescriptor::from_json(&bytes, &key)?))
+    }
+
+    /// Re-reads a segment's descriptor (after the peer registered more memory or restarted);
+    /// its handle stays the same.
+    pub async fn refresh_segment(&self, handle: SegmentHandle) -> Result<()> {
+        let name = self.segment(handle)?.name().to_string();
+        let fresh = self.fetch_segment(&name).await?;
+        let old_gen = self.segment(handle)?.descriptor().generation;
+        if fresh.descriptor().generation != old_gen {
+            for t in &self.inner.transports {
+                t.forget_peer(&name);
+            }
+        }
+        self.inner.segments.write().unwrap_or_else(|p| p.into_inner()).by_id.insert(handle, Arc::new(fresh));
+        Ok(())
+    }
+
+    /// Forgets a segment; its handle becomes invalid and its connections are dropped.
+    pub fn close_segment(&self, handle: SegmentHandle) -> Result<()> {
+        let mut t = self.inner.segments.write().unwrap_or_else(|p| p.into_inner());
+        let seg = t.by_id.remove(&handle).ok_or_else(|| Error::invalid(format!("unknown segment handle {}", handle.0)))?;
+        t.by_name.remove(seg.name());
+        drop(t);
+        for tr in &self.inner.transports {
+            tr.forget_peer(seg.name());
+        }
+        Ok(())
+    }
+
+    /// The cached descriptor of an opened segment.
+    pub fn segment(&self, handle: SegmentHandle) -> Result<Arc<RemoteSegment>> {
+        self.inner
+            .segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_id
+            .get(&handle)
+            .cloned()
+            .ok_or_else(|| Error::invalid(format!("unknown segment handle {}", handle.0)))
+    }
+
+    /// Submits `requests` into `batch` (which must have room for them).
+    ///
+    /// Each request is checked before anything moves: the local range must be registered,
+    /// the remote range must be inside a buffer the target published (the target checks it
+    /// again). A request that fails a check fails alone; the others proceed.
+    pub fn submit_into(&self, batch: &Batch, requests: &[TransferRequest]) -> Result<()> {
+        let completers = batch.add_tasks(requests.len())?;
+        let mut per_transport: Vec<Vec<TransferTask>> =
+            (0..self.inner.transports.len()).map(|_| Vec::new()).collect();
+        for (req, completer) in requests.iter().zip(completers) {
+            let local = match self.registry().lease(req.source, req.length, Requester::Local) {
+                Ok(l) => l,
+                Err(e) => {
+                    completer.complete(Err(e));
+                    continue;
+                }
+            };
+            if req.target_id == SegmentHandle::LOCAL {
+                completer.complete(self.local_copy(req.opcode, &local, req.target_offset));
+                continue;
+            }
+            let remote = match self.segment(req.target_id) {
+                Ok(r) => r,
+                Err(e) => {
+                    completer.complete(Err(e));
+                    continue;
+                }
+            };
+            if let Err(e) = remote.check_range(req.target_offset, req.length) {
+                completer.complete(Err(e));
+                continue;
+            }
+            let Some(ti) = self.inner.transports.iter().position(|t| t.can_reach(&remote)) else {
+                completer.complete(Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "no installed transport ({}) speaks segment {:?}'s protocol {:?}",
+                        self.inner.transports.iter().map(|t| t.name()).collect::<Vec<_>>().join(","),
+                        remote.name(),
+                        remote.descriptor().protocol
+                    ),
+                )));
+                continue;
+            };
+            per_transport[ti].push(TransferTask {
+                opcode: req.opcode,
+                local,
+                remote,
+                remote_addr: req.target_offset,
+                completer,
+            });
+        }
+        for (t, tasks) in self.inner.transports.iter().zip(per_transport) {
+            if !tasks.is_empty() {
+                t.submit(tasks);
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits `requests` as a new batch and returns it.
+    pub fn submit_batch(&self, requests: &[TransferRequest]) -> Result<Batch> {
+        let batch = Batch::new(requests.len());
+        self.submit_into(&batch, requests)?;
+        Ok(batch)
+    }
+
+    fn local_copy(&self, op: Opcode, local: &crate::segment::RegionLease, target: u64) -> Result<()> {
+        let who = match op {
+            Opcode::Read => Requester::Local,
+            Opcode::Write => Requester::Local,
+        };
+        let other = self.registry().lease(target, local.len(), who)?;
+        let (src, dst) = match op {
+            Opcode::Read => (other.as_ptr(), local.as_ptr()),
+            Opcode::Write => (local.as_ptr(), other.as_ptr()),
+        };
+        // SAFETY: both ranges are leased from registered regions of `len` bytes; `copy`
+        // allows overlap.
+        unsafe { std::ptr::copy(src, dst, local.len() as usize) };
+        Ok(())
+    }
+
+    /// Allocates a batch of `capacity` tasks (Mooncake's `allocateBatchID`).
+    pub fn allocate_batch(&self, capacity: usize) -> BatchId {
+        let id = self.inner.next_batch.fetch_add(1, Ordering::Relaxed);
+        self.inner.batches.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Batch::new(capacity));
+        BatchId(id)
+    }
+
+    /// The batch behind an id.
+    pub fn batch(&self, id: BatchId) -> Result<Batch> {
+        self.inner
+            .batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id.0)
+            .cloned()
+            .ok_or_else(|| Error::invalid(format!("unknown batch id {}", id.0)))
+    }
+
+    /// Submits requests into an allocated batch (Mooncake's `submitTransfer`).
+    pub fn submit(&self, id: BatchId, requests: &[TransferRequest]) -> Result<()> {
+        self.submit_into(&self.batch(id)?, requests)
+    }
+
+    /// Status of one task (Mooncake's `getTransferStatus`); a pure query.
+    pub fn transfer_status(&self, id: BatchId, task: usize) -> TransferStatus {
+        self.batch(id).map_or(TransferStatus::Invalid, |b| b.status(task))
+    }
+
+    /// Waits for every task submitted to the batch so far.
+    pub async fn wait(&self, id: BatchId) -> Result<()> {
+        self.batch(id)?.wait().await
+    }
+
+    /// Frees a batch; refused with [`ErrorKind::Busy`] while a task is unfinished.
+    pub fn free_batch(&self, id: BatchId) -> Result<()> {
+        let mut map = self.inner.batches.lock().unwrap_or_else(|p| p.into_inner());
+        let b = map.get(&id.0).ok_or_else(|| Error::invalid(format!("unknown batch id {}", id.0)))?;
+        if !b.is_done() {
+            return Err(Error::new(ErrorKind::Busy, format!("batch {} has unfinished tasks", id.0)));
+        }
+        map.remove(&id.0);
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `remote` of segment `target` into `local`, and waits.
+    pub fn transfer_sync_read(&self, target: &str, local: u64, remote: u64, len: u64) -> Result<()> {
+        self.transfer_sync(target, Opcode::Read, local, remote, len)
+    }
+
+    /// Writes `len` bytes from `local` to `remote` of segment `target`, and waits until they
+    /// are applied there.
+    pub fn transfer_sync_write(&self, target: &str, local: u64, remote: u64, len: u64) -> Result<()> {
+        self.transfer_sync(target, Opcode::Write, local, remote, len)
+    }
+
+    /// One synchronous transfer.
+    pub fn transfer_sync(&self, target: &str, op: Opcode, local: u64, remote: u64, len: u64) -> Result<()> {
+        self.batch_transfer_sync(target, op, &[local], &[remote], &[len])
+    }
+
+    /// Reads many ranges of `target` and waits for all.
+    pub fn batch_transfer_sync_read(&self, target: &str, locals: &[u64], remotes: &[u64], lens: &[u64]) -> Result<()> {
+        self.batch_transfer_sync(target, Opcode::Read, locals, remotes, lens)
+    }
+
+    /// Writes many ranges to `target` and waits for all.
+    pub fn batch_transfer_sync_write(&self, target: &str, locals: &[u64], remotes: &[u64], lens: &[u64]) -> Result<()> {
+        self.batch_transfer_sync(target, Opcode::Write, locals, remotes, lens)
+    }
+
+    /// Many transfers of one direction to one target, waited for together.
+    pub fn batch_transfer_sync(&self, target: &str, op: Opcode, locals: &[u64], remotes: &[u64], lens: &[u64]) -> Result<()> {
+        let batch = self.batch_transfer_async(target, op, locals, remotes, lens)?;
+        let r = batch.wait_blocking(None);
+        if r.as_ref().is_err_and(|e| e.kind() == ErrorKind::PeerUnreachable || e.kind() == ErrorKind::Timeout) {
+            // The peer may have restarted elsewhere: the next call re-reads its descriptor.
+            if let Ok(h) = self.open_segment_blocking(target) {
+                let _ = self.close_segment(h);
+            }
+        }
+        r
+    }
+
+    /// Submits many transfers of one direction to one target and returns the batch.
+    pub fn batch_transfer_async(&self, target: &str, op: Opcode, locals: &[u64], remotes: &[u64], lens: &[u64]) -> Result<Batch> {
+        if locals.len() != remotes.len() || locals.len() != lens.len() {
+            return Err(Error::invalid(format!(
+                "{} local addresses, {} remote addresses and {} lengths",
+                locals.len(),
+                remotes.len(),
+                lens.len()
+            )));
+        }
+        let h = self.open_segment_blocking(target)?;
+        let reqs: Vec<TransferRequest> = locals
+            .iter()
+            .zip(remotes)
+            .zip(lens)
+            .map(|((&source, &target_offset), &length)| TransferRequest { opcode: op, source, target_id: h, target_offset, length })
+            .collect();
+        self.submit_batch(&reqs)
+    }
+}

@@ -1,0 +1,3 @@
+//! Metadata backends for mooncake-rs.
+
+pub use mooncake_core::EmbeddedMetadataStore;

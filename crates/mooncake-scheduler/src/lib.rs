@@ -1,0 +1,1 @@
+//! Conductor: the KVCache-centric scheduler and its trace-driven simulator.
