@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_transfer;
+
 /// mooncake-rs: KVCache-centric disaggregated infrastructure for LLM serving.
 #[derive(Debug, Parser)]
 #[command(name = "mooncake", version, about)]
@@ -20,7 +22,10 @@ enum Command {
 
 /// `mooncake bench …`.
 #[derive(Debug, Subcommand)]
-enum BenchCommand {}
+enum BenchCommand {
+    /// Transfer Engine throughput and latency (Mooncake's `transfer_engine_bench`).
+    Transfer(bench_transfer::TransferArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -31,6 +36,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Bench(b) => match b {},
+        Command::Bench(b) => match b {
+            BenchCommand::Transfer(a) => bench_transfer::run(a),
+        },
     }
 }

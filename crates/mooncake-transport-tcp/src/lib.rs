@@ -1,1 +1,11 @@
-//! TCP transport.
+#![doc = include_str!("../README.md")]
+
+mod client;
+mod config;
+mod server;
+mod sys;
+mod transport;
+pub mod wire;
+
+pub use config::TcpConfig;
+pub use transport::{TCP_PROTO_VERSION, TCP_SCHEME, TcpStats, TcpTransport};

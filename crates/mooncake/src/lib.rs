@@ -1,1 +1,53 @@
-//! mooncake facade.
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub use mooncake_core::*;
+
+/// Metadata backends (`mooncake-metadata`).
+pub use mooncake_metadata as metadata;
+
+/// The TCP transport (feature `tcp`, on by default).
+#[cfg(feature = "tcp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tcp")))]
+pub use mooncake_transport_tcp as tcp;
+
+/// Names of the transports compiled into this build.
+pub fn compiled_transports() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if cfg!(feature = "tcp") {
+        v.push("tcp");
+    }
+    v
+}
+
+/// A transport builder for `protocol` with default settings, or a clear error when the
+/// protocol is unknown or was not compiled in.
+pub fn transport_builder(protocol: &str) -> Result<Box<dyn TransportBuilder>> {
+    #[allow(unreachable_patterns, reason = "which arms are reachable depends on the features")]
+    match protocol {
+        #[cfg(feature = "tcp")]
+        "tcp" => Ok(Box::new(mooncake_transport_tcp::TcpConfig::new())),
+        known @ ("tcp" | "rdma" | "nvmeof") => Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "this build has no {known} transport: rebuild with `--features {known}` (compiled in: {})",
+                compiled_transports().join(", ")
+            ),
+        )),
+        other => Err(Error::new(
+            ErrorKind::Config,
+            format!("unknown protocol {other:?} (known: tcp, rdma, nvmeof)"),
+        )),
+    }
+}
+
+/// Opens the metadata store named by `url`: empty for the process-wide embedded store.
+pub fn open_metadata(url: &str) -> Result<std::sync::Arc<dyn MetadataStore>> {
+    if url.trim().is_empty() {
+        return Ok(std::sync::Arc::new(EmbeddedMetadataStore::global()));
+    }
+    Err(Error::new(
+        ErrorKind::Config,
+        format!("metadata URL {url:?}: no backend for it is compiled into this build (leave it empty for the embedded store)"),
+    ))
+}

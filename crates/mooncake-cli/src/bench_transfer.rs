@@ -1,0 +1,501 @@
+//! `mooncake bench transfer`: Mooncake's `transfer_engine_bench`, with a raw-socket baseline
+//! measured in the same run.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use mooncake::{
+    EmbeddedMetadataStore, LocalBuffer, MemorySegment, MetadataStore, Opcode, TransferEngine,
+    TransferRequest,
+};
+use serde::Serialize;
+
+/// Read or write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Op {
+    /// Pull from the target.
+    Read,
+    /// Push to the target.
+    Write,
+}
+
+/// Which side(s) this process plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Role {
+    /// Target and initiator in one process, over loopback, embedded metadata.
+    Both,
+    /// Register a buffer and serve it until killed (or for `--duration`).
+    Target,
+    /// Drive transfers against `--segment`.
+    Initiator,
+}
+
+/// Arguments of `mooncake bench transfer`.
+#[derive(Debug, Args)]
+pub(crate) struct TransferArgs {
+    /// Operation.
+    #[arg(long, value_enum, default_value_t = Op::Write)]
+    op: Op,
+    /// Bytes per request (accepts K, M, G suffixes: 64K, 1M).
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    block_size: u64,
+    /// Requests per batch.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Initiator threads, each submitting its own batches.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Seconds to run (after a short warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Transport.
+    #[arg(long, default_value = "tcp")]
+    protocol: String,
+    /// Which side(s) to run.
+    #[arg(long, value_enum, default_value_t = Role::Both)]
+    role: Role,
+    /// Metadata URL for separate target/initiator processes (empty: embedded).
+    #[arg(long, default_value = "")]
+    metadata: String,
+    /// Segment name of the target (initiator role) or of this target (target role).
+    #[arg(long, default_value = "bench-target")]
+    segment: String,
+    /// Host name or IP to publish (target role).
+    #[arg(long, default_value = "127.0.0.1")]
+    hostname: String,
+    /// TCP connections per peer (and, with --baseline, the pump's connection count).
+    #[arg(long, default_value_t = 4)]
+    conns: usize,
+    /// Also measure a plain TCP socket pump (and ping-pong) in the same run.
+    #[arg(long)]
+    baseline: bool,
+    /// Skip the end-of-run byte verification.
+    #[arg(long)]
+    no_verify: bool,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_end_matches("ib").trim_end_matches('b');
+    let (num, mul) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (try 4096, 64K, 1M)"))?;
+    n.checked_mul(mul).filter(|&v| v > 0).ok_or_else(|| format!("{s:?} is not a positive size"))
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    op: Op,
+    protocol: String,
+    block_size: u64,
+    batch_size: usize,
+    threads: usize,
+    conns: usize,
+    bytes: u64,
+    seconds: f64,
+    gb_per_s: f64,
+    ops_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    verified: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baseline_gb_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baseline_p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baseline_p99_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p50_ratio: Option<f64>,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+fn fill_random(buf: &LocalBuffer, seed: u64) -> anyhow::Result<()> {
+    let mut x = seed | 1;
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut off = 0;
+    while off < buf.len() {
+        for b in chunk.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let n = chunk.len().min(buf.len() - off);
+        buf.write_at(off, &chunk[..n])?;
+        off += n;
+    }
+    Ok(())
+}
+
+fn engine(name: &str, args: &TransferArgs, metadata: Arc<dyn MetadataStore>) -> anyhow::Result<TransferEngine> {
+    let mut b = TransferEngine::builder(name).with_metadata(metadata).with_hostname(&args.hostname);
+    match args.protocol.as_str() {
+        "tcp" => b = b.with_transport(mooncake::tcp::TcpConfig::new().with_conns_per_path(args.conns)),
+        other => b = b.with_boxed_transport(mooncake::transport_builder(other)?),
+    }
+    Ok(b.build()?)
+}
+
+fn metadata_store(url: &str) -> anyhow::Result<Arc<dyn MetadataStore>> {
+    Ok(mooncake::open_metadata(url)?)
+}
+
+pub(crate) fn run(args: TransferArgs) -> anyhow::Result<()> {
+    ensure!(args.batch_size > 0 && args.threads > 0, "--batch-size and --threads must be positive");
+    ensure!(args.duration > 0.0, "--duration must be positive");
+    let region = args
+        .block_size
+        .checked_mul(args.batch_size as u64)
+        .and_then(|v| v.checked_mul(args.threads as u64))
+        .filter(|&v| v <= 8 << 30)
+        .context("threads × batch × block must be at most 8 GiB")?;
+    match args.role {
+        Role::Target => run_target(&args, region),
+        Role::Initiator => {
+            let md = metadata_store(&args.metadata)?;
+            let init = engine(&format!("bench-initiator-{}", std::process::id()), &args, md)?;
+            let report = drive(&args, &init, None)?;
+            print_report(&args, &report)
+        }
+        Role::Both => {
+            let md: Arc<dyn MetadataStore> = if args.metadata.is_empty() {
+                Arc::new(EmbeddedMetadataStore::new())
+            } else {
+                metadata_store(&args.metadata)?
+            };
+            let target = engine(&args.segment, &args, md.clone())?;
+            let tbuf = Arc::new(LocalBuffer::new(region as usize)?);
+            target.register(tbuf.clone())?;
+            let init = engine("bench-initiator", &args, md)?;
+            let mut report = drive(&args, &init, Some(&tbuf))?;
+            drop(init);
+            drop(target);
+            if args.baseline {
+                baseline(&args, &mut report)?;
+            }
+            print_report(&args, &report)
+        }
+    }
+}
+
+fn run_target(args: &TransferArgs, region: u64) -> anyhow::Result<()> {
+    let md = metadata_store(&args.metadata)?;
+    let target = engine(&args.segment, args, md)?;
+    let buf = Arc::new(LocalBuffer::new(region as usize)?);
+    fill_random(&buf, 0x5eed)?;
+    target.register(buf)?;
+    eprintln!("target {:?} serving {region} bytes; Ctrl-C to stop", args.segment);
+    std::thread::sleep(Duration::from_secs_f64(args.duration.max(1.0) * 1000.0));
+    Ok(())
+}
+
+/// Runs the initiator threads against `args.segment`; `target_buf` (role both) lets the run
+/// verify every byte at the end.
+fn drive(args: &TransferArgs, init: &TransferEngine, target_buf: Option<&Arc<LocalBuffer>>) -> anyhow::Result<Report> {
+    let handle = init.open_segment_blocking(&args.segment)?;
+    let remote = init.segment(handle)?;
+    let rbuf = remote.descriptor().buffers.first().context("the target published no buffer")?.clone();
+    let region = args.block_size * args.batch_size as u64 * args.threads as u64;
+    ensure!(rbuf.length >= region, "the target's buffer has {} bytes; this run needs {region}", rbuf.length);
+    let local = Arc::new(LocalBuffer::new(region as usize)?);
+    init.register(local.clone())?;
+
+    let verify = !args.no_verify && target_buf.is_some();
+    if let Some(t) = target_buf {
+        match args.op {
+            Op::Write => fill_random(&local, 0xabcdef)?,
+            Op::Read => fill_random(t, 0x123456)?,
+        }
+    }
+
+    let opcode = match args.op {
+        Op::Read => Opcode::Read,
+        Op::Write => Opcode::Write,
+    };
+    let per_thread = args.block_size * args.batch_size as u64;
+    let requests = |t: usize| -> Vec<TransferRequest> {
+        (0..args.batch_size)
+            .map(|i| {
+                let off = t as u64 * per_thread + i as u64 * args.block_size;
+                TransferRequest {
+                    opcode,
+                    source: local.base() + off,
+                    target_id: handle,
+                    target_offset: rbuf.addr + off,
+                    length: args.block_size,
+                }
+            })
+            .collect()
+    };
+
+    // Warm-up: every thread's batch once (connects, faults pages in).
+    for t in 0..args.threads {
+        init.submit_batch(&requests(t))?.wait_blocking(None).context("warm-up batch failed")?;
+    }
+
+    let bytes = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let barrier = Arc::new(Barrier::new(args.threads + 1));
+    let duration = Duration::from_secs_f64(args.duration);
+    let (results, seconds): (Vec<anyhow::Result<Vec<f64>>>, f64) = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..args.threads)
+            .map(|t| {
+                let reqs = requests(t);
+                let (bytes, stop, barrier) = (bytes.clone(), stop.clone(), barrier.clone());
+                s.spawn(move || -> anyhow::Result<Vec<f64>> {
+                    let mut lat = Vec::new();
+                    barrier.wait();
+                    while !stop.load(Ordering::Relaxed) {
+                        let t0 = Instant::now();
+                        init.submit_batch(&reqs)?.wait_blocking(None)?;
+                        lat.push(t0.elapsed().as_secs_f64() * 1e6);
+                        bytes.fetch_add(per_thread, Ordering::Relaxed);
+                    }
+                    Ok(lat)
+                })
+            })
+            .collect();
+        let pb = ProgressBar::new(duration.as_millis() as u64);
+        pb.set_style(ProgressStyle::with_template("{spinner} {elapsed} [{bar:30}] {msg}").expect("valid template"));
+        barrier.wait();
+        let start = Instant::now();
+        while start.elapsed() < duration && !workers.iter().all(|w| w.is_finished()) {
+            std::thread::sleep(Duration::from_millis(100));
+            let secs = start.elapsed().as_secs_f64();
+            pb.set_position(start.elapsed().as_millis() as u64);
+            pb.set_message(format!("{:.2} GB/s", bytes.load(Ordering::Relaxed) as f64 / secs / 1e9));
+        }
+        stop.store(true, Ordering::Relaxed);
+        pb.finish_and_clear();
+        let results = workers.into_iter().map(|w| w.join().expect("bench thread panicked")).collect();
+        (results, start.elapsed().as_secs_f64())
+    });
+    let mut lat = Vec::new();
+    for r in results {
+        lat.extend(r?);
+    }
+    let total = bytes.load(Ordering::Relaxed);
+    lat.sort_by(f64::total_cmp);
+
+    let mut verified = false;
+    if verify {
+        let t = target_buf.expect("verify implies a target buffer");
+        let (want, got) = match args.op {
+            Op::Write => (local.to_vec(), t.to_vec()),
+            Op::Read => (t.to_vec(), local.to_vec()),
+        };
+        if let Some(i) = want[..region as usize].iter().zip(&got[..region as usize]).position(|(a, b)| a != b) {
+            bail!("verification failed: first differing byte at offset {i} of {region}");
+        }
+        verified = true;
+    }
+    init.unregister_memory(local.base())?;
+    let _ = init.close_segment(handle);
+    Ok(Report {
+        op: args.op,
+        protocol: args.protocol.clone(),
+        block_size: args.block_size,
+        batch_size: args.batch_size,
+        threads: args.threads,
+        conns: args.conns,
+        bytes: total,
+        seconds,
+        gb_per_s: total as f64 / seconds / 1e9,
+        ops_per_sec: (total / args.block_size) as f64 / seconds,
+        p50_us: percentile(&lat, 0.50),
+        p99_us: percentile(&lat, 0.99),
+        verified,
+        baseline_gb_per_s: None,
+        ratio: None,
+        baseline_p50_us: None,
+        baseline_p99_us: None,
+        p50_ratio: None,
+    })
+}
+
+/// A plain TCP pump over `--conns` connections moving `--block-size` writes in the
+/// direction of the data (client→server for write, server→client for read), then a
+/// ping-pong of one request and one block, as a bare socket would do it.
+fn baseline(args: &TransferArgs, report: &mut Report) -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let block = args.block_size as usize;
+    let duration = Duration::from_secs_f64(args.duration);
+    let stop = Arc::new(AtomicBool::new(false));
+    let moved = Arc::new(AtomicU64::new(0));
+    let conns = args.conns;
+    let ring = (args.batch_size * block).max(block);
+    let data_from_client = args.op == Op::Write;
+
+    let gbps = std::thread::scope(|s| -> anyhow::Result<f64> {
+        let server = s.spawn(|| -> anyhow::Result<()> {
+            let mut hs = Vec::new();
+            for _ in 0..conns {
+                let (c, _) = listener.accept()?;
+                c.set_nodelay(true)?;
+                let (stop, moved) = (stop.clone(), moved.clone());
+                hs.push(std::thread::spawn(move || pump_side(c, !data_from_client, block, ring, &stop, &moved)));
+            }
+            for h in hs {
+                let _ = h.join();
+            }
+            Ok(())
+        });
+        let mut clients = Vec::new();
+        for _ in 0..conns {
+            let c = TcpStream::connect(addr)?;
+            c.set_nodelay(true)?;
+            let (stop, moved) = (stop.clone(), moved.clone());
+            clients.push(s.spawn(move || pump_side(c, data_from_client, block, ring, &stop, &moved)));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let m0 = moved.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        std::thread::sleep(duration);
+        let bytes = moved.load(Ordering::Relaxed) - m0;
+        let secs = t0.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        for c in clients {
+            let _ = c.join();
+        }
+        server.join().expect("pump server panicked")?;
+        Ok(bytes as f64 / secs / 1e9)
+    })?;
+    report.baseline_gb_per_s = Some(gbps);
+    report.ratio = Some(report.gb_per_s / gbps);
+
+    // Ping-pong: the same bytes a batch-of-one transfer moves, request then reply.
+    let (req_len, resp_len) = match args.op {
+        Op::Write => (32 + block, 32),
+        Op::Read => (32, 32 + block),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let pp_time = duration.min(Duration::from_secs(3));
+    let lat = std::thread::scope(|s| -> anyhow::Result<Vec<f64>> {
+        s.spawn(|| -> anyhow::Result<()> {
+            let (mut c, _) = listener.accept()?;
+            c.set_nodelay(true)?;
+            let mut req = vec![0u8; req_len];
+            let resp = vec![1u8; resp_len];
+            while c.read_exact(&mut req).is_ok() {
+                c.write_all(&resp)?;
+            }
+            Ok(())
+        });
+        let mut c = TcpStream::connect(addr)?;
+        c.set_nodelay(true)?;
+        let req = vec![2u8; req_len];
+        let mut resp = vec![0u8; resp_len];
+        let mut lat = Vec::new();
+        let t0 = Instant::now();
+        let mut i = 0u64;
+        while t0.elapsed() < pp_time {
+            let t = Instant::now();
+            c.write_all(&req)?;
+            c.read_exact(&mut resp)?;
+            if i >= 100 {
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            i += 1;
+        }
+        drop(c);
+        Ok(lat)
+    })?;
+    let mut lat = lat;
+    lat.sort_by(f64::total_cmp);
+    let p50 = percentile(&lat, 0.5);
+    report.baseline_p50_us = Some(p50);
+    report.baseline_p99_us = Some(percentile(&lat, 0.99));
+    report.p50_ratio = Some(report.p50_us / p50);
+    Ok(())
+}
+
+fn pump_side(mut c: TcpStream, sender: bool, block: usize, ring: usize, stop: &AtomicBool, moved: &AtomicU64) {
+    let mut buf = vec![0x5au8; ring];
+    let mut off = 0;
+    c.set_read_timeout(Some(Duration::from_millis(200))).ok();
+    while !stop.load(Ordering::Relaxed) {
+        let r = if sender { c.write(&buf[off..off + block]) } else { c.read(&mut buf[off..off + block]) };
+        match r {
+            Ok(0) => break,
+            Ok(n) => {
+                if !sender {
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                off = (off + block) % (ring - ring % block).max(block);
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = c.shutdown(std::net::Shutdown::Both);
+}
+
+fn print_report(args: &TransferArgs, r: &Report) -> anyhow::Result<()> {
+    println!(
+        "{} {} block={} batch={} threads={} conns={}: {:.3} GB/s, {:.0} ops/s, batch p50 {:.1} µs, p99 {:.1} µs{}",
+        r.protocol,
+        match r.op {
+            Op::Read => "read",
+            Op::Write => "write",
+        },
+        r.block_size,
+        r.batch_size,
+        r.threads,
+        r.conns,
+        r.gb_per_s,
+        r.ops_per_sec,
+        r.p50_us,
+        r.p99_us,
+        if r.verified { ", all bytes verified" } else { "" }
+    );
+    if let (Some(b), Some(ratio)) = (r.baseline_gb_per_s, r.ratio) {
+        println!("baseline socket pump ({} conns): {b:.3} GB/s → ratio {ratio:.2}", r.conns);
+    }
+    if let (Some(b), Some(ratio)) = (r.baseline_p50_us, r.p50_ratio) {
+        println!("baseline ping-pong p50 {b:.1} µs → p50 ratio {ratio:.2}");
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("x").is_err());
+    }
+}

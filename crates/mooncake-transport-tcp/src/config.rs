@@ -1,0 +1,134 @@
+//! [`TcpConfig`]: how the TCP transport listens, connects, slices and times out.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mooncake_core::{EngineContext, Error, ErrorKind, Result, Transport, TransportBuilder};
+
+use crate::transport::TcpTransport;
+
+/// Configuration of a [`TcpTransport`]; also its [`TransportBuilder`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TcpConfig {
+    /// Addresses to listen on, one per network path (default: the engine's hostname).
+    pub listen: Vec<IpAddr>,
+    /// Port for the first listener (0 = any free port); further listeners take any port.
+    pub port: u16,
+    /// Connections opened to each path of each peer.
+    pub conns_per_path: usize,
+    /// Requests at least twice this long are striped over several connections.
+    pub stripe_min: u64,
+    /// No slice on the wire is longer than this.
+    pub max_slice: u64,
+    /// No progress for this long fails a connection (default: the engine's timeout).
+    pub timeout: Option<Duration>,
+    /// A path whose connection failed is avoided for this long, then probed.
+    pub path_pause: Duration,
+    /// Requests up to this size are written by the submitting thread when the connection
+    /// is idle (saves a thread hand-off).
+    pub inline_send_max: u64,
+    /// `SO_SNDBUF`/`SO_RCVBUF` for data connections (None = kernel default).
+    pub socket_buffer: Option<usize>,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            port: 0,
+            conns_per_path: 4,
+            stripe_min: 256 * 1024,
+            max_slice: 16 * 1024 * 1024,
+            timeout: None,
+            path_pause: Duration::from_secs(10),
+            inline_send_max: 64 * 1024,
+            socket_buffer: None,
+        }
+    }
+}
+
+impl TcpConfig {
+    /// Defaults: 4 connections per path, striping from 512 KiB, 16 MiB slices.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Listens on these addresses (one listener, and one network path, each).
+    pub fn with_listen(mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        self.listen = addrs.into_iter().collect();
+        self
+    }
+
+    /// Listens on this port (first listener only).
+    pub fn with_port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Connections per path per peer.
+    pub fn with_conns_per_path(mut self, n: usize) -> Self {
+        self.conns_per_path = n;
+        self
+    }
+
+    /// Minimum stripe size.
+    pub fn with_stripe_min(mut self, bytes: u64) -> Self {
+        self.stripe_min = bytes;
+        self
+    }
+
+    /// Maximum slice size.
+    pub fn with_max_slice(mut self, bytes: u64) -> Self {
+        self.max_slice = bytes;
+        self
+    }
+
+    /// No-progress timeout (overrides the engine's).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// How long a failed path is avoided.
+    pub fn with_path_pause(mut self, pause: Duration) -> Self {
+        self.path_pause = pause;
+        self
+    }
+
+    /// Largest request written inline by the submitting thread.
+    pub fn with_inline_send_max(mut self, bytes: u64) -> Self {
+        self.inline_send_max = bytes;
+        self
+    }
+
+    /// Socket buffer size for data connections.
+    pub fn with_socket_buffer(mut self, bytes: usize) -> Self {
+        self.socket_buffer = Some(bytes);
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::new(ErrorKind::Config, format!("tcp transport: {m}")));
+        if self.conns_per_path == 0 || self.conns_per_path > 64 {
+            return bad("conns_per_path must be between 1 and 64");
+        }
+        if self.max_slice < 4096 || self.max_slice > (1 << 30) {
+            return bad("max_slice must be between 4 KiB and 1 GiB");
+        }
+        if self.stripe_min == 0 {
+            return bad("stripe_min must be positive");
+        }
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return bad("timeout must be positive");
+        }
+        Ok(())
+    }
+}
+
+impl TransportBuilder for TcpConfig {
+    fn build(self: Box<Self>, ctx: &EngineContext) -> Result<Arc<dyn Transport>> {
+        Ok(Arc::new(TcpTransport::start(*self, ctx)?))
+    }
+}

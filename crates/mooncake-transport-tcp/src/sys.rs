@@ -1,0 +1,147 @@
+//! Raw socket I/O straight into and out of registered memory, with progress tracking and
+//! timeouts. The only `unsafe` of the crate lives here.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+/// What to do when a socket call times out with nothing moved.
+pub(crate) trait Stall {
+    /// Called on every socket timeout tick; return an error to give up.
+    fn on_stall(&mut self) -> io::Result<()>;
+    /// Called whenever bytes moved.
+    fn on_progress(&mut self, bytes: usize);
+}
+
+/// Gives up once nothing has moved for `limit`.
+pub(crate) struct Deadline {
+    last: Instant,
+    limit: Duration,
+}
+
+impl Deadline {
+    pub(crate) fn new(limit: Duration) -> Self {
+        Self { last: Instant::now(), limit }
+    }
+}
+
+impl Stall for Deadline {
+    fn on_stall(&mut self) -> io::Result<()> {
+        if self.last.elapsed() >= self.limit {
+            Err(io::Error::new(io::ErrorKind::TimedOut, format!("no progress for {:?}", self.limit)))
+        } else {
+            Ok(())
+        }
+    }
+    fn on_progress(&mut self, _bytes: usize) {
+        self.last = Instant::now();
+    }
+}
+
+fn is_stall(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+/// Receives exactly `len` bytes into `ptr`.
+///
+/// # Safety
+/// `ptr..ptr + len` must be valid for writes for the whole call (a leased registered range
+/// or a local buffer).
+pub(crate) unsafe fn recv_exact(fd: RawFd, ptr: *mut u8, len: usize, stall: &mut dyn Stall) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        // SAFETY: `ptr + done .. ptr + len` is inside the range the caller vouched for.
+        let n = unsafe { libc::recv(fd, ptr.add(done).cast(), len - done, 0) };
+        if n > 0 {
+            done += n as usize;
+            stall.on_progress(n as usize);
+        } else if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed the connection"));
+        } else {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if is_stall(&e) {
+                stall.on_stall()?;
+                continue;
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Receives exactly `buf.len()` bytes into a safe buffer.
+pub(crate) fn recv_into(fd: RawFd, buf: &mut [u8], stall: &mut dyn Stall) -> io::Result<()> {
+    // SAFETY: `buf` is a live, exclusively borrowed slice of exactly this length.
+    unsafe { recv_exact(fd, buf.as_mut_ptr(), buf.len(), stall) }
+}
+
+/// Sends `head` and then `len` bytes at `ptr`, as one gathered write where possible.
+///
+/// # Safety
+/// `ptr..ptr + len` must be valid for reads for the whole call (`len` may be 0).
+pub(crate) unsafe fn send_gather(fd: RawFd, head: &[u8], ptr: *const u8, len: usize, stall: &mut dyn Stall) -> io::Result<()> {
+    let total = head.len() + len;
+    let mut done = 0;
+    while done < total {
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
+        let mut cnt = 0;
+        if done < head.len() {
+            iov[0] = libc::iovec { iov_base: head[done..].as_ptr() as *mut _, iov_len: head.len() - done };
+            cnt = 1;
+        }
+        if len > 0 {
+            let off = done.saturating_sub(head.len());
+            // SAFETY: `off < len` because `done < total`; the range is valid per the contract.
+            iov[cnt] = libc::iovec { iov_base: unsafe { ptr.add(off) } as *mut _, iov_len: len - off };
+            cnt += 1;
+        }
+        let msg = libc::msghdr {
+            msg_name: std::ptr::null_mut(),
+            msg_namelen: 0,
+            msg_iov: iov.as_mut_ptr(),
+            msg_iovlen: cnt,
+            msg_control: std::ptr::null_mut(),
+            msg_controllen: 0,
+            msg_flags: 0,
+        };
+        // SAFETY: the iovecs point into `head` and the caller's valid range; MSG_NOSIGNAL turns
+        // a closed peer into EPIPE instead of SIGPIPE.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            done += n as usize;
+            stall.on_progress(n as usize);
+        } else {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if is_stall(&e) {
+                stall.on_stall()?;
+                continue;
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Sends a safe buffer.
+pub(crate) fn send_all(fd: RawFd, buf: &[u8], stall: &mut dyn Stall) -> io::Result<()> {
+    // SAFETY: no payload range is passed (length 0).
+    unsafe { send_gather(fd, buf, std::ptr::null(), 0, stall) }
+}
+
+/// Reads and discards `len` bytes (the payload of a refused write), keeping the stream in
+/// sync.
+pub(crate) fn discard(fd: RawFd, mut len: u64, stall: &mut dyn Stall) -> io::Result<()> {
+    let mut scratch = vec![0u8; 64 * 1024];
+    while len > 0 {
+        let n = scratch.len().min(len as usize);
+        recv_into(fd, &mut scratch[..n], stall)?;
+        len -= n as u64;
+    }
+    Ok(())
+}
