@@ -378,7 +378,7 @@ impl TransferEngine {
                 completer.complete(self.local_copy(req.opcode, &local, req.target_offset));
                 continue;
             }
-            let remote = match self.segment(req.target_id) {
+            let mut remote = match self.segment(req.target_id) {
                 Ok(r) => r,
                 Err(e) => {
                     completer.complete(Err(e));
@@ -386,8 +386,16 @@ impl TransferEngine {
                 }
             };
             if let Err(e) = remote.check_range(req.target_offset, req.length) {
-                completer.complete(Err(e));
-                continue;
+                // The cached descriptor may be stale (the peer registered more memory, or
+                // restarted): read it again once before refusing.
+                let fresh = block_on(self.refresh_segment(req.target_id)).and_then(|()| self.segment(req.target_id));
+                match fresh {
+                    Ok(r) if r.check_range(req.target_offset, req.length).is_ok() => remote = r,
+                    _ => {
+                        completer.complete(Err(e));
+                        continue;
+                    }
+                }
             }
             let Some(ti) = self.inner.transports.iter().position(|t| t.can_reach(&remote)) else {
                 completer.complete(Err(Error::new(
