@@ -2,7 +2,12 @@
 //! calls that Mooncake's Python users make.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
+
+use event_listener::Event;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,7 +15,7 @@ use crate::completion::{Batch, TransferStatus};
 use crate::descriptor::{BufferDesc, MetadataKeys, RemoteSegment, RpcMeta, SegmentDescriptor};
 use crate::error::{Error, ErrorKind, Result};
 use crate::location::Location;
-use crate::metadata::{EmbeddedMetadataStore, MetadataStore, block_on};
+use crate::metadata::{EmbeddedMetadataStore, MetadataStore, WatchEvent, block_on};
 use crate::segment::{Access, BufferRegistry, ForeignMemory, MemorySegment, Requester};
 use crate::transport::{
     EngineContext, Opcode, SegmentHandle, TransferRequest, TransferTask, Transport, TransportBuilder,
@@ -114,9 +119,12 @@ impl EngineBuilder {
                 batches: Mutex::new(HashMap::new()),
                 next_batch: AtomicU64::new(1),
                 publish_lock: Mutex::new(()),
+                closed: Event::new(),
+                closing: AtomicBool::new(false),
             }),
         };
         engine.publish()?;
+        engine.start_watcher()?;
         let rpc = RpcMeta { ip_or_host_name: engine.inner.ctx.hostname.clone(), rpc_port: engine.inner.rpc_port };
         let key = engine.inner.keys.rpc_meta(&engine.inner.ctx.local_name);
         block_on(engine.inner.metadata.put(&key, serde_json::to_vec(&rpc).expect("rpc meta serialises")))?;
@@ -141,10 +149,14 @@ struct Inner {
     batches: Mutex<HashMap<u64, Batch>>,
     next_batch: AtomicU64,
     publish_lock: Mutex<()>,
+    closed: Event,
+    closing: AtomicBool,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        self.closing.store(true, Ordering::Release);
+        self.closed.notify(usize::MAX);
         for t in &self.transports {
             t.shutdown();
         }
@@ -183,6 +195,79 @@ impl TransferEngine {
             timeout: DEFAULT_TIMEOUT,
             keys: MetadataKeys::from_env(),
             rpc_port: 0,
+        }
+    }
+
+    /// Follows descriptor changes of other segments: a peer that re-publishes with a new
+    /// generation (it restarted) or disappears gets its cached descriptor replaced and its
+    /// connections dropped, so no transfer uses stale state.
+    fn start_watcher(&self) -> Result<()> {
+        let prefix = self.inner.keys.segment_prefix();
+        let mut stream = block_on(self.inner.metadata.watch(&prefix))?;
+        let weak = Arc::downgrade(&self.inner);
+        let mut closed = self.inner.closed.listen();
+        std::thread::Builder::new()
+            .name("mooncake-meta-watch".into())
+            .spawn(move || {
+                loop {
+                    if weak.upgrade().is_none_or(|i| i.closing.load(Ordering::Acquire)) {
+                        return;
+                    }
+                    // Wait for the next event or for the engine to close, whichever first.
+                    let next = block_on(std::future::poll_fn(|cx| {
+                        if Pin::new(&mut closed).poll(cx).is_ready() {
+                            return Poll::Ready(None);
+                        }
+                        match futures_core::Stream::poll_next(Pin::new(&mut stream), cx) {
+                            Poll::Ready(Some(ev)) => Poll::Ready(Some(ev)),
+                            Poll::Ready(None) => Poll::Ready(None),
+                            Poll::Pending => Poll::Pending,
+                        }
+                    }));
+                    let (Some(ev), Some(inner)) = (next, weak.upgrade()) else { return };
+                    TransferEngine { inner }.on_segment_event(&prefix, ev);
+                }
+            })
+            .map_err(|e| Error::new(ErrorKind::Io, format!("cannot spawn the metadata watcher: {e}")))?;
+        Ok(())
+    }
+
+    fn on_segment_event(&self, prefix: &str, ev: WatchEvent) {
+        let Some(name) = ev.key().strip_prefix(prefix).map(str::to_string) else { return };
+        let name = name.as_str();
+        if name == self.local_name() {
+            return;
+        }
+        let handle = match self.inner.segments.read().unwrap_or_else(|p| p.into_inner()).by_name.get(name) {
+            Some(h) => *h,
+            None => return,
+        };
+        let old_gen = self.segment(handle).map(|s| s.descriptor().generation).unwrap_or(0);
+        match ev {
+            WatchEvent::Put { ref key, ref value } => match SegmentDescriptor::from_json(value, key) {
+                Ok(d) => {
+                    let restarted = d.generation != old_gen;
+                    self.inner
+                        .segments
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .by_id
+                        .insert(handle, Arc::new(RemoteSegment::new(d)));
+                    if restarted {
+                        tracing::info!(segment = name, "peer re-published with a new generation");
+                        for t in &self.inner.transports {
+                            t.forget_peer(name);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("ignoring a malformed descriptor update: {e}"),
+            },
+            WatchEvent::Delete { .. } => {
+                tracing::info!(segment = name, "peer's descriptor was deleted; dropping its connections");
+                for t in &self.inner.transports {
+                    t.forget_peer(name);
+                }
+            }
         }
     }
 

@@ -90,14 +90,21 @@ fn after_unregister_the_target_refuses() {
     let t = Guarded::new("ur-target", &md, Access::ReadWrite);
     let init = engine("ur-init", &md, TcpConfig::new());
     let lbuf = buffer(&init, GUARD, 8);
-    // Open (and cache the descriptor) while the region is registered, then unregister it:
-    // the initiator's check passes on its stale copy, so the target must refuse.
+    // Open (and cache the descriptor) while the region is registered, then unregister it.
     init.transfer_sync_write("ur-target", lbuf.base(), t.base, 4096).unwrap();
+    let mut raw = TcpStream::connect(t.addr()).unwrap();
+    assert_eq!(hello(&mut raw, "ur-target").kind, FrameKind::HelloAck);
     t.engine.unregister_memory(t.base).unwrap();
     let before = t.backing.to_vec();
+    // Through the engine: refused (by the initiator's refreshed descriptor or the target).
     let e = init.transfer_sync_write("ur-target", lbuf.base(), t.base, 4096).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::RemoteAccess, "{e}");
-    assert!(e.to_string().contains("not inside registered memory"), "{e}");
+    // A client that ignores descriptors entirely: the target itself refuses.
+    raw.write_all(&Header::new(FrameKind::Write, 9, t.base, 4096).encode()).unwrap();
+    raw.write_all(&[0xAB; 4096]).unwrap();
+    let (st, msg) = read_error(&mut raw);
+    assert_eq!(st, Status::OutOfRange);
+    assert!(msg.contains("not inside registered memory"), "{msg}");
     assert_eq!(t.backing.to_vec(), before, "an unregistered region was written");
     // The connection survives a refused request.
     let other = buffer(&t.engine, GUARD, 9);
