@@ -6,12 +6,19 @@ use anyhow::{Context, bail};
 
 /// True if `binary` is on the PATH.
 pub(crate) fn has(binary: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {binary}")]).output().is_ok_and(|o| o.status.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {binary}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Installs the package of every `(binary, package)` pair whose binary is missing.
 pub(crate) fn ensure(pairs: &[(&str, &str)]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = pairs.iter().filter(|(b, _)| !has(b)).map(|(_, p)| *p).collect();
+    let missing: Vec<&str> = pairs
+        .iter()
+        .filter(|(b, _)| !has(b))
+        .map(|(_, p)| *p)
+        .collect();
     install(&missing)
 }
 
@@ -21,7 +28,10 @@ pub(crate) fn install(packages: &[&str]) -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing {}", packages.join(" "));
-    let update = Command::new("apt-get").arg("update").status().context("cannot run apt-get (is this Debian?)")?;
+    let update = Command::new("apt-get")
+        .arg("update")
+        .status()
+        .context("cannot run apt-get (is this Debian?)")?;
     if !update.success() {
         bail!("apt-get update failed ({update}); are you root?");
     }

@@ -56,7 +56,10 @@ impl TransferStatus {
 
     /// True once the task will not change any more.
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Completed | Self::Timeout | Self::Failed | Self::Canceled)
+        matches!(
+            self,
+            Self::Completed | Self::Timeout | Self::Failed | Self::Canceled
+        )
     }
 }
 
@@ -93,7 +96,10 @@ impl Batch {
     /// A new batch with room for `capacity` tasks.
     pub fn new(capacity: usize) -> Self {
         let tasks = (0..capacity)
-            .map(|_| TaskSlot { status: AtomicU8::new(TransferStatus::Waiting as u8), error: OnceLock::new() })
+            .map(|_| TaskSlot {
+                status: AtomicU8::new(TransferStatus::Waiting as u8),
+                error: OnceLock::new(),
+            })
             .collect();
         Self {
             state: Arc::new(BatchState {
@@ -128,16 +134,22 @@ impl Batch {
         let s = &self.state;
         let mut start = s.submitted.load(Ordering::Acquire);
         loop {
-            let end = start.checked_add(n).filter(|&e| e <= s.tasks.len()).ok_or_else(|| {
-                Error::invalid(format!(
-                    "batch capacity {} exceeded: {start} submitted, {n} more requested",
-                    s.tasks.len()
-                ))
-            })?;
+            let end = start
+                .checked_add(n)
+                .filter(|&e| e <= s.tasks.len())
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "batch capacity {} exceeded: {start} submitted, {n} more requested",
+                        s.tasks.len()
+                    ))
+                })?;
             // Count the tasks as pending before they become visible as submitted, so a
             // waiter never sees `submitted` grow while `pending` is still zero.
             s.pending.fetch_add(n, Ordering::AcqRel);
-            match s.submitted.compare_exchange(start, end, Ordering::AcqRel, Ordering::Acquire) {
+            match s
+                .submitted
+                .compare_exchange(start, end, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => break,
                 Err(now) => {
                     s.pending.fetch_sub(n, Ordering::AcqRel);
@@ -147,8 +159,13 @@ impl Batch {
         }
         Ok((start..start + n)
             .map(|i| {
-                s.tasks[i].status.store(TransferStatus::Pending as u8, Ordering::Release);
-                TaskCompleter { state: Some(self.state.clone()), index: i }
+                s.tasks[i]
+                    .status
+                    .store(TransferStatus::Pending as u8, Ordering::Release);
+                TaskCompleter {
+                    state: Some(self.state.clone()),
+                    index: i,
+                }
             })
             .collect())
     }
@@ -158,12 +175,17 @@ impl Batch {
         self.state
             .tasks
             .get(index)
-            .map_or(TransferStatus::Invalid, |t| TransferStatus::from_u8(t.status.load(Ordering::Acquire)))
+            .map_or(TransferStatus::Invalid, |t| {
+                TransferStatus::from_u8(t.status.load(Ordering::Acquire))
+            })
     }
 
     /// The error of a failed task.
     pub fn error(&self, index: usize) -> Option<Error> {
-        self.state.tasks.get(index).and_then(|t| t.error.get().cloned())
+        self.state
+            .tasks
+            .get(index)
+            .and_then(|t| t.error.get().cloned())
     }
 
     /// True when every submitted task has finished.
@@ -206,7 +228,10 @@ impl Batch {
     /// Works under any executor: completions come from engine threads through a waker.
     /// Dropping it cancels nothing.
     pub fn wait(&self) -> BatchWait {
-        BatchWait { batch: self.clone(), listener: None }
+        BatchWait {
+            batch: self.clone(),
+            listener: None,
+        }
     }
 
     /// Blocks the calling thread until done, or until `deadline`.
@@ -231,7 +256,10 @@ impl Batch {
                 None => listener.wait(),
                 Some(d) => {
                     if listener.wait_deadline(d).is_none() && !self.is_done() {
-                        return Err(Error::new(ErrorKind::Timeout, "batch did not finish before the deadline"));
+                        return Err(Error::new(
+                            ErrorKind::Timeout,
+                            "batch did not finish before the deadline",
+                        ));
                     }
                 }
             }
@@ -292,7 +320,9 @@ impl TaskCompleter {
     }
 
     fn finish(&mut self, result: Result<()>) {
-        let Some(state) = self.state.take() else { return };
+        let Some(state) = self.state.take() else {
+            return;
+        };
         let slot = &state.tasks[self.index];
         let status = match result {
             Ok(()) => TransferStatus::Completed,
@@ -321,14 +351,21 @@ impl TaskCompleter {
             error: Mutex::new(None),
             task: Mutex::new(Some(self)),
         });
-        (0..n).map(|_| SliceCompleter { group: Some(group.clone()) }).collect()
+        (0..n)
+            .map(|_| SliceCompleter {
+                group: Some(group.clone()),
+            })
+            .collect()
     }
 }
 
 impl Drop for TaskCompleter {
     fn drop(&mut self) {
         if self.state.is_some() {
-            self.finish(Err(Error::new(ErrorKind::Closed, "the transport dropped the task unfinished")));
+            self.finish(Err(Error::new(
+                ErrorKind::Closed,
+                "the transport dropped the task unfinished",
+            )));
         }
     }
 }
@@ -357,7 +394,9 @@ impl SliceCompleter {
     }
 
     fn finish(&mut self, result: Result<()>) {
-        let Some(group) = self.group.take() else { return };
+        let Some(group) = self.group.take() else {
+            return;
+        };
         if let Err(e) = result {
             let mut slot = group.error.lock().unwrap_or_else(|p| p.into_inner());
             slot.get_or_insert(e);
@@ -374,7 +413,10 @@ impl SliceCompleter {
 impl Drop for SliceCompleter {
     fn drop(&mut self) {
         if self.group.is_some() {
-            self.finish(Err(Error::new(ErrorKind::Closed, "the transport dropped a slice unfinished")));
+            self.finish(Err(Error::new(
+                ErrorKind::Closed,
+                "the transport dropped a slice unfinished",
+            )));
         }
     }
 }
@@ -397,7 +439,10 @@ mod tests {
             });
             let r = match runner {
                 0 => smol::block_on(batch.wait()),
-                1 => tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(batch.wait()),
+                1 => tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap()
+                    .block_on(batch.wait()),
                 2 => futures_lite::future::block_on(batch.wait()),
                 _ => batch.wait_blocking(None),
             };
@@ -429,8 +474,14 @@ mod tests {
         let mut slices = task.into_slices(3);
         slices.pop().unwrap().complete(Ok(()));
         assert_eq!(batch.status(0), TransferStatus::Pending);
-        slices.pop().unwrap().complete(Err(Error::new(ErrorKind::Timeout, "slow")));
-        slices.pop().unwrap().complete(Err(Error::new(ErrorKind::Io, "second")));
+        slices
+            .pop()
+            .unwrap()
+            .complete(Err(Error::new(ErrorKind::Timeout, "slow")));
+        slices
+            .pop()
+            .unwrap()
+            .complete(Err(Error::new(ErrorKind::Io, "second")));
         assert_eq!(batch.status(0), TransferStatus::Timeout);
         assert_eq!(batch.error(0).unwrap().message(), "slow");
     }
@@ -439,7 +490,9 @@ mod tests {
     fn blocking_wait_honours_deadline() {
         let batch = Batch::new(1);
         let _t = batch.add_tasks(1).unwrap();
-        let e = batch.wait_blocking(Some(Instant::now() + Duration::from_millis(10))).unwrap_err();
+        let e = batch
+            .wait_blocking(Some(Instant::now() + Duration::from_millis(10)))
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Timeout);
     }
 }

@@ -91,7 +91,10 @@ impl SegmentDescriptor {
     /// Parses a descriptor, naming `source` (a key or a peer) in the error.
     pub fn from_json(bytes: &[u8], source: &str) -> Result<Self> {
         serde_json::from_slice(bytes).map_err(|e| {
-            Error::new(ErrorKind::Metadata, format!("malformed segment descriptor from {source}: {e}"))
+            Error::new(
+                ErrorKind::Metadata,
+                format!("malformed segment descriptor from {source}: {e}"),
+            )
         })
     }
 
@@ -173,7 +176,11 @@ pub struct RemoteSegment {
 impl RemoteSegment {
     /// Indexes `descriptor`.
     pub fn new(descriptor: SegmentDescriptor) -> Self {
-        let mut ranges: Vec<(u64, u64)> = descriptor.buffers.iter().map(|b| (b.addr, b.length)).collect();
+        let mut ranges: Vec<(u64, u64)> = descriptor
+            .buffers
+            .iter()
+            .map(|b| (b.addr, b.length))
+            .collect();
         ranges.sort_unstable();
         Self { descriptor, ranges }
     }
@@ -203,7 +210,10 @@ impl RemoteSegment {
         } else {
             Err(Error::new(
                 ErrorKind::RemoteAccess,
-                format!("range {addr:#x}+{len} is outside every buffer segment {:?} published", self.name()),
+                format!(
+                    "range {addr:#x}+{len} is outside every buffer segment {:?} published",
+                    self.name()
+                ),
             ))
         }
     }
@@ -237,6 +247,9 @@ mod tests {
         assert_eq!(k.segment("node1"), "mooncake/ram/node1");
         assert_eq!(k.segment("a/b"), "mooncake/a/b");
         assert_eq!(k.rpc_meta("node1"), "mooncake/rpc_meta/node1");
-        assert_eq!(MetadataKeys::new(Some("c1")).segment("n"), "mooncake/c1/ram/n");
+        assert_eq!(
+            MetadataKeys::new(Some("c1")).segment("n"),
+            "mooncake/c1/ram/n"
+        );
     }
 }

@@ -18,7 +18,8 @@ use crate::location::Location;
 use crate::metadata::{EmbeddedMetadataStore, MetadataStore, WatchEvent, block_on};
 use crate::segment::{Access, BufferRegistry, ForeignMemory, MemorySegment, Requester};
 use crate::transport::{
-    EngineContext, Opcode, SegmentHandle, TransferRequest, TransferTask, Transport, TransportBuilder,
+    EngineContext, Opcode, SegmentHandle, TransferRequest, TransferTask, Transport,
+    TransportBuilder,
 };
 
 /// Default time a peer may make no progress before its tasks fail.
@@ -95,9 +96,15 @@ impl EngineBuilder {
     /// Starts the transports and publishes the (empty) segment.
     pub fn build(self) -> Result<TransferEngine> {
         if self.local_name.is_empty() {
-            return Err(Error::new(ErrorKind::Config, "the local segment name must not be empty"));
+            return Err(Error::new(
+                ErrorKind::Config,
+                "the local segment name must not be empty",
+            ));
         }
-        let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
         let ctx = EngineContext {
             local_name: self.local_name.clone(),
             hostname: self.hostname.clone(),
@@ -105,9 +112,14 @@ impl EngineBuilder {
             generation,
             timeout: self.timeout,
         };
-        let transports =
-            self.transports.into_iter().map(|b| b.build(&ctx)).collect::<Result<Vec<_>>>()?;
-        let metadata = self.metadata.unwrap_or_else(|| Arc::new(EmbeddedMetadataStore::global()));
+        let transports = self
+            .transports
+            .into_iter()
+            .map(|b| b.build(&ctx))
+            .collect::<Result<Vec<_>>>()?;
+        let metadata = self
+            .metadata
+            .unwrap_or_else(|| Arc::new(EmbeddedMetadataStore::global()));
         let engine = TransferEngine {
             inner: Arc::new(Inner {
                 ctx,
@@ -125,9 +137,17 @@ impl EngineBuilder {
         };
         engine.publish()?;
         engine.start_watcher()?;
-        let rpc = RpcMeta { ip_or_host_name: engine.inner.ctx.hostname.clone(), rpc_port: engine.inner.rpc_port };
+        let rpc = RpcMeta {
+            ip_or_host_name: engine.inner.ctx.hostname.clone(),
+            rpc_port: engine.inner.rpc_port,
+        };
         let key = engine.inner.keys.rpc_meta(&engine.inner.ctx.local_name);
-        block_on(engine.inner.metadata.put(&key, serde_json::to_vec(&rpc).expect("rpc meta serialises")))?;
+        block_on(
+            engine
+                .inner
+                .metadata
+                .put(&key, serde_json::to_vec(&rpc).expect("rpc meta serialises")),
+        )?;
         Ok(engine)
     }
 }
@@ -179,7 +199,15 @@ impl std::fmt::Debug for TransferEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TransferEngine")
             .field("name", &self.inner.ctx.local_name)
-            .field("transports", &self.inner.transports.iter().map(|t| t.name()).collect::<Vec<_>>())
+            .field(
+                "transports",
+                &self
+                    .inner
+                    .transports
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -210,7 +238,10 @@ impl TransferEngine {
             .name("mooncake-meta-watch".into())
             .spawn(move || {
                 loop {
-                    if weak.upgrade().is_none_or(|i| i.closing.load(Ordering::Acquire)) {
+                    if weak
+                        .upgrade()
+                        .is_none_or(|i| i.closing.load(Ordering::Acquire))
+                    {
                         return;
                     }
                     // Wait for the next event or for the engine to close, whichever first.
@@ -224,46 +255,73 @@ impl TransferEngine {
                             Poll::Pending => Poll::Pending,
                         }
                     }));
-                    let (Some(ev), Some(inner)) = (next, weak.upgrade()) else { return };
+                    let (Some(ev), Some(inner)) = (next, weak.upgrade()) else {
+                        return;
+                    };
                     TransferEngine { inner }.on_segment_event(&prefix, ev);
                 }
             })
-            .map_err(|e| Error::new(ErrorKind::Io, format!("cannot spawn the metadata watcher: {e}")))?;
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Io,
+                    format!("cannot spawn the metadata watcher: {e}"),
+                )
+            })?;
         Ok(())
     }
 
     fn on_segment_event(&self, prefix: &str, ev: WatchEvent) {
-        let Some(name) = ev.key().strip_prefix(prefix).map(str::to_string) else { return };
+        let Some(name) = ev.key().strip_prefix(prefix).map(str::to_string) else {
+            return;
+        };
         let name = name.as_str();
         if name == self.local_name() {
             return;
         }
-        let handle = match self.inner.segments.read().unwrap_or_else(|p| p.into_inner()).by_name.get(name) {
+        let handle = match self
+            .inner
+            .segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_name
+            .get(name)
+        {
             Some(h) => *h,
             None => return,
         };
-        let old_gen = self.segment(handle).map(|s| s.descriptor().generation).unwrap_or(0);
+        let old_gen = self
+            .segment(handle)
+            .map(|s| s.descriptor().generation)
+            .unwrap_or(0);
         match ev {
-            WatchEvent::Put { ref key, ref value } => match SegmentDescriptor::from_json(value, key) {
-                Ok(d) => {
-                    let restarted = d.generation != old_gen;
-                    self.inner
-                        .segments
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .by_id
-                        .insert(handle, Arc::new(RemoteSegment::new(d)));
-                    if restarted {
-                        tracing::info!(segment = name, "peer re-published with a new generation");
-                        for t in &self.inner.transports {
-                            t.forget_peer(name);
+            WatchEvent::Put { ref key, ref value } => {
+                match SegmentDescriptor::from_json(value, key) {
+                    Ok(d) => {
+                        let restarted = d.generation != old_gen;
+                        self.inner
+                            .segments
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .by_id
+                            .insert(handle, Arc::new(RemoteSegment::new(d)));
+                        if restarted {
+                            tracing::info!(
+                                segment = name,
+                                "peer re-published with a new generation"
+                            );
+                            for t in &self.inner.transports {
+                                t.forget_peer(name);
+                            }
                         }
                     }
+                    Err(e) => tracing::warn!("ignoring a malformed descriptor update: {e}"),
                 }
-                Err(e) => tracing::warn!("ignoring a malformed descriptor update: {e}"),
-            },
+            }
             WatchEvent::Delete { .. } => {
-                tracing::info!(segment = name, "peer's descriptor was deleted; dropping its connections");
+                tracing::info!(
+                    segment = name,
+                    "peer's descriptor was deleted; dropping its connections"
+                );
                 for t in &self.inner.transports {
                     t.forget_peer(name);
                 }
@@ -300,7 +358,13 @@ impl TransferEngine {
     pub fn local_descriptor(&self) -> SegmentDescriptor {
         let mut d = SegmentDescriptor {
             name: self.inner.ctx.local_name.clone(),
-            protocol: self.inner.transports.iter().map(|t| t.name()).collect::<Vec<_>>().join(","),
+            protocol: self
+                .inner
+                .transports
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(","),
             timestamp: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs().to_string())
@@ -327,9 +391,17 @@ impl TransferEngine {
     }
 
     fn publish(&self) -> Result<()> {
-        let _g = self.inner.publish_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self
+            .inner
+            .publish_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let d = self.local_descriptor();
-        block_on(self.inner.metadata.put(&self.inner.keys.segment(&d.name), d.to_json()))
+        block_on(
+            self.inner
+                .metadata
+                .put(&self.inner.keys.segment(&d.name), d.to_json()),
+        )
     }
 
     /// Registers `memory` so that transfers (local and remote) can use it, and publishes it.
@@ -352,9 +424,19 @@ impl TransferEngine {
     /// # Safety
     /// The memory must stay valid until [`unregister_memory`](Self::unregister_memory)
     /// returns for `addr` (or the engine is dropped).
-    pub unsafe fn register_memory(&self, addr: u64, len: usize, location: &str, remote_accessible: bool) -> Result<()> {
+    pub unsafe fn register_memory(
+        &self,
+        addr: u64,
+        len: usize,
+        location: &str,
+        remote_accessible: bool,
+    ) -> Result<()> {
         let location: Location = location.parse()?;
-        let access = if remote_accessible { Access::ReadWrite } else { Access::LocalOnly };
+        let access = if remote_accessible {
+            Access::ReadWrite
+        } else {
+            Access::LocalOnly
+        };
         // SAFETY: forwarded from this function's contract.
         let mem = unsafe { ForeignMemory::new(addr, len, location, access) };
         self.register(Arc::new(mem))
@@ -374,11 +456,22 @@ impl TransferEngine {
         if name == self.local_name() {
             return Ok(SegmentHandle::LOCAL);
         }
-        if let Some(h) = self.inner.segments.read().unwrap_or_else(|p| p.into_inner()).by_name.get(name) {
+        if let Some(h) = self
+            .inner
+            .segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_name
+            .get(name)
+        {
             return Ok(*h);
         }
         let remote = self.fetch_segment(name).await?;
-        let mut t = self.inner.segments.write().unwrap_or_else(|p| p.into_inner());
+        let mut t = self
+            .inner
+            .segments
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(h) = t.by_name.get(name) {
             return Ok(*h);
         }
@@ -397,10 +490,15 @@ impl TransferEngine {
     async fn fetch_segment(&self, name: &str) -> Result<RemoteSegment> {
         let key = self.inner.keys.segment(name);
         let bytes = self.inner.metadata.get(&key).await?.ok_or_else(|| {
-            Error::new(ErrorKind::SegmentNotFound, format!("segment {name:?} is not published (key {key})"))
-                .with_context("metadata", self.inner.metadata.scheme())
+            Error::new(
+                ErrorKind::SegmentNotFound,
+                format!("segment {name:?} is not published (key {key})"),
+            )
+            .with_context("metadata", self.inner.metadata.scheme())
         })?;
-        Ok(RemoteSegment::new(SegmentDescriptor::from_json(&bytes, &key)?))
+        Ok(RemoteSegment::new(SegmentDescriptor::from_json(
+            &bytes, &key,
+        )?))
     }
 
     /// Re-reads a segment's descriptor (after the peer registered more memory or restarted);
@@ -414,14 +512,26 @@ impl TransferEngine {
                 t.forget_peer(&name);
             }
         }
-        self.inner.segments.write().unwrap_or_else(|p| p.into_inner()).by_id.insert(handle, Arc::new(fresh));
+        self.inner
+            .segments
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_id
+            .insert(handle, Arc::new(fresh));
         Ok(())
     }
 
     /// Forgets a segment; its handle becomes invalid and its connections are dropped.
     pub fn close_segment(&self, handle: SegmentHandle) -> Result<()> {
-        let mut t = self.inner.segments.write().unwrap_or_else(|p| p.into_inner());
-        let seg = t.by_id.remove(&handle).ok_or_else(|| Error::invalid(format!("unknown segment handle {}", handle.0)))?;
+        let mut t = self
+            .inner
+            .segments
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let seg = t
+            .by_id
+            .remove(&handle)
+            .ok_or_else(|| Error::invalid(format!("unknown segment handle {}", handle.0)))?;
         t.by_name.remove(seg.name());
         drop(t);
         for tr in &self.inner.transports {
@@ -449,10 +559,14 @@ impl TransferEngine {
     /// again). A request that fails a check fails alone; the others proceed.
     pub fn submit_into(&self, batch: &Batch, requests: &[TransferRequest]) -> Result<()> {
         let completers = batch.add_tasks(requests.len())?;
-        let mut per_transport: Vec<Vec<TransferTask>> =
-            (0..self.inner.transports.len()).map(|_| Vec::new()).collect();
+        let mut per_transport: Vec<Vec<TransferTask>> = (0..self.inner.transports.len())
+            .map(|_| Vec::new())
+            .collect();
         for (req, completer) in requests.iter().zip(completers) {
-            let local = match self.registry().lease(req.source, req.length, Requester::Local) {
+            let local = match self
+                .registry()
+                .lease(req.source, req.length, Requester::Local)
+            {
                 Ok(l) => l,
                 Err(e) => {
                     completer.complete(Err(e));
@@ -473,7 +587,8 @@ impl TransferEngine {
             if let Err(e) = remote.check_range(req.target_offset, req.length) {
                 // The cached descriptor may be stale (the peer registered more memory, or
                 // restarted): read it again once before refusing.
-                let fresh = block_on(self.refresh_segment(req.target_id)).and_then(|()| self.segment(req.target_id));
+                let fresh = block_on(self.refresh_segment(req.target_id))
+                    .and_then(|()| self.segment(req.target_id));
                 match fresh {
                     Ok(r) if r.check_range(req.target_offset, req.length).is_ok() => remote = r,
                     _ => {
@@ -482,12 +597,22 @@ impl TransferEngine {
                     }
                 }
             }
-            let Some(ti) = self.inner.transports.iter().position(|t| t.can_reach(&remote)) else {
+            let Some(ti) = self
+                .inner
+                .transports
+                .iter()
+                .position(|t| t.can_reach(&remote))
+            else {
                 completer.complete(Err(Error::new(
                     ErrorKind::Unsupported,
                     format!(
                         "no installed transport ({}) speaks segment {:?}'s protocol {:?}",
-                        self.inner.transports.iter().map(|t| t.name()).collect::<Vec<_>>().join(","),
+                        self.inner
+                            .transports
+                            .iter()
+                            .map(|t| t.name())
+                            .collect::<Vec<_>>()
+                            .join(","),
                         remote.name(),
                         remote.descriptor().protocol
                     ),
@@ -517,7 +642,12 @@ impl TransferEngine {
         Ok(batch)
     }
 
-    fn local_copy(&self, op: Opcode, local: &crate::segment::RegionLease, target: u64) -> Result<()> {
+    fn local_copy(
+        &self,
+        op: Opcode,
+        local: &crate::segment::RegionLease,
+        target: u64,
+    ) -> Result<()> {
         let who = match op {
             Opcode::Read => Requester::Local,
             Opcode::Write => Requester::Local,
@@ -536,7 +666,11 @@ impl TransferEngine {
     /// Allocates a batch of `capacity` tasks (Mooncake's `allocateBatchID`).
     pub fn allocate_batch(&self, capacity: usize) -> BatchId {
         let id = self.inner.next_batch.fetch_add(1, Ordering::Relaxed);
-        self.inner.batches.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Batch::new(capacity));
+        self.inner
+            .batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Batch::new(capacity));
         BatchId(id)
     }
 
@@ -558,7 +692,8 @@ impl TransferEngine {
 
     /// Status of one task (Mooncake's `getTransferStatus`); a pure query.
     pub fn transfer_status(&self, id: BatchId, task: usize) -> TransferStatus {
-        self.batch(id).map_or(TransferStatus::Invalid, |b| b.status(task))
+        self.batch(id)
+            .map_or(TransferStatus::Invalid, |b| b.status(task))
     }
 
     /// Waits for every task submitted to the batch so far.
@@ -569,45 +704,90 @@ impl TransferEngine {
     /// Frees a batch; refused with [`ErrorKind::Busy`] while a task is unfinished.
     pub fn free_batch(&self, id: BatchId) -> Result<()> {
         let mut map = self.inner.batches.lock().unwrap_or_else(|p| p.into_inner());
-        let b = map.get(&id.0).ok_or_else(|| Error::invalid(format!("unknown batch id {}", id.0)))?;
+        let b = map
+            .get(&id.0)
+            .ok_or_else(|| Error::invalid(format!("unknown batch id {}", id.0)))?;
         if !b.is_done() {
-            return Err(Error::new(ErrorKind::Busy, format!("batch {} has unfinished tasks", id.0)));
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("batch {} has unfinished tasks", id.0),
+            ));
         }
         map.remove(&id.0);
         Ok(())
     }
 
     /// Reads `len` bytes at `remote` of segment `target` into `local`, and waits.
-    pub fn transfer_sync_read(&self, target: &str, local: u64, remote: u64, len: u64) -> Result<()> {
+    pub fn transfer_sync_read(
+        &self,
+        target: &str,
+        local: u64,
+        remote: u64,
+        len: u64,
+    ) -> Result<()> {
         self.transfer_sync(target, Opcode::Read, local, remote, len)
     }
 
     /// Writes `len` bytes from `local` to `remote` of segment `target`, and waits until they
     /// are applied there.
-    pub fn transfer_sync_write(&self, target: &str, local: u64, remote: u64, len: u64) -> Result<()> {
+    pub fn transfer_sync_write(
+        &self,
+        target: &str,
+        local: u64,
+        remote: u64,
+        len: u64,
+    ) -> Result<()> {
         self.transfer_sync(target, Opcode::Write, local, remote, len)
     }
 
     /// One synchronous transfer.
-    pub fn transfer_sync(&self, target: &str, op: Opcode, local: u64, remote: u64, len: u64) -> Result<()> {
+    pub fn transfer_sync(
+        &self,
+        target: &str,
+        op: Opcode,
+        local: u64,
+        remote: u64,
+        len: u64,
+    ) -> Result<()> {
         self.batch_transfer_sync(target, op, &[local], &[remote], &[len])
     }
 
     /// Reads many ranges of `target` and waits for all.
-    pub fn batch_transfer_sync_read(&self, target: &str, locals: &[u64], remotes: &[u64], lens: &[u64]) -> Result<()> {
+    pub fn batch_transfer_sync_read(
+        &self,
+        target: &str,
+        locals: &[u64],
+        remotes: &[u64],
+        lens: &[u64],
+    ) -> Result<()> {
         self.batch_transfer_sync(target, Opcode::Read, locals, remotes, lens)
     }
 
     /// Writes many ranges to `target` and waits for all.
-    pub fn batch_transfer_sync_write(&self, target: &str, locals: &[u64], remotes: &[u64], lens: &[u64]) -> Result<()> {
+    pub fn batch_transfer_sync_write(
+        &self,
+        target: &str,
+        locals: &[u64],
+        remotes: &[u64],
+        lens: &[u64],
+    ) -> Result<()> {
         self.batch_transfer_sync(target, Opcode::Write, locals, remotes, lens)
     }
 
     /// Many transfers of one direction to one target, waited for together.
-    pub fn batch_transfer_sync(&self, target: &str, op: Opcode, locals: &[u64], remotes: &[u64], lens: &[u64]) -> Result<()> {
+    pub fn batch_transfer_sync(
+        &self,
+        target: &str,
+        op: Opcode,
+        locals: &[u64],
+        remotes: &[u64],
+        lens: &[u64],
+    ) -> Result<()> {
         let batch = self.batch_transfer_async(target, op, locals, remotes, lens)?;
         let r = batch.wait_blocking(None);
-        if r.as_ref().is_err_and(|e| e.kind() == ErrorKind::PeerUnreachable || e.kind() == ErrorKind::Timeout) {
+        if r.as_ref().is_err_and(|e| {
+            e.kind() == ErrorKind::PeerUnreachable || e.kind() == ErrorKind::Timeout
+        }) {
             // The peer may have restarted elsewhere: the next call re-reads its descriptor.
             if let Ok(h) = self.open_segment_blocking(target) {
                 let _ = self.close_segment(h);
@@ -617,7 +797,14 @@ impl TransferEngine {
     }
 
     /// Submits many transfers of one direction to one target and returns the batch.
-    pub fn batch_transfer_async(&self, target: &str, op: Opcode, locals: &[u64], remotes: &[u64], lens: &[u64]) -> Result<Batch> {
+    pub fn batch_transfer_async(
+        &self,
+        target: &str,
+        op: Opcode,
+        locals: &[u64],
+        remotes: &[u64],
+        lens: &[u64],
+    ) -> Result<Batch> {
         if locals.len() != remotes.len() || locals.len() != lens.len() {
             return Err(Error::invalid(format!(
                 "{} local addresses, {} remote addresses and {} lengths",
@@ -631,7 +818,13 @@ impl TransferEngine {
             .iter()
             .zip(remotes)
             .zip(lens)
-            .map(|((&source, &target_offset), &length)| TransferRequest { opcode: op, source, target_id: h, target_offset, length })
+            .map(|((&source, &target_offset), &length)| TransferRequest {
+                opcode: op,
+                source,
+                target_id: h,
+                target_offset,
+                length,
+            })
             .collect();
         self.submit_batch(&reqs)
     }

@@ -76,7 +76,12 @@ impl Error {
     /// A new error of `kind` with a human-readable message.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         let temporary = matches!(kind, ErrorKind::PeerUnreachable | ErrorKind::Timeout);
-        Self { kind, message: message.into(), context: Vec::new(), temporary }
+        Self {
+            kind,
+            message: message.into(),
+            context: Vec::new(),
+            temporary,
+        }
     }
 
     /// Adds a key/value pair of context (`peer`, `segment`, `addr`, …).
@@ -198,7 +203,10 @@ mod tests {
 
     #[test]
     fn io_errors_map_to_kinds() {
-        let e = Error::io("connect", &std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let e = Error::io(
+            "connect",
+            &std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        );
         assert_eq!(e.kind(), ErrorKind::PeerUnreachable);
         let e = Error::io("read", &std::io::Error::from(std::io::ErrorKind::TimedOut));
         assert_eq!(e.kind(), ErrorKind::Timeout);

@@ -12,14 +12,21 @@ pub mod segment;
 pub mod transport;
 
 pub use completion::{Batch, BatchWait, SliceCompleter, TaskCompleter, TransferStatus};
-pub use descriptor::{BufferDesc, DeviceDesc, MetadataKeys, RemoteSegment, RpcMeta, SegmentDescriptor};
+pub use descriptor::{
+    BufferDesc, DeviceDesc, MetadataKeys, RemoteSegment, RpcMeta, SegmentDescriptor,
+};
 pub use engine::{BatchId, DEFAULT_TIMEOUT, EngineBuilder, TransferEngine};
 pub use error::{Error, ErrorKind, Result};
 pub use location::Location;
-pub use metadata::{BoxFuture, EmbeddedMetadataStore, MetadataStore, WatchEvent, WatchStream, block_on};
+pub use metadata::{
+    BoxFuture, EmbeddedMetadataStore, MetadataStore, WatchEvent, WatchStream, block_on,
+};
 pub use scheduler::{Decision, InstanceId, Placement, Rejection, ScheduleRequest, Scheduler};
-pub use segment::{Access, BufferRegistry, ForeignMemory, LocalBuffer, MemorySegment, Region, RegionLease, Requester};
+pub use segment::{
+    Access, BufferRegistry, ForeignMemory, LocalBuffer, MemorySegment, Region, RegionLease,
+    Requester,
+};
 pub use transport::{
-    EngineContext, Opcode, SegmentHandle, TransferRequest, TransferTask, Transport, TransportBuilder,
-    TransportCapabilities,
+    EngineContext, Opcode, SegmentHandle, TransferRequest, TransferTask, Transport,
+    TransportBuilder, TransportCapabilities,
 };

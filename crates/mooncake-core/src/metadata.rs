@@ -49,7 +49,9 @@ pub struct WatchStream {
 impl WatchStream {
     /// Wraps any stream of events.
     pub fn new(stream: impl Stream<Item = WatchEvent> + Send + 'static) -> Self {
-        Self { inner: Box::pin(stream) }
+        Self {
+            inner: Box::pin(stream),
+        }
     }
 
     /// The next event; `None` when the store closed the watch.
@@ -138,7 +140,9 @@ pub struct EmbeddedMetadataStore {
 
 impl std::fmt::Debug for EmbeddedMetadataStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedMetadataStore").field("keys", &self.len()).finish()
+        f.debug_struct("EmbeddedMetadataStore")
+            .field("keys", &self.len())
+            .finish()
     }
 }
 
@@ -166,7 +170,12 @@ impl EmbeddedMetadataStore {
 
     /// All keys starting with `prefix`, in order.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
-        self.lock().map.keys().filter(|k| k.starts_with(prefix)).cloned().collect()
+        self.lock()
+            .map
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, EmbeddedInner> {
@@ -192,14 +201,25 @@ impl EmbeddedMetadataStore {
     pub fn put_now(&self, key: &str, value: Vec<u8>) {
         let mut inner = self.lock();
         inner.map.insert(key.to_string(), value.clone());
-        Self::notify(&mut inner, &WatchEvent::Put { key: key.to_string(), value });
+        Self::notify(
+            &mut inner,
+            &WatchEvent::Put {
+                key: key.to_string(),
+                value,
+            },
+        );
     }
 
     /// Synchronous delete.
     pub fn delete_now(&self, key: &str) {
         let mut inner = self.lock();
         if inner.map.remove(key).is_some() {
-            Self::notify(&mut inner, &WatchEvent::Delete { key: key.to_string() });
+            Self::notify(
+                &mut inner,
+                &WatchEvent::Delete {
+                    key: key.to_string(),
+                },
+            );
         }
     }
 
@@ -242,16 +262,27 @@ mod tests {
         block_on(s.put("mooncake/ram/a", b"1".to_vec())).unwrap();
         block_on(s.put("other", b"x".to_vec())).unwrap();
         block_on(s.put("mooncake/ram/a", b"2".to_vec())).unwrap();
-        assert_eq!(block_on(s.get("mooncake/ram/a")).unwrap(), Some(b"2".to_vec()));
+        assert_eq!(
+            block_on(s.get("mooncake/ram/a")).unwrap(),
+            Some(b"2".to_vec())
+        );
         block_on(s.delete("mooncake/ram/a")).unwrap();
         assert_eq!(block_on(s.get("mooncake/ram/a")).unwrap(), None);
         let evs: Vec<_> = (0..3).map(|_| smol::block_on(w.next()).unwrap()).collect();
         assert_eq!(
             evs,
             vec![
-                WatchEvent::Put { key: "mooncake/ram/a".into(), value: b"1".to_vec() },
-                WatchEvent::Put { key: "mooncake/ram/a".into(), value: b"2".to_vec() },
-                WatchEvent::Delete { key: "mooncake/ram/a".into() },
+                WatchEvent::Put {
+                    key: "mooncake/ram/a".into(),
+                    value: b"1".to_vec()
+                },
+                WatchEvent::Put {
+                    key: "mooncake/ram/a".into(),
+                    value: b"2".to_vec()
+                },
+                WatchEvent::Delete {
+                    key: "mooncake/ram/a".into()
+                },
             ]
         );
     }

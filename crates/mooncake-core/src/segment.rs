@@ -93,9 +93,18 @@ impl LocalBuffer {
             .map_err(|e| Error::invalid(format!("buffer of {len} bytes: {e}")))?;
         // SAFETY: the layout has non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr)
-            .ok_or_else(|| Error::new(ErrorKind::Io, format!("out of memory allocating {len} bytes")))?;
-        Ok(Self { ptr, len, location: Location::Cpu(0), access: Access::ReadWrite })
+        let ptr = NonNull::new(ptr).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Io,
+                format!("out of memory allocating {len} bytes"),
+            )
+        })?;
+        Ok(Self {
+            ptr,
+            len,
+            location: Location::Cpu(0),
+            access: Access::ReadWrite,
+        })
     }
 
     /// Sets the location tag.
@@ -119,7 +128,9 @@ impl LocalBuffer {
         let _ = end;
         // SAFETY: `offset + data.len() <= len` was checked; raw copy, no reference to the
         // buffer's bytes is created.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len())
+        };
         Ok(())
     }
 
@@ -130,7 +141,13 @@ impl LocalBuffer {
             .filter(|&e| e <= self.len)
             .ok_or_else(|| Error::invalid("read_at past the end of the buffer"))?;
         // SAFETY: bounds checked above; raw copy out of the buffer.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), out.as_mut_ptr(), out.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
         Ok(())
     }
 
@@ -155,7 +172,8 @@ impl LocalBuffer {
 
 impl Drop for LocalBuffer {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len, PAGE).expect("layout was valid at allocation");
+        let layout =
+            Layout::from_size_align(self.len, PAGE).expect("layout was valid at allocation");
         // SAFETY: allocated in `new` with this layout, freed once.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
     }
@@ -202,7 +220,12 @@ impl ForeignMemory {
     /// `base..base + len` must be valid for reads and writes until this object (and every
     /// registration made from it) is dropped; unregistering waits for in-flight transfers.
     pub unsafe fn new(base: u64, len: usize, location: Location, access: Access) -> Self {
-        Self { base, len, location, access }
+        Self {
+            base,
+            len,
+            location,
+            access,
+        }
     }
 }
 
@@ -324,7 +347,11 @@ impl RegionLease {
             )));
         }
         self.region.inflight.fetch_add(1, Ordering::AcqRel);
-        Ok(Self { region: self.region.clone(), addr: self.addr + offset, len })
+        Ok(Self {
+            region: self.region.clone(),
+            addr: self.addr + offset,
+            len,
+        })
     }
 }
 
@@ -351,7 +378,9 @@ pub struct BufferRegistry {
 
 impl std::fmt::Debug for BufferRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BufferRegistry").field("regions", &self.len()).finish()
+        f.debug_struct("BufferRegistry")
+            .field("regions", &self.len())
+            .finish()
     }
 }
 
@@ -405,7 +434,10 @@ impl BufferRegistry {
         let region = {
             let mut map = self.regions.write().unwrap_or_else(|e| e.into_inner());
             map.remove(&base).ok_or_else(|| {
-                Error::new(ErrorKind::NotRegistered, format!("no region registered at {base:#x}"))
+                Error::new(
+                    ErrorKind::NotRegistered,
+                    format!("no region registered at {base:#x}"),
+                )
             })?
         };
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -434,7 +466,10 @@ impl BufferRegistry {
             return Err(Error::invalid("zero-length range"));
         }
         let end = addr.checked_add(len).ok_or_else(|| {
-            Error::new(ErrorKind::RemoteAccess, format!("range {addr:#x}+{len} wraps around"))
+            Error::new(
+                ErrorKind::RemoteAccess,
+                format!("range {addr:#x}+{len} wraps around"),
+            )
         })?;
         let map = self.regions.read().unwrap_or_else(|e| e.into_inner());
         let region = map
@@ -448,7 +483,10 @@ impl BufferRegistry {
                 } else {
                     ErrorKind::RemoteAccess
                 };
-                Error::new(kind, format!("range {addr:#x}+{len} is not inside registered memory"))
+                Error::new(
+                    kind,
+                    format!("range {addr:#x}+{len} is not inside registered memory"),
+                )
             })?;
         let allowed = match who {
             Requester::Local => true,
@@ -462,12 +500,21 @@ impl BufferRegistry {
             ));
         }
         region.inflight.fetch_add(1, Ordering::AcqRel);
-        Ok(RegionLease { region: region.clone(), addr, len })
+        Ok(RegionLease {
+            region: region.clone(),
+            addr,
+            len,
+        })
     }
 
     /// All registered regions, in address order.
     pub fn regions(&self) -> Vec<Arc<Region>> {
-        self.regions.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        self.regions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Number of registered regions.
@@ -516,8 +563,16 @@ mod tests {
         let ro = unsafe { ForeignMemory::new(0x4000, 0x100, Location::Any, Access::ReadOnly) };
         r.register(Arc::new(ro)).unwrap();
         assert!(r.lease(0x1000, 0x1000, Requester::RemoteWrite).is_ok());
-        assert_eq!(r.lease(0x1000, 0x1001, Requester::RemoteRead).unwrap_err().kind(), ErrorKind::RemoteAccess);
-        assert_eq!(r.lease(0x900, 0x10, Requester::Local).unwrap_err().kind(), ErrorKind::NotRegistered);
+        assert_eq!(
+            r.lease(0x1000, 0x1001, Requester::RemoteRead)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::RemoteAccess
+        );
+        assert_eq!(
+            r.lease(0x900, 0x10, Requester::Local).unwrap_err().kind(),
+            ErrorKind::NotRegistered
+        );
         assert!(r.lease(0x1000, 0, Requester::Local).is_err());
         assert!(r.lease(u64::MAX - 1, 4, Requester::RemoteRead).is_err());
         assert!(r.lease(0x4000, 0x10, Requester::RemoteRead).is_ok());

@@ -79,10 +79,19 @@ struct PeerState {
 }
 
 impl Peer {
-    pub(crate) fn new(name: String, generation: u64, paths: Vec<SocketAddr>, shared: Arc<ClientShared>) -> Arc<Self> {
+    pub(crate) fn new(
+        name: String,
+        generation: u64,
+        paths: Vec<SocketAddr>,
+        shared: Arc<ClientShared>,
+    ) -> Arc<Self> {
         let n = paths.len();
         {
-            let mut b = shared.stats.bytes_per_path.lock().unwrap_or_else(|p| p.into_inner());
+            let mut b = shared
+                .stats
+                .bytes_per_path
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if b.len() < n {
                 b.resize(n, 0);
             }
@@ -92,7 +101,11 @@ impl Peer {
             generation,
             paths,
             shared,
-            state: Mutex::new(PeerState { conns: Vec::new(), paused_until: vec![None; n], closed: false }),
+            state: Mutex::new(PeerState {
+                conns: Vec::new(),
+                paused_until: vec![None; n],
+                closed: false,
+            }),
             rr: AtomicUsize::new(0),
         })
     }
@@ -104,7 +117,11 @@ impl Peer {
     /// How long a connection may make no progress: with several paths, half the timeout, so
     /// that one retry on another path still finishes within the deadline.
     fn progress_timeout(&self) -> Duration {
-        if self.paths.len() > 1 { self.shared.timeout / 2 } else { self.shared.timeout }
+        if self.paths.len() > 1 {
+            self.shared.timeout / 2
+        } else {
+            self.shared.timeout
+        }
     }
 
     /// Sends a slice on the least-loaded connection of an eligible path.
@@ -114,7 +131,9 @@ impl Peer {
             let mut st = self.lock();
             if st.closed {
                 drop(st);
-                slice.done.complete(Err(Error::new(ErrorKind::Closed, "connection pool closed")));
+                slice
+                    .done
+                    .complete(Err(Error::new(ErrorKind::Closed, "connection pool closed")));
                 return;
             }
             st.conns.retain(|c| !c.dead.load(Ordering::Acquire));
@@ -159,7 +178,10 @@ impl Peer {
     }
 
     fn on_conn_failed(self: &Arc<Self>, conn: &Arc<Conn>, err: &Error, slices: Vec<Slice>) {
-        self.shared.stats.conn_failures.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .conn_failures
+            .fetch_add(1, Ordering::Relaxed);
         {
             let mut st = self.lock();
             st.conns.retain(|c| !Arc::ptr_eq(c, conn));
@@ -171,7 +193,10 @@ impl Peer {
             debug!(peer = %self.name, path = %self.paths[conn.path], "connection failed with {} slices: {err}", slices.len());
         }
         for mut s in slices {
-            if err.is_temporary() && !self.shared.closed.load(Ordering::Acquire) && (s.attempts as usize) < self.paths.len() {
+            if err.is_temporary()
+                && !self.shared.closed.load(Ordering::Acquire)
+                && (s.attempts as usize) < self.paths.len()
+            {
                 s.attempts += 1;
                 s.failed_paths |= 1 << conn.path;
                 self.dispatch(s);
@@ -189,7 +214,13 @@ impl Peer {
             std::mem::take(&mut st.conns)
         };
         for c in conns {
-            c.fail(Error::new(ErrorKind::Closed, format!("connections to {:?} closed", self.name)), None);
+            c.fail(
+                Error::new(
+                    ErrorKind::Closed,
+                    format!("connections to {:?} closed", self.name),
+                ),
+                None,
+            );
         }
     }
 
@@ -253,14 +284,17 @@ impl Conn {
         let (name, generation) = (peer.name.clone(), peer.generation);
         let c = conn.clone();
         let id = conn.shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        let spawned = std::thread::Builder::new().name(format!("mooncake-tcp-tx-{id}")).spawn(move || {
-            match c.connect(addr, &name, generation) {
+        let spawned = std::thread::Builder::new()
+            .name(format!("mooncake-tcp-tx-{id}"))
+            .spawn(move || match c.connect(addr, &name, generation) {
                 Ok(()) => c.send_loop(),
                 Err(e) => c.fail(e, None),
-            }
-        });
+            });
         if let Err(e) = spawned {
-            conn.fail(Error::new(ErrorKind::Io, format!("cannot spawn a sender thread: {e}")), None);
+            conn.fail(
+                Error::new(ErrorKind::Io, format!("cannot spawn a sender thread: {e}")),
+                None,
+            );
         }
         conn
     }
@@ -270,11 +304,19 @@ impl Conn {
     }
 
     fn stamp(&self) {
-        self.last_progress.store(self.shared.now(), Ordering::Relaxed);
+        self.last_progress
+            .store(self.shared.now(), Ordering::Relaxed);
     }
 
-    fn connect(self: &Arc<Self>, addr: SocketAddr, name: &str, generation: u64) -> Result<(), Error> {
-        let ctx = |e: io::Error| Error::io(&format!("connect to {name:?} at {addr}"), &e).with_context("peer", name);
+    fn connect(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        name: &str,
+        generation: u64,
+    ) -> Result<(), Error> {
+        let ctx = |e: io::Error| {
+            Error::io(&format!("connect to {name:?} at {addr}"), &e).with_context("peer", name)
+        };
         let stream = TcpStream::connect_timeout(&addr, self.shared.timeout).map_err(ctx)?;
         self.shared.stats.connects.fetch_add(1, Ordering::Relaxed);
         stream.set_nodelay(true).map_err(ctx)?;
@@ -286,11 +328,13 @@ impl Conn {
         let mut stall = sys::Deadline::new(self.shared.timeout);
         let hello = Header::new(FrameKind::Hello, 0, generation, name.len() as u64);
         // SAFETY: the payload is the live `name` string.
-        unsafe { sys::send_gather(fd, &hello.encode(), name.as_ptr(), name.len(), &mut stall) }.map_err(ctx)?;
+        unsafe { sys::send_gather(fd, &hello.encode(), name.as_ptr(), name.len(), &mut stall) }
+            .map_err(ctx)?;
         let mut hdr = [0u8; HEADER_LEN];
         sys::recv_into(fd, &mut hdr, &mut stall).map_err(ctx)?;
-        let h = Header::decode(&hdr, self.shared.max_data)
-            .map_err(|e| Error::new(ErrorKind::Protocol, format!("hello reply from {addr}: {e}")))?;
+        let h = Header::decode(&hdr, self.shared.max_data).map_err(|e| {
+            Error::new(ErrorKind::Protocol, format!("hello reply from {addr}: {e}"))
+        })?;
         match h.kind {
             FrameKind::HelloAck => {}
             FrameKind::Error => {
@@ -298,12 +342,20 @@ impl Conn {
                 sys::recv_into(fd, &mut msg, &mut stall).map_err(ctx)?;
                 return Err(Error::new(
                     ErrorKind::PeerUnreachable,
-                    format!("{addr} refused the connection: {}", String::from_utf8_lossy(&msg)),
+                    format!(
+                        "{addr} refused the connection: {}",
+                        String::from_utf8_lossy(&msg)
+                    ),
                 )
                 .with_context("peer", name)
                 .with_temporary(false));
             }
-            k => return Err(Error::new(ErrorKind::Protocol, format!("unexpected {k:?} in reply to hello from {addr}"))),
+            k => {
+                return Err(Error::new(
+                    ErrorKind::Protocol,
+                    format!("unexpected {k:?} in reply to hello from {addr}"),
+                ));
+            }
         }
         let reader = stream.try_clone().map_err(ctx)?;
         let _ = self.stream.set(stream);
@@ -312,10 +364,18 @@ impl Conn {
         std::thread::Builder::new()
             .name("mooncake-tcp-rx".into())
             .spawn(move || c.recv_loop(reader))
-            .map_err(|e| Error::new(ErrorKind::Io, format!("cannot spawn a receiver thread: {e}")))?;
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Io,
+                    format!("cannot spawn a receiver thread: {e}"),
+                )
+            })?;
         let mut st = self.lock();
         if st.dead {
-            return Err(Error::new(ErrorKind::Closed, "connection closed while connecting"));
+            return Err(Error::new(
+                ErrorKind::Closed,
+                "connection closed while connecting",
+            ));
         }
         st.connected = true;
         Ok(())
@@ -330,11 +390,16 @@ impl Conn {
             // Lost a race with a failure: go around again (another connection, or a new one).
             match self.peer.upgrade() {
                 Some(p) => p.dispatch(slice),
-                None => slice.done.complete(Err(Error::new(ErrorKind::Closed, "peer closed"))),
+                None => slice
+                    .done
+                    .complete(Err(Error::new(ErrorKind::Closed, "peer closed"))),
             }
             return;
         }
-        let inline = st.connected && !st.sending && st.queue.is_empty() && slice.len() <= self.shared.inline_send_max;
+        let inline = st.connected
+            && !st.sending
+            && st.queue.is_empty()
+            && slice.len() <= self.shared.inline_send_max;
         if !inline {
             st.queue.push_back(slice);
             drop(st);
@@ -376,21 +441,38 @@ impl Conn {
     }
 
     fn write(&self, req: &WireReq) -> Result<(), Error> {
-        let stream = self.stream.get().ok_or_else(|| Error::new(ErrorKind::Closed, "not connected"))?;
-        let mut stall = ConnStall { conn: self, mid_frame: true };
-        let (ptr, len) = req.payload.as_ref().map_or((std::ptr::null(), 0), |l| (l.as_ptr() as *const u8, l.len() as usize));
+        let stream = self
+            .stream
+            .get()
+            .ok_or_else(|| Error::new(ErrorKind::Closed, "not connected"))?;
+        let mut stall = ConnStall {
+            conn: self,
+            mid_frame: true,
+        };
+        let (ptr, len) = req.payload.as_ref().map_or((std::ptr::null(), 0), |l| {
+            (l.as_ptr() as *const u8, l.len() as usize)
+        });
         // SAFETY: `req.payload` holds a lease on `[ptr, ptr+len)` for the whole call.
         unsafe { sys::send_gather(stream.as_raw_fd(), &req.head, ptr, len, &mut stall) }
             .map_err(|e| self.io_error("send", &e))?;
         if len > 0 {
-            let mut b = self.shared.stats.bytes_per_path.lock().unwrap_or_else(|p| p.into_inner());
+            let mut b = self
+                .shared
+                .stats
+                .bytes_per_path
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             b[self.path] += len as u64;
         }
         Ok(())
     }
 
     fn io_error(&self, what: &str, e: &io::Error) -> Error {
-        let peer = self.peer.upgrade().map(|p| p.name.clone()).unwrap_or_default();
+        let peer = self
+            .peer
+            .upgrade()
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
         Error::io(&format!("{what} to segment {peer:?}"), e).with_context("path", self.path)
     }
 
@@ -410,7 +492,10 @@ impl Conn {
                 st.sending = true;
                 let n = st.queue.len().min(64);
                 let batch: Vec<Slice> = st.queue.drain(..n).collect();
-                batch.into_iter().map(|s| self.prepare(&mut st, s)).collect()
+                batch
+                    .into_iter()
+                    .map(|s| self.prepare(&mut st, s))
+                    .collect()
             };
             let mut result = Ok(());
             for r in &reqs {
@@ -432,7 +517,10 @@ impl Conn {
         let fd = stream.as_raw_fd();
         let mut hdr = [0u8; HEADER_LEN];
         loop {
-            let mut stall = ConnStall { conn: &self, mid_frame: false };
+            let mut stall = ConnStall {
+                conn: &self,
+                mid_frame: false,
+            };
             if let Err(e) = sys::recv_into(fd, &mut hdr, &mut stall) {
                 let err = self.io_error("receive", &e);
                 self.fail(err, None);
@@ -441,7 +529,10 @@ impl Conn {
             let h = match Header::decode(&hdr, self.shared.max_data) {
                 Ok(h) => h,
                 Err(e) => {
-                    self.fail(Error::new(ErrorKind::Protocol, format!("bad frame from peer: {e}")), None);
+                    self.fail(
+                        Error::new(ErrorKind::Protocol, format!("bad frame from peer: {e}")),
+                        None,
+                    );
                     return;
                 }
             };
@@ -457,13 +548,23 @@ impl Conn {
                 self.fail(Error::new(ErrorKind::Protocol, msg), None);
                 return;
             };
-            let mut stall = ConnStall { conn: &self, mid_frame: true };
+            let mut stall = ConnStall {
+                conn: &self,
+                mid_frame: true,
+            };
             let outcome: Result<Result<(), Error>, Error> = match (h.kind, slice.op) {
                 (FrameKind::ReadData, Opcode::Read) if h.len == slice.len() => {
                     // SAFETY: the slice's lease keeps its local range valid; `h.len` equals its length.
-                    match unsafe { sys::recv_exact(fd, slice.local.as_ptr(), h.len as usize, &mut stall) } {
+                    match unsafe {
+                        sys::recv_exact(fd, slice.local.as_ptr(), h.len as usize, &mut stall)
+                    } {
                         Ok(()) => {
-                            let mut b = self.shared.stats.bytes_per_path.lock().unwrap_or_else(|p| p.into_inner());
+                            let mut b = self
+                                .shared
+                                .stats
+                                .bytes_per_path
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner());
                             b[self.path] += h.len;
                             Ok(Ok(()))
                         }
@@ -475,16 +576,34 @@ impl Conn {
                     let mut msg = vec![0u8; h.len as usize];
                     match sys::recv_into(fd, &mut msg, &mut stall) {
                         Ok(()) => {
-                            let kind = if h.status == Status::OutOfRange { ErrorKind::RemoteAccess } else { ErrorKind::Protocol };
-                            let peer = self.peer.upgrade().map(|p| p.name.clone()).unwrap_or_default();
-                            Ok(Err(Error::new(kind, format!("segment {peer:?} refused: {}", String::from_utf8_lossy(&msg)))))
+                            let kind = if h.status == Status::OutOfRange {
+                                ErrorKind::RemoteAccess
+                            } else {
+                                ErrorKind::Protocol
+                            };
+                            let peer = self
+                                .peer
+                                .upgrade()
+                                .map(|p| p.name.clone())
+                                .unwrap_or_default();
+                            Ok(Err(Error::new(
+                                kind,
+                                format!(
+                                    "segment {peer:?} refused: {}",
+                                    String::from_utf8_lossy(&msg)
+                                ),
+                            )))
                         }
                         Err(e) => Err(self.io_error("receive", &e)),
                     }
                 }
                 (k, op) => Err(Error::new(
                     ErrorKind::Protocol,
-                    format!("{k:?} frame of {} bytes in reply to a {op:?} of {}", h.len, slice.len()),
+                    format!(
+                        "{k:?} frame of {} bytes in reply to a {op:?} of {}",
+                        h.len,
+                        slice.len()
+                    ),
                 )),
             };
             match outcome {
@@ -545,10 +664,16 @@ impl Stall for ConnStall<'_> {
     fn on_stall(&mut self) -> io::Result<()> {
         let c = self.conn;
         if c.dead.load(Ordering::Acquire) || c.shared.closed.load(Ordering::Acquire) {
-            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "connection closed"));
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection closed",
+            ));
         }
         let busy = self.mid_frame || !c.lock().inflight.is_empty();
-        let idle_ns = c.shared.now().saturating_sub(c.last_progress.load(Ordering::Relaxed));
+        let idle_ns = c
+            .shared
+            .now()
+            .saturating_sub(c.last_progress.load(Ordering::Relaxed));
         if busy && idle_ns >= c.progress_timeout.as_nanos() as u64 {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,

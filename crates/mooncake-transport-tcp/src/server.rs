@@ -36,9 +36,16 @@ struct IdleWait<'a> {
 impl Stall for IdleWait<'_> {
     fn on_stall(&mut self) -> io::Result<()> {
         if self.shared.closed.load(Ordering::Acquire) {
-            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "transport closed"));
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "transport closed",
+            ));
         }
-        if self.started { self.inner.on_stall() } else { Ok(()) }
+        if self.started {
+            self.inner.on_stall()
+        } else {
+            Ok(())
+        }
     }
     fn on_progress(&mut self, n: usize) {
         self.started = true;
@@ -63,19 +70,30 @@ pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<ServerShared>) {
             }
         };
         let shared = shared.clone();
-        let spawned = std::thread::Builder::new().name("mooncake-tcp-srv".into()).spawn(move || {
-            let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            if let Err(e) = serve(stream, &shared) {
-                debug!(peer, "tcp server connection ended: {e}");
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name("mooncake-tcp-srv".into())
+            .spawn(move || {
+                let peer = stream
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                if let Err(e) = serve(stream, &shared) {
+                    debug!(peer, "tcp server connection ended: {e}");
+                }
+            });
         if let Err(e) = spawned {
             warn!("cannot spawn a tcp server thread: {e}");
         }
     }
 }
 
-fn send_error(fd: i32, id: u64, status: Status, msg: &str, stall: &mut dyn Stall) -> io::Result<()> {
+fn send_error(
+    fd: i32,
+    id: u64,
+    status: Status,
+    msg: &str,
+    stall: &mut dyn Stall,
+) -> io::Result<()> {
     let msg = &msg.as_bytes()[..msg.len().min(crate::wire::MAX_CONTROL_PAYLOAD as usize)];
     let mut h = Header::new(FrameKind::Error, id, 0, msg.len() as u64);
     h.status = status;
@@ -93,17 +111,32 @@ fn serve(stream: TcpStream, shared: &ServerShared) -> io::Result<()> {
     let mut hdr = [0u8; HEADER_LEN];
 
     // Hello: the client names the segment (and generation) it means to reach.
-    let mut wait = IdleWait { shared, started: false, inner: Deadline::new(shared.timeout) };
+    let mut wait = IdleWait {
+        shared,
+        started: false,
+        inner: Deadline::new(shared.timeout),
+    };
     sys::recv_into(fd, &mut hdr, &mut wait)?;
     let mut stall = Deadline::new(shared.timeout);
-    let hello = Header::decode(&hdr, shared.max_data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let hello = Header::decode(&hdr, shared.max_data)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     if hello.kind != FrameKind::Hello {
-        let _ = send_error(fd, hello.request_id, Status::BadRequest, "expected a hello frame first", &mut stall);
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "first frame was not a hello"));
+        let _ = send_error(
+            fd,
+            hello.request_id,
+            Status::BadRequest,
+            "expected a hello frame first",
+            &mut stall,
+        );
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "first frame was not a hello",
+        ));
     }
     let mut name = vec![0u8; hello.len as usize];
     sys::recv_into(fd, &mut name, &mut stall)?;
-    if name != shared.local_name.as_bytes() || (hello.addr != 0 && hello.addr != shared.generation) {
+    if name != shared.local_name.as_bytes() || (hello.addr != 0 && hello.addr != shared.generation)
+    {
         let msg = format!(
             "this is segment {:?} generation {}, not {:?} generation {}",
             shared.local_name,
@@ -114,10 +147,18 @@ fn serve(stream: TcpStream, shared: &ServerShared) -> io::Result<()> {
         let _ = send_error(fd, hello.request_id, Status::WrongSegment, &msg, &mut stall);
         return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
     }
-    sys::send_all(fd, &Header::new(FrameKind::HelloAck, hello.request_id, shared.generation, 0).encode(), &mut stall)?;
+    sys::send_all(
+        fd,
+        &Header::new(FrameKind::HelloAck, hello.request_id, shared.generation, 0).encode(),
+        &mut stall,
+    )?;
 
     loop {
-        let mut wait = IdleWait { shared, started: false, inner: Deadline::new(shared.timeout) };
+        let mut wait = IdleWait {
+            shared,
+            started: false,
+            inner: Deadline::new(shared.timeout),
+        };
         sys::recv_into(fd, &mut hdr, &mut wait)?;
         let mut stall = Deadline::new(shared.timeout);
         let h = match Header::decode(&hdr, shared.max_data) {
@@ -131,24 +172,45 @@ fn serve(stream: TcpStream, shared: &ServerShared) -> io::Result<()> {
         match h.kind {
             FrameKind::Read => match shared.registry.lease(h.addr, h.len, Requester::RemoteRead) {
                 Ok(lease) => {
-                    let head = Header::new(FrameKind::ReadData, h.request_id, h.addr, h.len).encode();
+                    let head =
+                        Header::new(FrameKind::ReadData, h.request_id, h.addr, h.len).encode();
                     // SAFETY: the lease keeps `[addr, addr+len)` registered and valid for the call.
-                    unsafe { sys::send_gather(fd, &head, lease.as_ptr(), h.len as usize, &mut stall)? };
+                    unsafe {
+                        sys::send_gather(fd, &head, lease.as_ptr(), h.len as usize, &mut stall)?
+                    };
                 }
-                Err(e) => send_error(fd, h.request_id, Status::OutOfRange, &e.to_string(), &mut stall)?,
+                Err(e) => send_error(
+                    fd,
+                    h.request_id,
+                    Status::OutOfRange,
+                    &e.to_string(),
+                    &mut stall,
+                )?,
             },
-            FrameKind::Write => match shared.registry.lease(h.addr, h.len, Requester::RemoteWrite) {
-                Ok(lease) => {
-                    // SAFETY: the lease keeps `[addr, addr+len)` registered and valid for writes.
-                    unsafe { sys::recv_exact(fd, lease.as_ptr(), h.len as usize, &mut stall)? };
-                    drop(lease);
-                    sys::send_all(fd, &Header::new(FrameKind::WriteAck, h.request_id, h.addr, 0).encode(), &mut stall)?;
+            FrameKind::Write => {
+                match shared.registry.lease(h.addr, h.len, Requester::RemoteWrite) {
+                    Ok(lease) => {
+                        // SAFETY: the lease keeps `[addr, addr+len)` registered and valid for writes.
+                        unsafe { sys::recv_exact(fd, lease.as_ptr(), h.len as usize, &mut stall)? };
+                        drop(lease);
+                        sys::send_all(
+                            fd,
+                            &Header::new(FrameKind::WriteAck, h.request_id, h.addr, 0).encode(),
+                            &mut stall,
+                        )?;
+                    }
+                    Err(e) => {
+                        sys::discard(fd, h.len, &mut stall)?;
+                        send_error(
+                            fd,
+                            h.request_id,
+                            Status::OutOfRange,
+                            &e.to_string(),
+                            &mut stall,
+                        )?;
+                    }
                 }
-                Err(e) => {
-                    sys::discard(fd, h.len, &mut stall)?;
-                    send_error(fd, h.request_id, Status::OutOfRange, &e.to_string(), &mut stall)?;
-                }
-            },
+            }
             other => {
                 let msg = format!("unexpected {other:?} frame from a client");
                 let _ = send_error(fd, h.request_id, Status::BadRequest, &msg, &mut stall);

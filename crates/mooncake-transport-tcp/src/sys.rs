@@ -21,14 +21,20 @@ pub(crate) struct Deadline {
 
 impl Deadline {
     pub(crate) fn new(limit: Duration) -> Self {
-        Self { last: Instant::now(), limit }
+        Self {
+            last: Instant::now(),
+            limit,
+        }
     }
 }
 
 impl Stall for Deadline {
     fn on_stall(&mut self) -> io::Result<()> {
         if self.last.elapsed() >= self.limit {
-            Err(io::Error::new(io::ErrorKind::TimedOut, format!("no progress for {:?}", self.limit)))
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no progress for {:?}", self.limit),
+            ))
         } else {
             Ok(())
         }
@@ -39,7 +45,10 @@ impl Stall for Deadline {
 }
 
 fn is_stall(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// Receives exactly `len` bytes into `ptr`.
@@ -47,7 +56,12 @@ fn is_stall(e: &io::Error) -> bool {
 /// # Safety
 /// `ptr..ptr + len` must be valid for writes for the whole call (a leased registered range
 /// or a local buffer).
-pub(crate) unsafe fn recv_exact(fd: RawFd, ptr: *mut u8, len: usize, stall: &mut dyn Stall) -> io::Result<()> {
+pub(crate) unsafe fn recv_exact(
+    fd: RawFd,
+    ptr: *mut u8,
+    len: usize,
+    stall: &mut dyn Stall,
+) -> io::Result<()> {
     let mut done = 0;
     while done < len {
         // SAFETY: `ptr + done .. ptr + len` is inside the range the caller vouched for.
@@ -56,7 +70,10 @@ pub(crate) unsafe fn recv_exact(fd: RawFd, ptr: *mut u8, len: usize, stall: &mut
             done += n as usize;
             stall.on_progress(n as usize);
         } else if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed the connection"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed the connection",
+            ));
         } else {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -82,20 +99,36 @@ pub(crate) fn recv_into(fd: RawFd, buf: &mut [u8], stall: &mut dyn Stall) -> io:
 ///
 /// # Safety
 /// `ptr..ptr + len` must be valid for reads for the whole call (`len` may be 0).
-pub(crate) unsafe fn send_gather(fd: RawFd, head: &[u8], ptr: *const u8, len: usize, stall: &mut dyn Stall) -> io::Result<()> {
+pub(crate) unsafe fn send_gather(
+    fd: RawFd,
+    head: &[u8],
+    ptr: *const u8,
+    len: usize,
+    stall: &mut dyn Stall,
+) -> io::Result<()> {
     let total = head.len() + len;
     let mut done = 0;
     while done < total {
-        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 2];
         let mut cnt = 0;
         if done < head.len() {
-            iov[0] = libc::iovec { iov_base: head[done..].as_ptr() as *mut _, iov_len: head.len() - done };
+            iov[0] = libc::iovec {
+                iov_base: head[done..].as_ptr() as *mut _,
+                iov_len: head.len() - done,
+            };
             cnt = 1;
         }
         if len > 0 {
             let off = done.saturating_sub(head.len());
             // SAFETY: `off < len` because `done < total`; the range is valid per the contract.
-            iov[cnt] = libc::iovec { iov_base: unsafe { ptr.add(off) } as *mut _, iov_len: len - off };
+            let base = unsafe { ptr.add(off) };
+            iov[cnt] = libc::iovec {
+                iov_base: base as *mut _,
+                iov_len: len - off,
+            };
             cnt += 1;
         }
         let msg = libc::msghdr {

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use mooncake_core::{
-    EngineContext, Error, ErrorKind, RemoteSegment, Result, SegmentDescriptor, TransferTask, Transport,
-    TransportCapabilities,
+    EngineContext, Error, ErrorKind, RemoteSegment, Result, SegmentDescriptor, TransferTask,
+    Transport, TransportCapabilities,
 };
 use tracing::info;
 
@@ -51,7 +51,9 @@ pub struct TcpTransport {
 
 impl std::fmt::Debug for TcpTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpTransport").field("listen", &self.listen_addrs).finish_non_exhaustive()
+        f.debug_struct("TcpTransport")
+            .field("listen", &self.listen_addrs)
+            .finish_non_exhaustive()
     }
 }
 
@@ -70,7 +72,11 @@ impl TcpTransport {
         let timeout = cfg.timeout.unwrap_or(ctx.timeout);
         let mut ips = cfg.listen.clone();
         if ips.is_empty() {
-            ips.push(ctx.hostname.parse().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+            ips.push(
+                ctx.hostname
+                    .parse()
+                    .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            );
         }
         let max_data = cfg.max_slice;
         let server = Arc::new(ServerShared {
@@ -87,15 +93,25 @@ impl TcpTransport {
         for (i, ip) in ips.iter().enumerate() {
             let port = if i == 0 { cfg.port } else { 0 };
             let l = TcpListener::bind((*ip, port)).map_err(|e| {
-                Error::new(ErrorKind::Config, format!("tcp transport cannot listen on {ip}:{port}: {e}"))
+                Error::new(
+                    ErrorKind::Config,
+                    format!("tcp transport cannot listen on {ip}:{port}: {e}"),
+                )
             })?;
-            let addr = l.local_addr().map_err(|e| Error::io("listener address", &e))?;
+            let addr = l
+                .local_addr()
+                .map_err(|e| Error::io("listener address", &e))?;
             let keep = l.try_clone().map_err(|e| Error::io("listener clone", &e))?;
             let s = server.clone();
             std::thread::Builder::new()
                 .name(format!("mooncake-tcp-accept-{}", addr.port()))
                 .spawn(move || accept_loop(l, s))
-                .map_err(|e| Error::new(ErrorKind::Io, format!("cannot spawn the accept thread: {e}")))?;
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Io,
+                        format!("cannot spawn the accept thread: {e}"),
+                    )
+                })?;
             info!(segment = %ctx.local_name, %addr, "tcp transport listening");
             listen_addrs.push(addr);
             listener_fds.push(keep);
@@ -112,7 +128,14 @@ impl TcpTransport {
             next_conn: AtomicU64::new(0),
             stats: Stats::default(),
         });
-        Ok(Self { cfg, server, client, listen_addrs, listener_fds, peers: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            cfg,
+            server,
+            client,
+            listen_addrs,
+            listener_fds,
+            peers: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The addresses the transport listens on, one per path.
@@ -127,17 +150,30 @@ impl TcpTransport {
             connects: s.connects.load(Ordering::Relaxed),
             retries: s.retries.load(Ordering::Relaxed),
             conn_failures: s.conn_failures.load(Ordering::Relaxed),
-            bytes_per_path: s.bytes_per_path.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            bytes_per_path: s
+                .bytes_per_path
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 
     /// Open connections to `segment` (0 if none).
     pub fn connections_to(&self, segment: &str) -> usize {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner()).get(segment).map_or(0, |p| p.conn_count())
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(segment)
+            .map_or(0, |p| p.conn_count())
     }
 
     fn paths_of(remote: &RemoteSegment) -> Vec<SocketAddr> {
-        remote.descriptor().tcp_data_addrs.iter().filter_map(|a| a.parse().ok()).collect()
+        remote
+            .descriptor()
+            .tcp_data_addrs
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
     }
 
     fn peer(&self, remote: &RemoteSegment) -> Result<Arc<Peer>> {
@@ -154,7 +190,11 @@ impl TcpTransport {
         if paths.is_empty() || paths.len() > 64 {
             return Err(Error::new(
                 ErrorKind::Unsupported,
-                format!("segment {:?} publishes {} TCP addresses (need 1 to 64)", d.name, paths.len()),
+                format!(
+                    "segment {:?} publishes {} TCP addresses (need 1 to 64)",
+                    d.name,
+                    paths.len()
+                ),
             ));
         }
         let p = Peer::new(d.name.clone(), d.generation, paths, self.client.clone());
@@ -164,7 +204,11 @@ impl TcpTransport {
 
     fn stripes(&self, len: u64, paths: usize) -> u64 {
         let conns = (self.cfg.conns_per_path * paths) as u64;
-        let by_stripe = if len >= 2 * self.cfg.stripe_min { (len / self.cfg.stripe_min).min(conns) } else { 1 };
+        let by_stripe = if len >= 2 * self.cfg.stripe_min {
+            (len / self.cfg.stripe_min).min(conns)
+        } else {
+            1
+        };
         by_stripe.max(len.div_ceil(self.cfg.max_slice)).max(1)
     }
 }
@@ -193,7 +237,10 @@ impl Transport for TcpTransport {
     fn submit(&self, tasks: Vec<TransferTask>) {
         for task in tasks {
             if self.client.closed.load(Ordering::Acquire) {
-                task.completer.complete(Err(Error::new(ErrorKind::Closed, "tcp transport shut down")));
+                task.completer.complete(Err(Error::new(
+                    ErrorKind::Closed,
+                    "tcp transport shut down",
+                )));
                 continue;
             }
             let peer = match self.peer(&task.remote) {
@@ -206,7 +253,10 @@ impl Transport for TcpTransport {
             let len = task.local.len();
             let n = self.stripes(len, Self::paths_of(&task.remote).len());
             let piece = len.div_ceil(n).next_multiple_of(4096).min(len);
-            let mut dones = task.completer.into_slices(len.div_ceil(piece) as usize).into_iter();
+            let mut dones = task
+                .completer
+                .into_slices(len.div_ceil(piece) as usize)
+                .into_iter();
             let mut off = 0;
             while off < len {
                 let this = piece.min(len - off);
@@ -228,7 +278,12 @@ impl Transport for TcpTransport {
     }
 
     fn forget_peer(&self, segment: &str) {
-        if let Some(p) = self.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(segment) {
+        if let Some(p) = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(segment)
+        {
             p.close();
         }
     }
@@ -240,7 +295,13 @@ impl Transport for TcpTransport {
             // SAFETY: shutting down a listening socket we own wakes its blocked `accept`.
             unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
         }
-        let peers: Vec<_> = self.peers.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, p)| p).collect();
+        let peers: Vec<_> = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
         for p in peers {
             p.close();
         }

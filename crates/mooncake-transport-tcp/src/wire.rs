@@ -130,10 +130,16 @@ impl fmt::Display for WireError {
         match self {
             Self::Short(n) => write!(f, "short header: {n} of {HEADER_LEN} bytes"),
             Self::BadMagic(m) => write!(f, "bad magic {m:#010x} (not a mooncake-rs TCP peer)"),
-            Self::BadVersion(v) => write!(f, "unsupported wire version {v} (this build speaks {VERSION})"),
+            Self::BadVersion(v) => write!(
+                f,
+                "unsupported wire version {v} (this build speaks {VERSION})"
+            ),
             Self::BadKind(k) => write!(f, "unknown frame type {k}"),
             Self::BadStatus(s) => write!(f, "unknown status {s}"),
-            Self::TooLong { kind, len, max } => write!(f, "{kind:?} frame of {len} bytes exceeds the limit of {max}"),
+            Self::TooLong { kind, len, max } => write!(
+                f,
+                "{kind:?} frame of {len} bytes exceeds the limit of {max}"
+            ),
             Self::Empty => f.write_str("zero-length data request"),
         }
     }
@@ -144,7 +150,13 @@ impl std::error::Error for WireError {}
 impl Header {
     /// A header with status `Ok`.
     pub fn new(kind: FrameKind, request_id: u64, addr: u64, len: u64) -> Self {
-        Self { kind, status: Status::Ok, request_id, addr, len }
+        Self {
+            kind,
+            status: Status::Ok,
+            request_id,
+            addr,
+            len,
+        }
     }
 
     /// Encodes into the 32-byte wire form.
@@ -176,14 +188,24 @@ impl Header {
         let kind = FrameKind::from_u8(b[5]).ok_or(WireError::BadKind(b[5]))?;
         let raw_status = u16::from_le_bytes([b[6], b[7]]);
         let status = Status::from_u16(raw_status).ok_or(WireError::BadStatus(raw_status))?;
-        let h = Self { kind, status, request_id: u64_at(8), addr: u64_at(16), len: u64_at(24) };
+        let h = Self {
+            kind,
+            status,
+            request_id: u64_at(8),
+            addr: u64_at(16),
+            len: u64_at(24),
+        };
         let max = match kind {
             FrameKind::Read | FrameKind::Write | FrameKind::ReadData => max_data,
             FrameKind::Hello | FrameKind::Error => MAX_CONTROL_PAYLOAD,
             FrameKind::HelloAck | FrameKind::WriteAck => 0,
         };
         if h.len > max {
-            return Err(WireError::TooLong { kind, len: h.len, max });
+            return Err(WireError::TooLong {
+                kind,
+                len: h.len,
+                max,
+            });
         }
         if matches!(kind, FrameKind::Read | FrameKind::Write) && h.len == 0 {
             return Err(WireError::Empty);
@@ -233,7 +255,10 @@ mod tests {
     #[test]
     fn limits_are_enforced() {
         let h = Header::new(FrameKind::Write, 1, 0x1000, 1 << 21);
-        assert!(matches!(Header::decode(&h.encode(), 1 << 20), Err(WireError::TooLong { .. })));
+        assert!(matches!(
+            Header::decode(&h.encode(), 1 << 20),
+            Err(WireError::TooLong { .. })
+        ));
         let h = Header::new(FrameKind::Read, 1, 0x1000, 0);
         assert_eq!(Header::decode(&h.encode(), 1 << 20), Err(WireError::Empty));
         let h = Header::new(FrameKind::Error, 1, 0, MAX_CONTROL_PAYLOAD + 1);

@@ -17,11 +17,18 @@ use mooncake_core::{MemorySegment, Opcode, TransferRequest};
 use mooncake_transport_tcp::TcpConfig;
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -34,7 +41,10 @@ struct Net {
 impl Net {
     fn create() -> Result<Self, String> {
         let id = std::process::id() % 100_000;
-        let net = Self { a: format!("mcA{id}"), b: format!("mcB{id}") };
+        let net = Self {
+            a: format!("mcA{id}"),
+            b: format!("mcB{id}"),
+        };
         ip(&["netns", "add", &net.a])?;
         ip(&["netns", "add", &net.b])?;
         for p in 1..=2 {
@@ -42,8 +52,24 @@ impl Net {
             ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
             ip(&["link", "set", &va, "netns", &net.a])?;
             ip(&["link", "set", &vb, "netns", &net.b])?;
-            ip(&["-n", &net.a, "addr", "add", &format!("10.201.{p}.1/24"), "dev", &va])?;
-            ip(&["-n", &net.b, "addr", "add", &format!("10.201.{p}.2/24"), "dev", &vb])?;
+            ip(&[
+                "-n",
+                &net.a,
+                "addr",
+                "add",
+                &format!("10.201.{p}.1/24"),
+                "dev",
+                &va,
+            ])?;
+            ip(&[
+                "-n",
+                &net.b,
+                "addr",
+                "add",
+                &format!("10.201.{p}.2/24"),
+                "dev",
+                &vb,
+            ])?;
             ip(&["-n", &net.a, "link", "set", &va, "up"])?;
             ip(&["-n", &net.b, "link", "set", &vb, "up"])?;
         }
@@ -54,7 +80,14 @@ impl Net {
 
     fn link_down(&self, path: u32) -> Result<(), String> {
         let id = std::process::id() % 100_000;
-        ip(&["-n", &self.a, "link", "set", &format!("mca{id}p{path}"), "down"])
+        ip(&[
+            "-n",
+            &self.a,
+            "link",
+            "set",
+            &format!("mca{id}p{path}"),
+            "down",
+        ])
     }
 }
 
@@ -88,7 +121,9 @@ fn traffic_uses_both_paths_and_survives_a_link_down() {
     const LEN: usize = 16 << 20;
     let md = store();
     let timeout = Duration::from_secs(2);
-    let cfg = TcpConfig::new().with_conns_per_path(2).with_path_pause(Duration::from_secs(60));
+    let cfg = TcpConfig::new()
+        .with_conns_per_path(2)
+        .with_path_pause(Duration::from_secs(60));
 
     // The target listens on both of its addresses, inside namespace A.
     let (md2, cfg2, a) = (md.clone(), cfg.clone(), net.a.clone());
@@ -109,7 +144,12 @@ fn traffic_uses_both_paths_and_survives_a_link_down() {
     let (b, tb) = (net.b.clone(), tbuf.clone());
     let worker = std::thread::spawn(move || {
         enter(&b);
-        let (init, tcp) = engine_with_transport("mp-init", &md, cfg.with_listen(["10.201.1.2".parse().unwrap()]), timeout);
+        let (init, tcp) = engine_with_transport(
+            "mp-init",
+            &md,
+            cfg.with_listen(["10.201.1.2".parse().unwrap()]),
+            timeout,
+        );
         let lbuf = buffer(&init, LEN, 12);
         let seg = init.open_segment_blocking("mp-target").unwrap();
         let mut model_t = pattern(LEN, 11);
@@ -121,18 +161,39 @@ fn traffic_uses_both_paths_and_survives_a_link_down() {
             let mut reqs = Vec::new();
             for i in 0..16 {
                 let off = ((round * 16 + i) * blk) % (LEN / 2);
-                reqs.push(TransferRequest { opcode: Opcode::Write, source: lbuf.base() + off as u64, target_id: seg, target_offset: tb.base() + off as u64, length: blk as u64 });
+                reqs.push(TransferRequest {
+                    opcode: Opcode::Write,
+                    source: lbuf.base() + off as u64,
+                    target_id: seg,
+                    target_offset: tb.base() + off as u64,
+                    length: blk as u64,
+                });
                 model_t[off..off + blk].copy_from_slice(&model_l[off..off + blk]);
             }
-            init.submit_batch(&reqs).unwrap().wait_blocking(None).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            init.submit_batch(&reqs)
+                .unwrap()
+                .wait_blocking(None)
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
             let reads: Vec<_> = (0..16)
                 .map(|i| {
                     let off = LEN / 2 + i * blk;
-                    TransferRequest { opcode: Opcode::Read, source: lbuf.base() + off as u64, target_id: seg, target_offset: tb.base() + (off - LEN / 2) as u64, length: blk as u64 }
+                    TransferRequest {
+                        opcode: Opcode::Read,
+                        source: lbuf.base() + off as u64,
+                        target_id: seg,
+                        target_offset: tb.base() + (off - LEN / 2) as u64,
+                        length: blk as u64,
+                    }
                 })
                 .collect();
-            init.submit_batch(&reads).unwrap().wait_blocking(None).unwrap_or_else(|e| panic!("round {round} reads: {e}"));
-            assert!(lbuf.to_vec()[LEN / 2..LEN / 2 + 16 * blk] == model_t[..16 * blk], "round {round}: read-back differs");
+            init.submit_batch(&reads)
+                .unwrap()
+                .wait_blocking(None)
+                .unwrap_or_else(|e| panic!("round {round} reads: {e}"));
+            assert!(
+                lbuf.to_vec()[LEN / 2..LEN / 2 + 16 * blk] == model_t[..16 * blk],
+                "round {round}: read-back differs"
+            );
         };
         for _ in 0..8 {
             run_round(round);
@@ -147,16 +208,28 @@ fn traffic_uses_both_paths_and_survives_a_link_down() {
             round += 1;
         }
         let after = tcp.stats();
-        assert!(tb.to_vec() == model_t, "the target's memory differs from the model");
+        assert!(
+            tb.to_vec() == model_t,
+            "the target's memory differs from the model"
+        );
         (before, after)
     });
     assert_eq!(from_init.recv().unwrap(), "both paths exercised");
     net.link_down(1).unwrap();
     to_init.send(()).unwrap();
     let (before, after) = worker.join().unwrap();
-    assert!(before.len() == 2 && before[0] > 0 && before[1] > 0, "both paths carry traffic: {before:?}");
-    assert!(after.bytes_per_path[1] > before[1], "path 2 took over: {after:?}");
-    assert!(after.conn_failures > 0 && after.retries > 0, "the dead path's slices were retried: {after:?}");
+    assert!(
+        before.len() == 2 && before[0] > 0 && before[1] > 0,
+        "both paths carry traffic: {before:?}"
+    );
+    assert!(
+        after.bytes_per_path[1] > before[1],
+        "path 2 took over: {after:?}"
+    );
+    assert!(
+        after.conn_failures > 0 && after.retries > 0,
+        "the dead path's slices were retried: {after:?}"
+    );
     // Drop the engines before the namespaces go away.
     drop(target);
     drop(tbuf);

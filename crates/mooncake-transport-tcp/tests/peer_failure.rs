@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::{buffer, engine, pattern, store};
 use mooncake_core::{
-    EmbeddedMetadataStore, ErrorKind, LocalBuffer, MemorySegment, MetadataKeys, MetadataStore, Opcode,
-    SegmentDescriptor, TransferEngine, TransferRequest, TransferStatus, block_on,
+    EmbeddedMetadataStore, ErrorKind, LocalBuffer, MemorySegment, MetadataKeys, MetadataStore,
+    Opcode, SegmentDescriptor, TransferEngine, TransferRequest, TransferStatus, block_on,
 };
 use mooncake_transport_tcp::TcpConfig;
 
@@ -26,11 +26,16 @@ const TIMEOUT: Duration = Duration::from_secs(1);
 #[test]
 #[ignore = "helper process of the peer-failure tests, started by them"]
 fn child_target() {
-    let Ok(name) = std::env::var(CHILD_ENV) else { return };
+    let Ok(name) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let md: Arc<dyn MetadataStore> = Arc::new(EmbeddedMetadataStore::new());
     let e = engine(&name, &md, TcpConfig::new());
     let _buf = buffer(&e, LEN, 1);
-    println!("DESC {}", String::from_utf8(e.local_descriptor().to_json()).unwrap());
+    println!(
+        "DESC {}",
+        String::from_utf8(e.local_descriptor().to_json()).unwrap()
+    );
     loop {
         std::thread::sleep(Duration::from_secs(60));
     }
@@ -44,7 +49,13 @@ struct ChildTarget {
 impl ChildTarget {
     fn spawn(name: &str) -> Self {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_target", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "child_target",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, name)
             .stdout(Stdio::piped())
             .spawn()
@@ -58,7 +69,9 @@ impl ChildTarget {
                 return Self { child, descriptor };
             }
         }
-        panic!("the child target exited before publishing");
+        let _ = child.kill();
+        let status = child.wait();
+        panic!("the child target exited before publishing: {status:?}");
     }
 
     fn publish(&self, md: &Arc<dyn MetadataStore>) {
@@ -83,10 +96,18 @@ impl Drop for ChildTarget {
     }
 }
 
-fn big_batch(h: mooncake_core::SegmentHandle, local: &LocalBuffer, remote: u64) -> Vec<TransferRequest> {
+fn big_batch(
+    h: mooncake_core::SegmentHandle,
+    local: &LocalBuffer,
+    remote: u64,
+) -> Vec<TransferRequest> {
     (0..64)
         .map(|i| TransferRequest {
-            opcode: if i % 2 == 0 { Opcode::Write } else { Opcode::Read },
+            opcode: if i % 2 == 0 {
+                Opcode::Write
+            } else {
+                Opcode::Read
+            },
             source: local.base() + i * (1 << 20),
             target_id: h,
             target_offset: remote + i * (1 << 20),
@@ -115,43 +136,69 @@ fn interrupt_mid_batch(sig: i32, expect: &[ErrorKind], limit: Duration) {
     let (init, local) = initiator(&md);
     let h = init.open_segment_blocking(&target.descriptor.name).unwrap();
     // A healthy round first: the peer works and connections are warm.
-    init.submit_batch(&big_batch(h, &local, target.base())).unwrap().wait_blocking(None).unwrap();
+    init.submit_batch(&big_batch(h, &local, target.base()))
+        .unwrap()
+        .wait_blocking(None)
+        .unwrap();
 
-    let batch = init.submit_batch(&big_batch(h, &local, target.base())).unwrap();
+    let batch = init
+        .submit_batch(&big_batch(h, &local, target.base()))
+        .unwrap();
     target.signal(sig);
     let t0 = Instant::now();
     let r = batch.wait_blocking(Some(t0 + limit + Duration::from_secs(5)));
     let took = t0.elapsed();
-    assert!(batch.is_done(), "the batch still had pending tasks after {took:?}");
-    assert!(took <= limit, "outstanding requests took {took:?} to fail (limit {limit:?})");
+    assert!(
+        batch.is_done(),
+        "the batch still had pending tasks after {took:?}"
+    );
+    assert!(
+        took <= limit,
+        "outstanding requests took {took:?} to fail (limit {limit:?})"
+    );
     if let Err(e) = r {
         assert!(expect.contains(&e.kind()), "unexpected error kind: {e}");
-        let failed = (0..64).filter(|&i| batch.status(i) != TransferStatus::Completed).count();
+        let failed = (0..64)
+            .filter(|&i| batch.status(i) != TransferStatus::Completed)
+            .count();
         assert!(failed > 0);
     }
     // A request submitted after the failure fails fast too.
     let t1 = Instant::now();
     let e = init.transfer_sync_write(&target.descriptor.name, local.base(), target.base(), 4096);
     assert!(e.is_err());
-    assert!(t1.elapsed() <= limit, "a new request to the dead peer took {:?}", t1.elapsed());
+    assert!(
+        t1.elapsed() <= limit,
+        "a new request to the dead peer took {:?}",
+        t1.elapsed()
+    );
 
     // The engine keeps working with another peer.
     let other = engine(&format!("pf-other-{sig}"), &md, TcpConfig::new());
     let obuf = buffer(&other, 1 << 20, 3);
-    init.transfer_sync_read(other.local_name(), local.base(), obuf.base(), 1 << 20).unwrap();
+    init.transfer_sync_read(other.local_name(), local.base(), obuf.base(), 1 << 20)
+        .unwrap();
     assert_eq!(local.to_vec()[..1 << 20], pattern(1 << 20, 3)[..]);
 }
 
 #[test]
 fn killed_target_fails_outstanding_requests() {
     // A dead process: its sockets reset at once, so failures come well within the timeout.
-    interrupt_mid_batch(libc::SIGKILL, &[ErrorKind::PeerUnreachable, ErrorKind::Timeout], TIMEOUT * 3);
+    interrupt_mid_batch(
+        libc::SIGKILL,
+        &[ErrorKind::PeerUnreachable, ErrorKind::Timeout],
+        TIMEOUT * 3,
+    );
 }
 
 #[test]
 fn frozen_target_fails_within_the_deadline() {
     // A frozen process keeps its sockets open but moves no byte: the progress timeout fires.
-    interrupt_mid_batch(libc::SIGSTOP, &[ErrorKind::Timeout, ErrorKind::PeerUnreachable], TIMEOUT * 3);
+    interrupt_mid_batch(
+        libc::SIGSTOP,
+        &[ErrorKind::Timeout, ErrorKind::PeerUnreachable],
+        TIMEOUT * 3,
+    );
 }
 
 #[test]
@@ -161,12 +208,17 @@ fn restarted_target_is_reached_again() {
     let first = ChildTarget::spawn(name);
     first.publish(&md);
     let (init, local) = initiator(&md);
-    init.transfer_sync_write(name, local.base(), first.base(), 4096).unwrap();
+    init.transfer_sync_write(name, local.base(), first.base(), 4096)
+        .unwrap();
     drop(first);
-    assert!(init.transfer_sync_write(name, local.base(), 0x1000, 4096).is_err());
+    assert!(
+        init.transfer_sync_write(name, local.base(), 0x1000, 4096)
+            .is_err()
+    );
     // Same name, new process, new generation and port: after it publishes, the next call
     // reads the new descriptor and succeeds.
     let second = ChildTarget::spawn(name);
     second.publish(&md);
-    init.transfer_sync_write(name, local.base(), second.base(), 4096).unwrap();
+    init.transfer_sync_write(name, local.base(), second.base(), 4096)
+        .unwrap();
 }

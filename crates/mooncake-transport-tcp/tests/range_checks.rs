@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use common::{buffer, engine, pattern, store};
 use mooncake_core::{
-    Access, ErrorKind, ForeignMemory, LocalBuffer, Location, MemorySegment, Opcode, TransferEngine, TransferRequest,
+    Access, ErrorKind, ForeignMemory, LocalBuffer, Location, MemorySegment, Opcode, TransferEngine,
+    TransferRequest,
 };
 use mooncake_transport_tcp::TcpConfig;
 use mooncake_transport_tcp::wire::{FrameKind, HEADER_LEN, Header, Status};
@@ -33,7 +34,11 @@ impl Guarded {
         // SAFETY: the middle third of `backing`, which outlives the engine in every test.
         let mem = unsafe { ForeignMemory::new(base, GUARD, Location::Cpu(0), access) };
         engine.register(Arc::new(mem)).unwrap();
-        Self { engine, backing, base }
+        Self {
+            engine,
+            backing,
+            base,
+        }
     }
 
     fn guards_intact(&self) -> bool {
@@ -62,25 +67,32 @@ fn out_of_range_requests_fail_alone() {
         length: len,
     };
     let reqs = [
-        req(0, 4096, Opcode::Write),                   // fine
-        req(-1, 4096, Opcode::Write),                  // starts in the guard
-        req(GUARD as i64 - 100, 4096, Opcode::Write),  // runs into the guard
-        req(0, GUARD as u64 + 1, Opcode::Read),        // one byte too long
-        req(8192, 4096, Opcode::Read),                 // fine
-        req(0, 0, Opcode::Write),                      // empty
+        req(0, 4096, Opcode::Write),                  // fine
+        req(-1, 4096, Opcode::Write),                 // starts in the guard
+        req(GUARD as i64 - 100, 4096, Opcode::Write), // runs into the guard
+        req(0, GUARD as u64 + 1, Opcode::Read),       // one byte too long
+        req(8192, 4096, Opcode::Read),                // fine
+        req(0, 0, Opcode::Write),                     // empty
     ];
     let batch = init.submit_batch(&reqs).unwrap();
     assert!(batch.wait_blocking(None).is_err());
     let ok: Vec<bool> = (0..reqs.len()).map(|i| batch.error(i).is_none()).collect();
     assert_eq!(ok, [true, false, false, false, true, false]);
     for i in [1, 2, 3] {
-        assert_eq!(batch.error(i).unwrap().kind(), ErrorKind::RemoteAccess, "{:?}", batch.error(i));
+        assert_eq!(
+            batch.error(i).unwrap().kind(),
+            ErrorKind::RemoteAccess,
+            "{:?}",
+            batch.error(i)
+        );
     }
     assert!(t.guards_intact());
 
     // An unregistered local source fails before anything is sent.
     let stray = LocalBuffer::new(4096).unwrap();
-    let e = init.transfer_sync_write("rc-target", stray.base(), t.base, 4096).unwrap_err();
+    let e = init
+        .transfer_sync_write("rc-target", stray.base(), t.base, 4096)
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotRegistered);
 }
 
@@ -91,26 +103,35 @@ fn after_unregister_the_target_refuses() {
     let init = engine("ur-init", &md, TcpConfig::new());
     let lbuf = buffer(&init, GUARD, 8);
     // Open (and cache the descriptor) while the region is registered, then unregister it.
-    init.transfer_sync_write("ur-target", lbuf.base(), t.base, 4096).unwrap();
+    init.transfer_sync_write("ur-target", lbuf.base(), t.base, 4096)
+        .unwrap();
     let mut raw = TcpStream::connect(t.addr()).unwrap();
     assert_eq!(hello(&mut raw, "ur-target").kind, FrameKind::HelloAck);
     t.engine.unregister_memory(t.base).unwrap();
     let before = t.backing.to_vec();
     // Through the engine: refused (by the initiator's refreshed descriptor or the target).
-    let e = init.transfer_sync_write("ur-target", lbuf.base(), t.base, 4096).unwrap_err();
+    let e = init
+        .transfer_sync_write("ur-target", lbuf.base(), t.base, 4096)
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::RemoteAccess, "{e}");
     // A client that ignores descriptors entirely: the target itself refuses.
-    raw.write_all(&Header::new(FrameKind::Write, 9, t.base, 4096).encode()).unwrap();
+    raw.write_all(&Header::new(FrameKind::Write, 9, t.base, 4096).encode())
+        .unwrap();
     raw.write_all(&[0xAB; 4096]).unwrap();
     let (st, msg) = read_error(&mut raw);
     assert_eq!(st, Status::OutOfRange);
     assert!(msg.contains("not inside registered memory"), "{msg}");
-    assert_eq!(t.backing.to_vec(), before, "an unregistered region was written");
+    assert_eq!(
+        t.backing.to_vec(),
+        before,
+        "an unregistered region was written"
+    );
     // The connection survives a refused request.
     let other = buffer(&t.engine, GUARD, 9);
     let h = init.open_segment_blocking("ur-target").unwrap();
     futures_lite::future::block_on(init.refresh_segment(h)).unwrap();
-    init.transfer_sync_write("ur-target", lbuf.base(), other.base(), 4096).unwrap();
+    init.transfer_sync_write("ur-target", lbuf.base(), other.base(), 4096)
+        .unwrap();
     assert_eq!(other.to_vec()[..4096], pattern(GUARD, 8)[..4096]);
 }
 
@@ -120,16 +141,23 @@ fn read_only_regions_refuse_writes() {
     let t = Guarded::new("ro-target", &md, Access::ReadOnly);
     let init = engine("ro-init", &md, TcpConfig::new());
     let lbuf = buffer(&init, GUARD, 10);
-    init.transfer_sync_read("ro-target", lbuf.base(), t.base, 4096).unwrap();
-    assert_eq!(lbuf.to_vec()[..4096], pattern(3 * GUARD, 99)[GUARD..GUARD + 4096]);
+    init.transfer_sync_read("ro-target", lbuf.base(), t.base, 4096)
+        .unwrap();
+    assert_eq!(
+        lbuf.to_vec()[..4096],
+        pattern(3 * GUARD, 99)[GUARD..GUARD + 4096]
+    );
     let before = t.backing.to_vec();
-    let e = init.transfer_sync_write("ro-target", lbuf.base(), t.base, 4096).unwrap_err();
+    let e = init
+        .transfer_sync_write("ro-target", lbuf.base(), t.base, 4096)
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::RemoteAccess);
     assert_eq!(t.backing.to_vec(), before);
 }
 
 fn hello(s: &mut TcpStream, name: &str) -> Header {
-    s.write_all(&Header::new(FrameKind::Hello, 1, 0, name.len() as u64).encode()).unwrap();
+    s.write_all(&Header::new(FrameKind::Hello, 1, 0, name.len() as u64).encode())
+        .unwrap();
     s.write_all(name.as_bytes()).unwrap();
     read_header(s)
 }
@@ -158,31 +186,37 @@ fn forged_frames_are_refused_by_the_target() {
 
     // Wrong segment name: refused at hello.
     let mut w = TcpStream::connect(t.addr()).unwrap();
-    w.write_all(&Header::new(FrameKind::Hello, 1, 0, 5).encode()).unwrap();
+    w.write_all(&Header::new(FrameKind::Hello, 1, 0, 5).encode())
+        .unwrap();
     w.write_all(b"other").unwrap();
     assert_eq!(read_error(&mut w).0, Status::WrongSegment);
 
     assert_eq!(hello(&mut s, "fg-target").kind, FrameKind::HelloAck);
     // A write into the guard below the region: the payload is swallowed, an error comes back.
     let evil = vec![0xEEu8; 8192];
-    s.write_all(&Header::new(FrameKind::Write, 2, t.base - 4096, 8192).encode()).unwrap();
+    s.write_all(&Header::new(FrameKind::Write, 2, t.base - 4096, 8192).encode())
+        .unwrap();
     s.write_all(&evil).unwrap();
     let (st, msg) = read_error(&mut s);
     assert_eq!(st, Status::OutOfRange);
     assert!(msg.contains("not inside registered memory"), "{msg}");
     // Wrap-around and a read of the guard above.
-    s.write_all(&Header::new(FrameKind::Write, 3, u64::MAX - 10, 64).encode()).unwrap();
+    s.write_all(&Header::new(FrameKind::Write, 3, u64::MAX - 10, 64).encode())
+        .unwrap();
     s.write_all(&evil[..64]).unwrap();
     assert_eq!(read_error(&mut s).0, Status::OutOfRange);
-    s.write_all(&Header::new(FrameKind::Read, 4, t.base + GUARD as u64, 16).encode()).unwrap();
+    s.write_all(&Header::new(FrameKind::Read, 4, t.base + GUARD as u64, 16).encode())
+        .unwrap();
     assert_eq!(read_error(&mut s).0, Status::OutOfRange);
     // The same connection still serves a valid write, acknowledged after it is applied.
-    s.write_all(&Header::new(FrameKind::Write, 5, t.base, 4).encode()).unwrap();
+    s.write_all(&Header::new(FrameKind::Write, 5, t.base, 4).encode())
+        .unwrap();
     s.write_all(b"okay").unwrap();
     assert_eq!(read_header(&mut s).kind, FrameKind::WriteAck);
     assert_eq!(&t.backing.to_vec()[GUARD..GUARD + 4], b"okay");
     // A frame longer than the limit: refused, and the connection is closed.
-    s.write_all(&Header::new(FrameKind::Write, 6, t.base, 1 << 40).encode()).unwrap();
+    s.write_all(&Header::new(FrameKind::Write, 6, t.base, 1 << 40).encode())
+        .unwrap();
     let (st, _) = read_error(&mut s);
     assert_eq!(st, Status::BadRequest);
     let mut rest = Vec::new();

@@ -17,7 +17,10 @@ const LEN: usize = 8 << 20;
 fn random_batches_on_every_runtime() {
     let md = store();
     // Small stripes and slices so that striping and slicing are exercised.
-    let cfg = TcpConfig::new().with_stripe_min(64 << 10).with_max_slice(1 << 20).with_conns_per_path(3);
+    let cfg = TcpConfig::new()
+        .with_stripe_min(64 << 10)
+        .with_max_slice(1 << 20)
+        .with_conns_per_path(3);
     let target = engine("rt-target", &md, cfg.clone());
     let init = engine("rt-init", &md, cfg);
     let tbuf = buffer(&target, LEN, 1);
@@ -32,38 +35,44 @@ fn random_batches_on_every_runtime() {
         let (init, lbuf, tbuf, model) = (&init, &lbuf, &tbuf, &model);
         async move {
             for _ in 0..6 {
-                let mut m = model.borrow_mut();
-                let (tmodel, lmodel, rng, round) = &mut *m;
-                **round += 1;
-                // Requests of one batch touch disjoint ranges on both sides, so their
-                // effects don't depend on order.
-                let n = rng.random_range(1..24);
-                let slot = LEN / n;
-                let mut reqs = Vec::new();
-                for i in 0..n {
-                    let len = rng.random_range(1..=slot.min(3 << 20));
-                    let loff = i * slot + rng.random_range(0..=slot - len);
-                    let roff = ((i + **round) % n) * slot + rng.random_range(0..=slot - len);
-                    let opcode = if rng.random_bool(0.5) { Opcode::Read } else { Opcode::Write };
-                    reqs.push(TransferRequest {
-                        opcode,
-                        source: lbuf.base() + loff as u64,
-                        target_id: seg,
-                        target_offset: tbuf.base() + roff as u64,
-                        length: len as u64,
-                    });
-                    match opcode {
-                        Opcode::Read => {
-                            let src = tmodel[roff..roff + len].to_vec();
-                            lmodel[loff..loff + len].copy_from_slice(&src);
-                        }
-                        Opcode::Write => {
-                            let src = lmodel[loff..loff + len].to_vec();
-                            tmodel[roff..roff + len].copy_from_slice(&src);
+                let (n, reqs) = {
+                    let mut m = model.borrow_mut();
+                    let (tmodel, lmodel, rng, round) = &mut *m;
+                    **round += 1;
+                    // Requests of one batch touch disjoint ranges on both sides, so their
+                    // effects don't depend on order.
+                    let n = rng.random_range(1..24);
+                    let slot = LEN / n;
+                    let mut reqs = Vec::new();
+                    for i in 0..n {
+                        let len = rng.random_range(1..=slot.min(3 << 20));
+                        let loff = i * slot + rng.random_range(0..=slot - len);
+                        let roff = ((i + **round) % n) * slot + rng.random_range(0..=slot - len);
+                        let opcode = if rng.random_bool(0.5) {
+                            Opcode::Read
+                        } else {
+                            Opcode::Write
+                        };
+                        reqs.push(TransferRequest {
+                            opcode,
+                            source: lbuf.base() + loff as u64,
+                            target_id: seg,
+                            target_offset: tbuf.base() + roff as u64,
+                            length: len as u64,
+                        });
+                        match opcode {
+                            Opcode::Read => {
+                                let src = tmodel[roff..roff + len].to_vec();
+                                lmodel[loff..loff + len].copy_from_slice(&src);
+                            }
+                            Opcode::Write => {
+                                let src = lmodel[loff..loff + len].to_vec();
+                                tmodel[roff..roff + len].copy_from_slice(&src);
+                            }
                         }
                     }
-                }
-                drop(m);
+                    (n, reqs)
+                };
                 let batch = init.submit_batch(&reqs).unwrap();
                 batch.wait().await.unwrap_or_else(|e| panic!("{rt}: {e}"));
                 assert!((0..n).all(|i| batch.status(i) == TransferStatus::Completed));
@@ -71,8 +80,14 @@ fn random_batches_on_every_runtime() {
         }
     });
     let m = model.borrow();
-    assert!(tbuf.to_vec() == *m.0, "target buffer differs from the model");
-    assert!(lbuf.to_vec() == *m.1, "initiator buffer differs from the model");
+    assert!(
+        tbuf.to_vec() == *m.0,
+        "target buffer differs from the model"
+    );
+    assert!(
+        lbuf.to_vec() == *m.1,
+        "initiator buffer differs from the model"
+    );
 }
 
 /// Several threads submit batches at once to the same peer, each on its own ranges.
@@ -80,7 +95,11 @@ fn random_batches_on_every_runtime() {
 fn concurrent_batches_from_threads() {
     let md = store();
     let target = engine("cc-target", &md, TcpConfig::new().with_conns_per_path(2));
-    let init = Arc::new(engine("cc-init", &md, TcpConfig::new().with_conns_per_path(2)));
+    let init = Arc::new(engine(
+        "cc-init",
+        &md,
+        TcpConfig::new().with_conns_per_path(2),
+    ));
     let tbuf = buffer(&target, LEN, 3);
     let lbuf = buffer(&init, LEN, 4);
     let seg = init.open_segment_blocking("cc-target").unwrap();
@@ -96,14 +115,22 @@ fn concurrent_batches_from_threads() {
                     let blk = part / 16;
                     let reqs: Vec<_> = (0..8)
                         .map(|i| TransferRequest {
-                            opcode: if round % 2 == 0 { Opcode::Write } else { Opcode::Read },
+                            opcode: if round % 2 == 0 {
+                                Opcode::Write
+                            } else {
+                                Opcode::Read
+                            },
                             source: lbuf.base() + (base + i * blk) as u64,
                             target_id: seg,
-                            target_offset: tbuf.base() + (base + (i + 8 * (round as usize % 2)) * blk) as u64,
+                            target_offset: tbuf.base()
+                                + (base + (i + 8 * (round as usize % 2)) * blk) as u64,
                             length: blk as u64,
                         })
                         .collect();
-                    init.submit_batch(&reqs).unwrap().wait_blocking(None).unwrap();
+                    init.submit_batch(&reqs)
+                        .unwrap()
+                        .wait_blocking(None)
+                        .unwrap();
                 }
             });
         }
@@ -117,11 +144,20 @@ fn concurrent_batches_from_threads() {
     for th in 0..threads {
         let base = th * part;
         let half = part / 2;
-        assert!(lv[base..base + half] == t[base + half..base + part], "thread {th}: read-back differs");
-        assert!(tv[base + half..base + part] == t[base + half..base + part], "thread {th}: untouched half changed");
+        assert!(
+            lv[base..base + half] == t[base + half..base + part],
+            "thread {th}: read-back differs"
+        );
+        assert!(
+            tv[base + half..base + part] == t[base + half..base + part],
+            "thread {th}: untouched half changed"
+        );
         // The first half of the target holds what the last even round wrote: the local half
         // as it was before round 1 overwrote it.
-        assert!(tv[base..base + half] == l0[base..base + half] || tv[base..base + half] == t[base + half..base + part]);
+        assert!(
+            tv[base..base + half] == l0[base..base + half]
+                || tv[base..base + half] == t[base + half..base + part]
+        );
         assert!(lv[base + half..base + part] == l0[base + half..base + part]);
     }
 }
@@ -131,21 +167,44 @@ fn concurrent_batches_from_threads() {
 fn sync_calls_and_batch_ids() {
     let md = store();
     let target = engine("sy-target", &md, TcpConfig::new());
-    let (init, tcp) = engine_with_transport("sy-init", &md, TcpConfig::new(), std::time::Duration::from_secs(2));
+    let (init, tcp) = engine_with_transport(
+        "sy-init",
+        &md,
+        TcpConfig::new(),
+        std::time::Duration::from_secs(2),
+    );
     let tbuf = buffer(&target, 1 << 20, 5);
     let lbuf = buffer(&init, 1 << 20, 6);
-    init.transfer_sync_write("sy-target", lbuf.base(), tbuf.base() + 100, 5000).unwrap();
-    assert_eq!(tbuf.to_vec()[100..5100], pattern(1 << 20, 6)[..5000]);
-    init.batch_transfer_sync_read("sy-target", &[lbuf.base(), lbuf.base() + 8192], &[tbuf.base(), tbuf.base() + 65536], &[4096, 4096])
+    init.transfer_sync_write("sy-target", lbuf.base(), tbuf.base() + 100, 5000)
         .unwrap();
-    assert_eq!(lbuf.to_vec()[8192..12288], pattern(1 << 20, 5)[65536..69632]);
+    assert_eq!(tbuf.to_vec()[100..5100], pattern(1 << 20, 6)[..5000]);
+    init.batch_transfer_sync_read(
+        "sy-target",
+        &[lbuf.base(), lbuf.base() + 8192],
+        &[tbuf.base(), tbuf.base() + 65536],
+        &[4096, 4096],
+    )
+    .unwrap();
+    assert_eq!(
+        lbuf.to_vec()[8192..12288],
+        pattern(1 << 20, 5)[65536..69632]
+    );
 
     let seg = init.open_segment_blocking("sy-target").unwrap();
     let id = init.allocate_batch(2);
-    let req = TransferRequest { opcode: Opcode::Write, source: lbuf.base(), target_id: seg, target_offset: tbuf.base(), length: 64 };
+    let req = TransferRequest {
+        opcode: Opcode::Write,
+        source: lbuf.base(),
+        target_id: seg,
+        target_offset: tbuf.base(),
+        length: 64,
+    };
     init.submit(id, &[req]).unwrap();
     init.submit(id, &[req]).unwrap();
-    assert!(init.submit(id, &[req]).is_err(), "a third task overflows the batch");
+    assert!(
+        init.submit(id, &[req]).is_err(),
+        "a third task overflows the batch"
+    );
     futures_lite::future::block_on(init.wait(id)).unwrap();
     assert_eq!(init.transfer_status(id, 1), TransferStatus::Completed);
     assert_eq!(init.transfer_status(id, 2), TransferStatus::Invalid);
@@ -154,9 +213,9 @@ fn sync_calls_and_batch_ids() {
 
     // Connections are pooled: many transfers, few connects.
     for _ in 0..50 {
-        init.transfer_sync_read("sy-target", lbuf.base(), tbuf.base(), 4096).unwrap();
+        init.transfer_sync_read("sy-target", lbuf.base(), tbuf.base(), 4096)
+            .unwrap();
     }
     let connects = tcp.stats().connects;
     assert!(connects <= 4, "{connects} connects for 53 transfers");
 }
-

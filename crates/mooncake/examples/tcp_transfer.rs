@@ -16,12 +16,16 @@ fn main() -> mooncake::Result<()> {
     const BLOCK: u64 = 1 << 20;
 
     // A target segment with one registered buffer.
-    let target = TransferEngine::builder("example-target").with_transport(TcpConfig::new()).build()?;
+    let target = TransferEngine::builder("example-target")
+        .with_transport(TcpConfig::new())
+        .build()?;
     let remote = Arc::new(LocalBuffer::new(LEN)?);
     target.register(remote.clone())?;
 
     // An initiator with a buffer full of data.
-    let initiator = TransferEngine::builder("example-initiator").with_transport(TcpConfig::new()).build()?;
+    let initiator = TransferEngine::builder("example-initiator")
+        .with_transport(TcpConfig::new())
+        .build()?;
     let local = Arc::new(LocalBuffer::new(LEN)?);
     let data: Vec<u8> = (0..LEN).map(|i| (i * 31 % 251) as u8).collect();
     local.write_at(0, &data)?;
@@ -49,6 +53,10 @@ fn main() -> mooncake::Result<()> {
     initiator.register(back.clone())?;
     initiator.transfer_sync_read("example-target", back.base(), remote.base(), LEN as u64)?;
     assert_eq!(back.to_vec(), data, "the read-back equals the original");
-    println!("moved {} MiB in {secs:.3} s ({:.2} GB/s) and read it back; every byte verified", LEN >> 20, LEN as f64 / secs / 1e9);
+    println!(
+        "moved {} MiB in {secs:.3} s ({:.2} GB/s) and read it back; every byte verified",
+        LEN >> 20,
+        LEN as f64 / secs / 1e9
+    );
     Ok(())
 }

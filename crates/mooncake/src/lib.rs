@@ -23,7 +23,10 @@ pub fn compiled_transports() -> Vec<&'static str> {
 /// A transport builder for `protocol` with default settings, or a clear error when the
 /// protocol is unknown or was not compiled in.
 pub fn transport_builder(protocol: &str) -> Result<Box<dyn TransportBuilder>> {
-    #[allow(unreachable_patterns, reason = "which arms are reachable depends on the features")]
+    #[allow(
+        unreachable_patterns,
+        reason = "which arms are reachable depends on the features"
+    )]
     match protocol {
         #[cfg(feature = "tcp")]
         "tcp" => Ok(Box::new(mooncake_transport_tcp::TcpConfig::new())),
@@ -48,6 +51,8 @@ pub fn open_metadata(url: &str) -> Result<std::sync::Arc<dyn MetadataStore>> {
     }
     Err(Error::new(
         ErrorKind::Config,
-        format!("metadata URL {url:?}: no backend for it is compiled into this build (leave it empty for the embedded store)"),
+        format!(
+            "metadata URL {url:?}: no backend for it is compiled into this build (leave it empty for the embedded store)"
+        ),
     ))
 }

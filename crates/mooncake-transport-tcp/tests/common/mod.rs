@@ -5,7 +5,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mooncake_core::{EmbeddedMetadataStore, EngineContext, LocalBuffer, MetadataStore, TransferEngine, Transport};
+use mooncake_core::{
+    EmbeddedMetadataStore, EngineContext, LocalBuffer, MetadataStore, TransferEngine, Transport,
+};
 use mooncake_transport_tcp::{TcpConfig, TcpTransport};
 
 /// Runs the same async body under tokio (current-thread and multi-thread), smol, and a bare
@@ -15,8 +17,17 @@ where
     F: Fn(&'static str) -> Fut,
     Fut: Future<Output = ()>,
 {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(body("tokio-current-thread"));
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(body("tokio-multi-thread"));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body("tokio-current-thread"));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body("tokio-multi-thread"));
     smol::block_on(body("smol"));
     futures_lite::future::block_on(body("block_on"));
 }
@@ -32,17 +43,24 @@ pub fn engine(name: &str, store: &Arc<dyn MetadataStore>, cfg: TcpConfig) -> Tra
 }
 
 /// Like [`engine`], also returning the TCP transport itself (for its stats).
-pub fn engine_with_transport(name: &str, store: &Arc<dyn MetadataStore>, cfg: TcpConfig, timeout: Duration) -> (TransferEngine, Arc<TcpTransport>) {
+pub fn engine_with_transport(
+    name: &str,
+    store: &Arc<dyn MetadataStore>,
+    cfg: TcpConfig,
+    timeout: Duration,
+) -> (TransferEngine, Arc<TcpTransport>) {
     let slot = Arc::new(std::sync::Mutex::new(None));
     let s2 = slot.clone();
     let engine = TransferEngine::builder(name)
         .with_metadata(store.clone())
         .with_timeout(timeout)
-        .with_transport(move |ctx: &EngineContext| -> mooncake_core::Result<Arc<dyn Transport>> {
-            let t = Arc::new(TcpTransport::start(cfg, ctx)?);
-            *s2.lock().unwrap() = Some(t.clone());
-            Ok(t)
-        })
+        .with_transport(
+            move |ctx: &EngineContext| -> mooncake_core::Result<Arc<dyn Transport>> {
+                let t = Arc::new(TcpTransport::start(cfg, ctx)?);
+                *s2.lock().unwrap() = Some(t.clone());
+                Ok(t)
+            },
+        )
         .build()
         .expect("engine starts");
     let t = slot.lock().unwrap().take().expect("transport built");
