@@ -4,8 +4,11 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-/// True if `binary` is on the PATH.
+/// True if `binary` is on the PATH (or, for a path with a `/`, if that file exists).
 pub(crate) fn has(binary: &str) -> bool {
+    if binary.contains('/') {
+        return std::path::Path::new(binary).exists();
+    }
     Command::new("sh")
         .args(["-c", &format!("command -v {binary}")])
         .output()

@@ -42,13 +42,14 @@ struct TestArgs {
 }
 
 /// Packages the build needs (protoc for etcd-client; cmake and clang for the RDMA verbs
-/// crate) and the tests need (iproute2 for namespaces).
+/// crate) and the tests need (iproute2 for namespaces, a font for the plots).
 const BUILD_DEPS: &[(&str, &str)] = &[
     ("protoc", "protobuf-compiler"),
     ("cmake", "cmake"),
     ("clang", "clang"),
     ("pkg-config", "pkg-config"),
     ("ip", "iproute2"),
+    ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core"),
 ];
 
 /// Examples that must run to completion.

@@ -54,6 +54,8 @@ pub(crate) struct Slice {
     pub(crate) done: SliceCompleter,
     pub(crate) attempts: u8,
     pub(crate) failed_paths: u64,
+    /// The submitting thread may write it itself when the connection is idle.
+    pub(crate) inline_ok: bool,
 }
 
 impl Slice {
@@ -199,6 +201,7 @@ impl Peer {
             {
                 s.attempts += 1;
                 s.failed_paths |= 1 << conn.path;
+                s.inline_ok = false;
                 self.dispatch(s);
             } else {
                 s.done.complete(Err(err.clone()));
@@ -222,6 +225,11 @@ impl Peer {
                 None,
             );
         }
+    }
+
+    /// Number of network paths to this peer.
+    pub(crate) fn path_count(&self) -> usize {
+        self.paths.len()
     }
 
     /// Live connections, for tests and stats.
@@ -317,7 +325,7 @@ impl Conn {
         let ctx = |e: io::Error| {
             Error::io(&format!("connect to {name:?} at {addr}"), &e).with_context("peer", name)
         };
-        let stream = TcpStream::connect_timeout(&addr, self.shared.timeout).map_err(ctx)?;
+        let stream = TcpStream::connect_timeout(&addr, self.progress_timeout).map_err(ctx)?;
         self.shared.stats.connects.fetch_add(1, Ordering::Relaxed);
         stream.set_nodelay(true).map_err(ctx)?;
         let tick = self.progress_timeout.min(Duration::from_millis(250));
@@ -325,7 +333,7 @@ impl Conn {
         stream.set_write_timeout(Some(tick)).map_err(ctx)?;
         crate::transport::apply_socket_buffer(&stream, self.shared.socket_buffer);
         let fd = stream.as_raw_fd();
-        let mut stall = sys::Deadline::new(self.shared.timeout);
+        let mut stall = sys::Deadline::new(self.progress_timeout);
         let hello = Header::new(FrameKind::Hello, 0, generation, name.len() as u64);
         // SAFETY: the payload is the live `name` string.
         unsafe { sys::send_gather(fd, &hello.encode(), name.as_ptr(), name.len(), &mut stall) }
@@ -399,6 +407,7 @@ impl Conn {
         let inline = st.connected
             && !st.sending
             && st.queue.is_empty()
+            && slice.inline_ok
             && slice.len() <= self.shared.inline_send_max;
         if !inline {
             st.queue.push_back(slice);

@@ -202,8 +202,8 @@ impl TcpTransport {
         Ok(p)
     }
 
-    fn stripes(&self, len: u64, paths: usize) -> u64 {
-        let conns = (self.cfg.conns_per_path * paths) as u64;
+    /// How many slices a lone request of `len` bytes becomes over `conns` connections.
+    fn stripes(&self, len: u64, conns: u64) -> u64 {
         let by_stripe = if len >= 2 * self.cfg.stripe_min {
             (len / self.cfg.stripe_min).min(conns)
         } else {
@@ -235,6 +235,10 @@ impl Transport for TcpTransport {
     }
 
     fn submit(&self, tasks: Vec<TransferTask>) {
+        // A batch with at least one task per connection already spreads over all of them:
+        // slicing its tasks further only adds frames. A lone small task is written by the
+        // submitting thread when its connection is idle.
+        let count = tasks.len();
         for task in tasks {
             if self.client.closed.load(Ordering::Acquire) {
                 task.completer.complete(Err(Error::new(
@@ -251,7 +255,12 @@ impl Transport for TcpTransport {
                 }
             };
             let len = task.local.len();
-            let n = self.stripes(len, Self::paths_of(&task.remote).len());
+            let conns = self.cfg.conns_per_path * peer.path_count();
+            let n = if count >= conns {
+                len.div_ceil(self.cfg.max_slice)
+            } else {
+                self.stripes(len, conns as u64)
+            };
             let piece = len.div_ceil(n).next_multiple_of(4096).min(len);
             let mut dones = task
                 .completer
@@ -269,6 +278,7 @@ impl Transport for TcpTransport {
                         done,
                         attempts: 0,
                         failed_paths: 0,
+                        inline_ok: count == 1,
                     }),
                     Err(e) => done.complete(Err(e)),
                 }
