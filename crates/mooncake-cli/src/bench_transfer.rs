@@ -38,7 +38,7 @@ pub(crate) enum Role {
 }
 
 /// Arguments of `mooncake bench transfer`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub(crate) struct TransferArgs {
     /// Operation.
     #[arg(long, value_enum, default_value_t = Op::Write)]
@@ -82,6 +82,13 @@ pub(crate) struct TransferArgs {
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Sweep block sizes 4K…4M for read and write (role both, with the baseline), print a
+    /// table and write `transfer_sweep.{jsonl,png,md}` into `--out`.
+    #[arg(long)]
+    sweep: bool,
+    /// Output directory of `--sweep`.
+    #[arg(long, default_value = "bench-out")]
+    out: std::path::PathBuf,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -97,7 +104,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mul).filter(|&v| v > 0).ok_or_else(|| format!("{s:?} is not a positive size"))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct Report {
     op: Op,
     protocol: String,
@@ -164,6 +171,9 @@ fn metadata_store(url: &str) -> anyhow::Result<Arc<dyn MetadataStore>> {
 }
 
 pub(crate) fn run(args: TransferArgs) -> anyhow::Result<()> {
+    if args.sweep {
+        return sweep(&args);
+    }
     ensure!(args.batch_size > 0 && args.threads > 0, "--batch-size and --threads must be positive");
     ensure!(args.duration > 0.0, "--duration must be positive");
     let region = args
@@ -181,23 +191,97 @@ pub(crate) fn run(args: TransferArgs) -> anyhow::Result<()> {
             print_report(&args, &report)
         }
         Role::Both => {
-            let md: Arc<dyn MetadataStore> = if args.metadata.is_empty() {
-                Arc::new(EmbeddedMetadataStore::new())
-            } else {
-                metadata_store(&args.metadata)?
-            };
-            let target = engine(&args.segment, &args, md.clone())?;
-            let tbuf = Arc::new(LocalBuffer::new(region as usize)?);
-            target.register(tbuf.clone())?;
-            let init = engine("bench-initiator", &args, md)?;
-            let mut report = drive(&args, &init, Some(&tbuf))?;
-            drop(init);
-            drop(target);
-            if args.baseline {
-                baseline(&args, &mut report)?;
-            }
+            let report = run_both(&args, region)?;
             print_report(&args, &report)
         }
+    }
+}
+
+fn run_both(args: &TransferArgs, region: u64) -> anyhow::Result<Report> {
+    let md: Arc<dyn MetadataStore> = if args.metadata.is_empty() {
+        Arc::new(EmbeddedMetadataStore::new())
+    } else {
+        metadata_store(&args.metadata)?
+    };
+    let target = engine(&args.segment, args, md.clone())?;
+    let tbuf = Arc::new(LocalBuffer::new(region as usize)?);
+    target.register(tbuf.clone())?;
+    let init = engine("bench-initiator", args, md)?;
+    let mut report = drive(args, &init, Some(&tbuf))?;
+    drop(init);
+    drop(target);
+    if args.baseline {
+        baseline(args, &mut report)?;
+    }
+    Ok(report)
+}
+
+/// Block sizes of `--sweep`.
+const SWEEP_BLOCKS: [u64; 6] = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20];
+
+fn sweep(args: &TransferArgs) -> anyhow::Result<()> {
+    use mooncake_scheduler::experiments::{Chart, ChartKind, Series};
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let mut reports = Vec::new();
+    let mut table = String::from(
+        "| op | block | batch | conns | GB/s | pump GB/s | ratio |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for op in [Op::Write, Op::Read] {
+        for block in SWEEP_BLOCKS {
+            let mut a = args.clone();
+            a.op = op;
+            a.block_size = block;
+            a.baseline = true;
+            a.role = Role::Both;
+            let region = block * a.batch_size as u64 * a.threads as u64;
+            let r = run_both(&a, region)?;
+            let line = format!(
+                "| {:?} | {} | {} | {} | {:.3} | {:.3} | {:.2} |",
+                op,
+                human(block),
+                r.batch_size,
+                r.conns,
+                r.gb_per_s,
+                r.baseline_gb_per_s.unwrap_or(0.0),
+                r.ratio.unwrap_or(0.0)
+            );
+            eprintln!("{line}");
+            table.push_str(&line);
+            table.push('\n');
+            reports.push(r);
+        }
+    }
+    let jsonl: String = reports.iter().map(|r| serde_json::to_string(r).expect("report serialises") + "\n").collect();
+    std::fs::write(args.out.join("transfer_sweep.jsonl"), jsonl)?;
+    std::fs::write(args.out.join("transfer_sweep.md"), &table)?;
+    let series = |op: Op, base: bool| Series {
+        name: format!("{} {:?}", if base { "socket pump" } else { "mooncake-rs" }, op).to_lowercase(),
+        points: reports
+            .iter()
+            .filter(|r| r.op == op)
+            .map(|r| (r.block_size as f64 / 1024.0, if base { r.baseline_gb_per_s.unwrap_or(0.0) } else { r.gb_per_s }))
+            .collect(),
+        reference: base,
+    };
+    let chart = Chart {
+        title: format!("TCP loopback, batch {}, {} thread(s), {} conns", args.batch_size, args.threads, args.conns),
+        x_label: "block size (KiB)".into(),
+        y_label: "GB/s".into(),
+        kind: ChartKind::Line { log_x: true },
+        series: vec![series(Op::Write, false), series(Op::Write, true), series(Op::Read, false), series(Op::Read, true)],
+    };
+    let png = args.out.join("transfer_sweep.png");
+    mooncake_scheduler::plot::render(&chart, &png)?;
+    print!("{table}");
+    println!("wrote {}", png.display());
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
+        b => b.to_string(),
     }
 }
 
@@ -387,6 +471,9 @@ fn baseline(args: &TransferArgs, report: &mut Report) -> anyhow::Result<()> {
     report.baseline_gb_per_s = Some(gbps);
     report.ratio = Some(report.gb_per_s / gbps);
 
+    if args.batch_size != 1 {
+        return Ok(());
+    }
     // Ping-pong: the same bytes a batch-of-one transfer moves, request then reply.
     let (req_len, resp_len) = match args.op {
         Op::Write => (32 + block, 32),
@@ -430,10 +517,7 @@ fn baseline(args: &TransferArgs, report: &mut Report) -> anyhow::Result<()> {
     let p50 = percentile(&lat, 0.5);
     report.baseline_p50_us = Some(p50);
     report.baseline_p99_us = Some(percentile(&lat, 0.99));
-    // Only a batch of one is the same round trip as one ping-pong.
-    if args.batch_size == 1 {
-        report.p50_ratio = Some(report.p50_us / p50);
-    }
+    report.p50_ratio = Some(report.p50_us / p50);
     Ok(())
 }
 
