@@ -1,0 +1,146 @@
+//! `mooncake trace …`: statistics of Mooncake JSONL request traces.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use mooncake_scheduler::trace::{Trace, TraceStats, trace_stats};
+
+/// `mooncake trace …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum TraceCommand {
+    /// Requests, time span, lengths, unique blocks and prefix-cache hit ratios of a trace.
+    Stats(StatsArgs),
+}
+
+/// `mooncake trace stats FILE [--cache-tokens 3e6,5e7] [--json]`.
+#[derive(Debug, Args)]
+pub(crate) struct StatsArgs {
+    /// The JSONL trace.
+    file: PathBuf,
+    /// LRU capacities to evaluate, in tokens (comma-separated; `3e6` notation accepted).
+    #[arg(long, value_delimiter = ',', value_parser = parse_tokens)]
+    cache_tokens: Vec<u64>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses a token count such as `3000000`, `3e6` or `5E7`.
+pub(crate) fn parse_tokens(s: &str) -> Result<u64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of tokens"))?;
+    if !(v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= 1e15) {
+        return Err(format!("`{s}` is not a whole number of tokens"));
+    }
+    Ok(v as u64)
+}
+
+/// Runs `mooncake trace …`.
+pub(crate) fn run(cmd: TraceCommand) -> anyhow::Result<()> {
+    match cmd {
+        TraceCommand::Stats(a) => stats(a),
+    }
+}
+
+/// The `--json` form: exactly the keys issue 5 lists.
+fn stats_json(s: &TraceStats) -> serde_json::Value {
+    let lru: serde_json::Map<String, serde_json::Value> = s
+        .lru_hit_ratio
+        .iter()
+        .map(|(c, r)| (c.to_string(), serde_json::json!(r)))
+        .collect();
+    serde_json::json!({
+        "requests": s.requests,
+        "span_s": s.span_s,
+        "mean_input": s.mean_input,
+        "mean_output": s.mean_output,
+        "unique_blocks": s.unique_blocks,
+        "infinite_hit_ratio": s.infinite_hit_ratio,
+        "lru_hit_ratio": lru,
+    })
+}
+
+fn stats(a: StatsArgs) -> anyhow::Result<()> {
+    let trace = Trace::from_path(&a.file)?;
+    let s = trace_stats(&trace, &a.cache_tokens);
+    if a.json {
+        let v = stats_json(&s);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).context("encoding JSON")?
+        );
+        return Ok(());
+    }
+    println!("trace            {}", a.file.display());
+    println!("requests         {}", s.requests);
+    println!(
+        "time span        {:.1} s ({:.2} req/s)",
+        s.span_s, s.arrival_rate
+    );
+    println!(
+        "input tokens     mean {:.0}  p50 {:.0}  p99 {:.0}",
+        s.mean_input, s.p50_input, s.p99_input
+    );
+    println!(
+        "output tokens    mean {:.1}  p50 {:.0}  p99 {:.0}",
+        s.mean_output, s.p50_output, s.p99_output
+    );
+    println!(
+        "unique blocks    {} ({:.1}M tokens)",
+        s.unique_blocks,
+        s.unique_blocks as f64 * 512.0 / 1e6
+    );
+    println!("hit ratio ∞      {:.3}", s.infinite_hit_ratio);
+    for (c, r) in &s.lru_hit_ratio {
+        println!("hit ratio LRU {:>10} tokens  {:.3}", c, r);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_counts() {
+        assert_eq!(parse_tokens("3e6"), Ok(3_000_000));
+        assert_eq!(parse_tokens("50000000"), Ok(50_000_000));
+        assert!(parse_tokens("1.5").is_err());
+        assert!(parse_tokens("-1").is_err());
+        assert!(parse_tokens("x").is_err());
+    }
+
+    #[test]
+    fn json_keys_are_the_issues() {
+        let text = "{\"timestamp\": 0, \"input_length\": 600, \"output_length\": 2, \"hash_ids\": [1, 2]}\n\
+                    {\"timestamp\": 2000, \"input_length\": 600, \"output_length\": 4, \"hash_ids\": [1, 3]}\n";
+        let t = Trace::from_reader(text.as_bytes(), std::path::Path::new("t")).unwrap();
+        let v = stats_json(&trace_stats(&t, &[512, 3_000_000]));
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "infinite_hit_ratio",
+                "lru_hit_ratio",
+                "mean_input",
+                "mean_output",
+                "requests",
+                "span_s",
+                "unique_blocks"
+            ]
+        );
+        assert_eq!(v["requests"], 2);
+        assert_eq!(v["span_s"], 2.0);
+        assert_eq!(v["unique_blocks"], 3);
+        // Second request: block 1 (512 tokens) hits, block 3 misses: 512 / 1200.
+        let r = 512.0 / 1200.0;
+        assert!((v["infinite_hit_ratio"].as_f64().unwrap() - r).abs() < 1e-12);
+        assert!((v["lru_hit_ratio"]["3000000"].as_f64().unwrap() - r).abs() < 1e-12);
+        // A one-block LRU: block 2 evicts block 1 before the second request.
+        assert_eq!(v["lru_hit_ratio"]["512"].as_f64().unwrap(), 0.0);
+    }
+}

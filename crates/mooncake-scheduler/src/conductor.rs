@@ -1,0 +1,1299 @@
+//! The Conductor: KVCache-centric prefill/decode selection (FAST'25 Algorithm 1) with cache
+//! load balancing and admission control (SLO check, early rejection, early rejection based on
+//! prediction).
+//!
+//! # Cost of a decision
+//!
+//! Prefix matching walks the request's block keys once against a global index (block key →
+//! bitset of prefill instances holding it), so it costs one hash lookup per matched block,
+//! independent of how many blocks each instance caches and of the number of instances (≤ 128).
+//! Per-instance terms are then O(1) each.
+
+use std::fmt;
+use std::str::FromStr;
+
+use mooncake_core::scheduler::{
+    ClusterEvent, Decision, InstanceId, Placement, Pool, PrefixFetch, Rejection, ScheduleRequest,
+    Scheduler,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::cost::CostModel;
+use crate::lru::BlockMap;
+
+/// Most prefill instances one Conductor tracks (the cache index keeps one bit per instance).
+pub const MAX_PREFILL_INSTANCES: u32 = 128;
+
+/// Errors of the Conductor's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    /// A configuration value is out of range.
+    #[error("invalid Conductor configuration: {0}")]
+    Config(String),
+    /// A policy or admission name is unknown.
+    #[error("unknown {kind} `{name}` (expected one of: {expected})")]
+    UnknownName {
+        /// What was being parsed.
+        kind: &'static str,
+        /// The name given.
+        name: String,
+        /// The accepted names.
+        expected: &'static str,
+    },
+}
+
+/// How the prefill instance is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Uniformly at random (seeded).
+    Random,
+    /// In turn.
+    RoundRobin,
+    /// Shortest predicted queue time.
+    LoadBalance,
+    /// Local cache-aware: minimum queue + prefill time given each instance's own prefix match
+    /// (Algorithm 1 without transfers). Prefers the highest local match among equally loaded
+    /// instances, never piles onto one holder of a hot block.
+    LocalCache,
+    /// Longest local prefix only, ties rotating (the Conductor repo's example proxy). Collapses
+    /// onto one instance when all requests share a first block; kept to show that.
+    MaxPrefix,
+    /// Algorithm 1: queue + prefill time with the option to fetch the best prefix from another
+    /// instance (global cache), with hot-block replication by fetch-and-keep.
+    Mooncake,
+}
+
+impl Policy {
+    /// All policies, in CLI spelling order.
+    pub const ALL: [Self; 6] = [
+        Self::Random,
+        Self::RoundRobin,
+        Self::LoadBalance,
+        Self::LocalCache,
+        Self::MaxPrefix,
+        Self::Mooncake,
+    ];
+
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Random => "random",
+            Self::RoundRobin => "round-robin",
+            Self::LoadBalance => "load-balance",
+            Self::LocalCache => "local-cache",
+            Self::MaxPrefix => "max-prefix",
+            Self::Mooncake => "mooncake",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+impl FromStr for Policy {
+    type Err = ScheduleError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| ScheduleError::UnknownName {
+                kind: "policy",
+                name: s.to_owned(),
+                expected: "random, round-robin, load-balance, local-cache, max-prefix, mooncake",
+            })
+    }
+}
+
+/// Admission control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Admission {
+    /// Accept everything.
+    None,
+    /// Algorithm 1 step 6: reject when the predicted TTFT or TBT misses its SLO.
+    Slo,
+    /// arXiv v1 baseline: admit on prefill load only; the decode node checks after prefill.
+    Baseline,
+    /// Early rejection: reject on arrival when the prefill or the current decode pool load
+    /// exceeds the threshold.
+    Early,
+    /// Early rejection based on prediction: the decode load is predicted for the time the
+    /// request would reach decode (system-level, uniform decode time).
+    Predicted,
+}
+
+impl Admission {
+    /// All modes.
+    pub const ALL: [Self; 5] = [
+        Self::None,
+        Self::Slo,
+        Self::Baseline,
+        Self::Early,
+        Self::Predicted,
+    ];
+
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Slo => "slo",
+            Self::Baseline => "baseline",
+            Self::Early => "early",
+            Self::Predicted => "predicted",
+        }
+    }
+}
+
+impl fmt::Display for Admission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+impl FromStr for Admission {
+    type Err = ScheduleError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| ScheduleError::UnknownName {
+                kind: "admission",
+                name: s.to_owned(),
+                expected: "none, slo, baseline, early, predicted",
+            })
+    }
+}
+
+/// Configuration of a [`Conductor`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct ConductorConfig {
+    /// Prefill selection policy.
+    pub policy: Policy,
+    /// Admission control.
+    pub admission: Admission,
+    /// Prefill instances (1..=128).
+    pub prefill_instances: u32,
+    /// Decode instances (≥ 1).
+    pub decode_instances: u32,
+    /// Tokens per KV block.
+    pub block_tokens: u32,
+    /// Cost model used for predictions.
+    pub cost: CostModel,
+    /// TTFT SLO, seconds.
+    pub ttft_slo_s: f64,
+    /// TBT SLO, seconds.
+    pub tbt_slo_s: f64,
+    /// Algorithm 1's `kvcache_balancing_threshold`: fetch when `best_len / local_len` exceeds it.
+    /// `None` evaluates both options per instance and keeps the faster (our default).
+    pub balancing_threshold: Option<f64>,
+    /// Load (predicted latency / SLO, or KV / VRAM) above which early rejection refuses.
+    pub load_threshold: f64,
+    /// Initial uniform decode duration `t_d` of prediction-based rejection, seconds; refined
+    /// online as the mean of observed decode durations.
+    pub decode_time_s: f64,
+    /// Seed of the random policy.
+    pub seed: u64,
+}
+
+impl Default for ConductorConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::Mooncake,
+            admission: Admission::None,
+            prefill_instances: 8,
+            decode_instances: 8,
+            block_tokens: 512,
+            cost: CostModel::default(),
+            ttft_slo_s: 30.0,
+            tbt_slo_s: 0.1,
+            balancing_threshold: None,
+            load_threshold: 1.0,
+            decode_time_s: 10.0,
+            seed: 0x6d6f_6f6e_6361_6b65,
+        }
+    }
+}
+
+/// Global index of prefill caches: block key → bitset of instances holding it.
+#[derive(Debug, Clone, Default)]
+pub struct CacheIndex {
+    holders: BlockMap<u128>,
+}
+
+impl CacheIndex {
+    /// Records that `instance` holds `keys`.
+    pub fn store(&mut self, instance: InstanceId, keys: &[u64]) {
+        let bit = 1u128 << instance;
+        for &k in keys {
+            *self.holders.entry(k).or_insert(0) |= bit;
+        }
+    }
+
+    /// Records that `instance` no longer holds `keys`.
+    pub fn remove(&mut self, instance: InstanceId, keys: &[u64]) {
+        let bit = 1u128 << instance;
+        for &k in keys {
+            if let Some(h) = self.holders.get_mut(&k) {
+                *h &= !bit;
+                if *h == 0 {
+                    self.holders.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// Instances holding `key`, as a bitset.
+    pub fn holders(&self, key: u64) -> u128 {
+        self.holders.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Distinct keys indexed.
+    pub fn len(&self) -> usize {
+        self.holders.len()
+    }
+
+    /// Whether no key is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.holders.is_empty()
+    }
+
+    /// Writes each instance's prefix match length (in blocks) into `out[..instances]` and
+    /// returns the longest and the bitset of instances reaching it. One lookup per block until
+    /// no instance matches any more.
+    pub fn match_prefix(&self, keys: &[u64], instances: u32, out: &mut Vec<u32>) -> (u32, u128) {
+        out.clear();
+        out.resize(instances as usize, keys.len() as u32);
+        let mut alive: u128 = if instances >= 128 {
+            u128::MAX
+        } else {
+            (1u128 << instances) - 1
+        };
+        for (i, &k) in keys.iter().enumerate() {
+            let h = self.holders(k) & alive;
+            let mut dropped = alive & !h;
+            while dropped != 0 {
+                let b = dropped.trailing_zeros();
+                out[b as usize] = i as u32;
+                dropped &= dropped - 1;
+            }
+            if h == 0 {
+                return (i as u32, alive);
+            }
+            alive = h;
+        }
+        (keys.len() as u32, alive)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Queued,
+    Prefilling,
+    AtDecode,
+    Decoding,
+}
+
+#[derive(Debug, Clone)]
+struct Booked {
+    prefill: u32,
+    decode: u32,
+    predicted_prefill_s: f64,
+    predicted_ready_s: f64,
+    context_tokens: u64,
+    stage: Stage,
+    decode_start_s: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct PrefillView {
+    /// Request in prefill: (start, predicted duration).
+    current: Option<(f64, f64)>,
+    /// Predicted prefill seconds booked but not started.
+    pending_s: f64,
+    /// When this instance's NIC is free of the fetches the Conductor ordered from it.
+    nic_free_s: f64,
+}
+
+impl PrefillView {
+    fn queue_s(&self, now: f64) -> f64 {
+        let cur = self.current.map_or(0.0, |(s, d)| (s + d - now).max(0.0));
+        cur + self.pending_s.max(0.0)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct DecodeView {
+    running: u64,
+    running_tokens: u64,
+    /// Accepted, not yet decoding (in prefill or waiting at the decode node).
+    incoming: u64,
+    incoming_tokens: u64,
+    /// Of `incoming`, those whose prefill finished (their KV is at the decode node).
+    arrived: u64,
+    arrived_tokens: u64,
+}
+
+/// Counters of the Conductor's decisions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ConductorStats {
+    /// Requests accepted.
+    pub accepted: u64,
+    /// Requests rejected.
+    pub rejected: u64,
+    /// Accepted requests that fetch a prefix from another instance.
+    pub fetches: u64,
+}
+
+/// Small, fast, seedable generator (SplitMix64) for the random policy.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, n)` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+}
+
+/// The Conductor: implements [`Scheduler`].
+#[derive(Debug, Clone)]
+pub struct Conductor {
+    cfg: ConductorConfig,
+    index: CacheIndex,
+    prefill: Vec<PrefillView>,
+    decode: Vec<DecodeView>,
+    booked: BlockMap<Booked>,
+    rng: SplitMix64,
+    rr_next: u32,
+    scratch: Vec<u32>,
+    decode_time_sum: f64,
+    decode_time_n: u64,
+    stats: ConductorStats,
+}
+
+/// What a candidate prefill instance would give.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    instance: u32,
+    ttft: f64,
+    prefill_s: f64,
+    prefix_blocks: u32,
+    fetch: Option<PrefixFetch>,
+    fetch_s: f64,
+}
+
+impl Conductor {
+    /// A Conductor for an empty cluster.
+    pub fn new(cfg: ConductorConfig) -> Result<Self, ScheduleError> {
+        if cfg.prefill_instances == 0 || cfg.prefill_instances > MAX_PREFILL_INSTANCES {
+            return Err(ScheduleError::Config(format!(
+                "prefill_instances must be in 1..={MAX_PREFILL_INSTANCES}, got {}",
+                cfg.prefill_instances
+            )));
+        }
+        if cfg.decode_instances == 0 {
+            return Err(ScheduleError::Config("decode_instances must be ≥ 1".into()));
+        }
+        if cfg.block_tokens == 0 {
+            return Err(ScheduleError::Config("block_tokens must be ≥ 1".into()));
+        }
+        if !(cfg.ttft_slo_s > 0.0 && cfg.tbt_slo_s > 0.0 && cfg.load_threshold > 0.0) {
+            return Err(ScheduleError::Config(
+                "SLOs and load threshold must be positive".into(),
+            ));
+        }
+        Ok(Self {
+            index: CacheIndex::default(),
+            prefill: vec![PrefillView::default(); cfg.prefill_instances as usize],
+            decode: vec![DecodeView::default(); cfg.decode_instances as usize],
+            booked: BlockMap::default(),
+            rng: SplitMix64::new(cfg.seed),
+            rr_next: 0,
+            scratch: Vec::new(),
+            decode_time_sum: 0.0,
+            decode_time_n: 0,
+            stats: ConductorStats::default(),
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ConductorConfig {
+        &self.cfg
+    }
+
+    /// Decision counters.
+    pub fn stats(&self) -> ConductorStats {
+        self.stats
+    }
+
+    /// The global cache index (for inspection and replica statistics).
+    pub fn index(&self) -> &CacheIndex {
+        &self.index
+    }
+
+    /// Predicted queue time of prefill instance `i` at `now_s`.
+    pub fn prefill_queue_s(&self, i: InstanceId, now_s: f64) -> f64 {
+        self.prefill[i as usize].queue_s(now_s)
+    }
+
+    /// Current uniform decode-duration estimate `t_d`, seconds.
+    pub fn decode_time_estimate(&self) -> f64 {
+        if self.decode_time_n == 0 {
+            self.cfg.decode_time_s
+        } else {
+            self.decode_time_sum / self.decode_time_n as f64
+        }
+    }
+
+    fn prefix_tokens(&self, req: &ScheduleRequest, blocks: u32) -> u64 {
+        // The last prompt token is always computed (its logits give the first output token).
+        (u64::from(blocks) * u64::from(self.cfg.block_tokens))
+            .min(u64::from(req.input_tokens).saturating_sub(1))
+    }
+
+    fn candidate(
+        &self,
+        req: &ScheduleRequest,
+        i: u32,
+        prefix_blocks: u32,
+        fetch: Option<PrefixFetch>,
+        fetch_s: f64,
+        now: f64,
+    ) -> Candidate {
+        let n = u64::from(req.input_tokens);
+        let p = self.prefix_tokens(req, prefix_blocks);
+        let cost = &self.cfg.cost;
+        let prefill_s = cost.prefill_exec_time(n, p);
+        let queue = self.prefill[i as usize].queue_s(now);
+        let ttft = queue.max(fetch_s) + prefill_s + cost.kv_stream_tail(n, prefill_s);
+        Candidate {
+            instance: i,
+            ttft,
+            prefill_s,
+            prefix_blocks,
+            fetch,
+            fetch_s,
+        }
+    }
+
+    fn pick_prefill(&mut self, req: &ScheduleRequest, now: f64) -> Candidate {
+        let np = self.cfg.prefill_instances;
+        let mut lens = std::mem::take(&mut self.scratch);
+        let (best_len, best_set) = self.index.match_prefix(&req.block_hashes, np, &mut lens);
+        let start = self.rr_next % np;
+        let chosen = match self.cfg.policy {
+            Policy::Random => {
+                let i = self.rng.below(u64::from(np)) as u32;
+                self.candidate(req, i, lens[i as usize], None, 0.0, now)
+            }
+            Policy::RoundRobin => {
+                self.rr_next = self.rr_next.wrapping_add(1);
+                self.candidate(req, start, lens[start as usize], None, 0.0, now)
+            }
+            Policy::LoadBalance => {
+                let i = self.argmin(start, |s, i| s.prefill[i as usize].queue_s(now));
+                self.rr_next = self.rr_next.wrapping_add(1);
+                self.candidate(req, i, lens[i as usize], None, 0.0, now)
+            }
+            Policy::MaxPrefix => {
+                let i = self.argmin(start, |_, i| -f64::from(lens[i as usize]));
+                self.rr_next = self.rr_next.wrapping_add(1);
+                self.candidate(req, i, lens[i as usize], None, 0.0, now)
+            }
+            Policy::LocalCache => {
+                let mut best: Option<Candidate> = None;
+                for k in 0..np {
+                    let i = (start + k) % np;
+                    let c = self.candidate(req, i, lens[i as usize], None, 0.0, now);
+                    if best.is_none_or(|b| c.ttft < b.ttft) {
+                        best = Some(c);
+                    }
+                }
+                self.rr_next = self.rr_next.wrapping_add(1);
+                best.expect("at least one prefill instance")
+            }
+            Policy::Mooncake => {
+                // The fetch source: among holders of the best prefix, the least busy NIC.
+                let mut source = None;
+                let mut set = best_set;
+                while set != 0 {
+                    let b = set.trailing_zeros();
+                    set &= set - 1;
+                    let free = self.prefill[b as usize].nic_free_s;
+                    if source.is_none_or(|(_, f)| free < f) {
+                        source = Some((b, free));
+                    }
+                }
+                let mut best: Option<Candidate> = None;
+                for k in 0..np {
+                    let i = (start + k) % np;
+                    let local = lens[i as usize];
+                    let local_c = self.candidate(req, i, local, None, 0.0, now);
+                    let mut c = local_c;
+                    if let Some((src, src_free)) = source
+                        && best_len > local
+                    {
+                        let first = self.prefix_tokens(req, local);
+                        let tokens = self.prefix_tokens(req, best_len).saturating_sub(first);
+                        let fetch_s =
+                            (src_free - now).max(0.0) + self.cfg.cost.transfer_time(tokens);
+                        let fetch = PrefixFetch {
+                            source: src,
+                            blocks: best_len,
+                            local_blocks: local,
+                        };
+                        let fetch_c = self.candidate(req, i, best_len, Some(fetch), fetch_s, now);
+                        let take_fetch = match self.cfg.balancing_threshold {
+                            Some(th) => local == 0 || f64::from(best_len) / f64::from(local) > th,
+                            None => fetch_c.ttft < local_c.ttft,
+                        };
+                        if take_fetch {
+                            c = fetch_c;
+                        }
+                    }
+                    if best.is_none_or(|b| c.ttft < b.ttft) {
+                        best = Some(c);
+                    }
+                }
+                self.rr_next = self.rr_next.wrapping_add(1);
+                best.expect("at least one prefill instance")
+            }
+        };
+        self.scratch = lens;
+        chosen
+    }
+
+    /// Index in `0..prefill_instances` minimising `f`, scanning from `start` (ties keep the
+    /// first seen, so rotating `start` spreads ties).
+    fn argmin(&self, start: u32, f: impl Fn(&Self, u32) -> f64) -> u32 {
+        let np = self.cfg.prefill_instances;
+        let mut best = (start, f64::INFINITY);
+        for k in 0..np {
+            let i = (start + k) % np;
+            let v = f(self, i);
+            if v < best.1 {
+                best = (i, v);
+            }
+        }
+        best.0
+    }
+
+    fn context_tokens(req: &ScheduleRequest) -> u64 {
+        u64::from(req.input_tokens) + u64::from(req.output_tokens) / 2
+    }
+
+    /// Picks the decode instance with the lowest predicted step time whose HBM fits the
+    /// request, or the least-filled one if none fits. Returns (instance, predicted TBT).
+    fn pick_decode(&self, req: &ScheduleRequest) -> (u32, f64) {
+        let cost = &self.cfg.cost;
+        let need = u64::from(req.input_tokens) + u64::from(req.output_tokens);
+        let ctx = Self::context_tokens(req);
+        let mut best_fit: Option<(u32, f64)> = None;
+        let mut least: Option<(u32, u64, f64)> = None;
+        let nd = self.cfg.decode_instances;
+        let start = self.rr_next % nd;
+        for k in 0..nd {
+            let d = (start + k) % nd;
+            let v = &self.decode[d as usize];
+            let kv = v.running_tokens + v.incoming_tokens;
+            let step = cost.decode_step(v.running + v.incoming + 1, kv + ctx);
+            if kv + need <= cost.vram_tokens && best_fit.is_none_or(|(_, s)| step < s) {
+                best_fit = Some((d, step));
+            }
+            if least.is_none_or(|(_, l, _)| kv < l) {
+                least = Some((d, kv, step));
+            }
+        }
+        best_fit.unwrap_or_else(|| {
+            let (d, _, s) = least.expect("at least one decode instance");
+            (d, s)
+        })
+    }
+
+    /// Load of decode instance `d` if the request (`ctx` context tokens, `need` KV tokens)
+    /// joined it now: requests decoding plus those whose KV already reached the node.
+    fn decode_load_now(&self, d: u32, ctx: u64, need: u64) -> f64 {
+        let v = &self.decode[d as usize];
+        let cost = &self.cfg.cost;
+        let tokens = v.running_tokens + v.arrived_tokens;
+        (cost.decode_step(v.running + v.arrived + 1, tokens + ctx) / self.cfg.tbt_slo_s)
+            .max((tokens + need) as f64 / cost.vram_tokens as f64)
+    }
+
+    /// Load of decode instance `d` predicted at time `t`, when the request would join it:
+    /// decoding requests that will still run (each decodes for the uniform `t_d`), plus the
+    /// requests whose prefill will be done by `t` (system-level prediction of arXiv v1 §6).
+    fn decode_load_at(&self, d: u32, t: f64, ctx: u64, need: u64) -> f64 {
+        let td = self.decode_time_estimate();
+        let (mut batch, mut tokens) = (1u64, ctx);
+        for b in self.booked.values() {
+            if b.decode != d {
+                continue;
+            }
+            let present = match b.stage {
+                Stage::Decoding => t - b.decode_start_s < td,
+                Stage::AtDecode => true,
+                Stage::Queued | Stage::Prefilling => b.predicted_ready_s <= t,
+            };
+            if present {
+                batch += 1;
+                tokens += b.context_tokens;
+            }
+        }
+        let cost = &self.cfg.cost;
+        (cost.decode_step(batch, tokens) / self.cfg.tbt_slo_s)
+            .max((tokens - ctx + need) as f64 / cost.vram_tokens as f64)
+    }
+
+    fn admit(
+        &self,
+        req: &ScheduleRequest,
+        c: &Candidate,
+        d: u32,
+        tbt: f64,
+        now: f64,
+    ) -> Option<Rejection> {
+        let prefill_load = c.ttft / self.cfg.ttft_slo_s;
+        let th = self.cfg.load_threshold;
+        match self.cfg.admission {
+            Admission::None => None,
+            Admission::Slo => {
+                if c.ttft > self.cfg.ttft_slo_s {
+                    Some(Rejection::TtftSlo {
+                        predicted_s: c.ttft,
+                    })
+                } else if tbt > self.cfg.tbt_slo_s {
+                    Some(Rejection::TbtSlo { predicted_s: tbt })
+                } else {
+                    None
+                }
+            }
+            Admission::Baseline => (prefill_load > th).then_some(Rejection::Overloaded {
+                pool: Pool::Prefill,
+                load: prefill_load,
+            }),
+            Admission::Early | Admission::Predicted => {
+                if prefill_load > th {
+                    return Some(Rejection::Overloaded {
+                        pool: Pool::Prefill,
+                        load: prefill_load,
+                    });
+                }
+                let ctx = Self::context_tokens(req);
+                let need = u64::from(req.input_tokens) + u64::from(req.output_tokens);
+                let decode_load = if self.cfg.admission == Admission::Early {
+                    self.decode_load_now(d, ctx, need)
+                } else {
+                    // The request reaches decode after its predicted TTFT.
+                    self.decode_load_at(d, now + c.ttft, ctx, need)
+                };
+                (decode_load > th).then_some(Rejection::Overloaded {
+                    pool: Pool::Decode,
+                    load: decode_load,
+                })
+            }
+        }
+    }
+}
+
+impl Scheduler for Conductor {
+    fn schedule(&mut self, req: &ScheduleRequest, now_s: f64) -> Decision {
+        let c = self.pick_prefill(req, now_s);
+        let (d, tbt) = self.pick_decode(req);
+        if let Some(r) = self.admit(req, &c, d, tbt, now_s) {
+            self.stats.rejected += 1;
+            tracing::trace!(request = req.id, ?r, "rejected");
+            return Decision::Reject(r);
+        }
+        self.stats.accepted += 1;
+        // Book: prefill queue, fetch NIC, decode load.
+        let pv = &mut self.prefill[c.instance as usize];
+        pv.pending_s += c.prefill_s;
+        if let Some(f) = c.fetch {
+            self.stats.fetches += 1;
+            let src = &mut self.prefill[f.source as usize];
+            src.nic_free_s = now_s + c.fetch_s;
+        }
+        let ctx = Self::context_tokens(req);
+        let dv = &mut self.decode[d as usize];
+        dv.incoming += 1;
+        dv.incoming_tokens += ctx;
+        self.booked.insert(
+            req.id,
+            Booked {
+                prefill: c.instance,
+                decode: d,
+                predicted_prefill_s: c.prefill_s,
+                predicted_ready_s: now_s + c.ttft,
+                context_tokens: ctx,
+                stage: Stage::Queued,
+                decode_start_s: 0.0,
+            },
+        );
+        tracing::trace!(
+            request = req.id,
+            prefill = c.instance,
+            decode = d,
+            ttft = c.ttft,
+            prefix_blocks = c.prefix_blocks,
+            fetch = c.fetch.is_some(),
+            "placed"
+        );
+        Decision::Accept(Placement {
+            prefill: c.instance,
+            decode: d,
+            reused_tokens: self.prefix_tokens(req, c.prefix_blocks),
+            fetch: c.fetch,
+            predicted_ttft_s: c.ttft,
+            predicted_tbt_s: tbt,
+        })
+    }
+
+    fn observe(&mut self, event: ClusterEvent<'_>, now_s: f64) {
+        match event {
+            ClusterEvent::BlocksStored {
+                instance,
+                block_hashes,
+            } => {
+                if instance < self.cfg.prefill_instances {
+                    self.index.store(instance, block_hashes);
+                }
+            }
+            ClusterEvent::BlocksRemoved {
+                instance,
+                block_hashes,
+            } => {
+                if instance < self.cfg.prefill_instances {
+                    self.index.remove(instance, block_hashes);
+                }
+            }
+            ClusterEvent::PrefillStarted { request, .. } => {
+                if let Some(b) = self.booked.get_mut(&request)
+                    && b.stage == Stage::Queued
+                {
+                    b.stage = Stage::Prefilling;
+                    let pv = &mut self.prefill[b.prefill as usize];
+                    pv.pending_s -= b.predicted_prefill_s;
+                    pv.current = Some((now_s, b.predicted_prefill_s));
+                }
+            }
+            ClusterEvent::PrefillFinished { request, .. } => {
+                if let Some(b) = self.booked.get_mut(&request)
+                    && b.stage == Stage::Prefilling
+                {
+                    b.stage = Stage::AtDecode;
+                    self.prefill[b.prefill as usize].current = None;
+                    let dv = &mut self.decode[b.decode as usize];
+                    dv.arrived += 1;
+                    dv.arrived_tokens += b.context_tokens;
+                }
+            }
+            ClusterEvent::DecodeStarted { request, .. } => {
+                if let Some(b) = self.booked.get_mut(&request)
+                    && b.stage == Stage::AtDecode
+                {
+                    b.stage = Stage::Decoding;
+                    b.decode_start_s = now_s;
+                    let dv = &mut self.decode[b.decode as usize];
+                    dv.arrived -= 1;
+                    dv.arrived_tokens -= b.context_tokens;
+                    dv.incoming -= 1;
+                    dv.incoming_tokens -= b.context_tokens;
+                    dv.running += 1;
+                    dv.running_tokens += b.context_tokens;
+                }
+            }
+            ClusterEvent::DecodeFinished { request, .. } | ClusterEvent::Dropped { request } => {
+                if let Some(b) = self.booked.remove(&request) {
+                    let pv = &mut self.prefill[b.prefill as usize];
+                    let dv = &mut self.decode[b.decode as usize];
+                    match b.stage {
+                        Stage::Queued => {
+                            pv.pending_s -= b.predicted_prefill_s;
+                            dv.incoming -= 1;
+                            dv.incoming_tokens -= b.context_tokens;
+                        }
+                        Stage::Prefilling => {
+                            pv.current = None;
+                            dv.incoming -= 1;
+                            dv.incoming_tokens -= b.context_tokens;
+                        }
+                        Stage::AtDecode => {
+                            dv.arrived -= 1;
+                            dv.arrived_tokens -= b.context_tokens;
+                            dv.incoming -= 1;
+                            dv.incoming_tokens -= b.context_tokens;
+                        }
+                        Stage::Decoding => {
+                            dv.running -= 1;
+                            dv.running_tokens -= b.context_tokens;
+                            if matches!(event, ClusterEvent::DecodeFinished { .. }) {
+                                self.decode_time_sum += now_s - b.decode_start_s;
+                                self.decode_time_n += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(policy: Policy, np: u32, nd: u32) -> ConductorConfig {
+        ConductorConfig {
+            policy,
+            prefill_instances: np,
+            decode_instances: nd,
+            ..ConductorConfig::default()
+        }
+    }
+
+    fn req(id: u64, blocks: std::ops::Range<u64>) -> ScheduleRequest {
+        let hashes: Vec<u64> = blocks.collect();
+        ScheduleRequest {
+            id,
+            input_tokens: hashes.len() as u32 * 512,
+            output_tokens: 10,
+            block_hashes: hashes,
+        }
+    }
+
+    fn accept(d: Decision) -> Placement {
+        match d {
+            Decision::Accept(p) => p,
+            Decision::Reject(r) => panic!("rejected: {r:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_names() {
+        for p in Policy::ALL {
+            assert_eq!(p.name().parse::<Policy>().unwrap(), p);
+        }
+        for a in Admission::ALL {
+            assert_eq!(a.to_string().parse::<Admission>().unwrap(), a);
+        }
+        let e = "nope".parse::<Policy>().unwrap_err();
+        assert!(e.to_string().contains("unknown policy `nope`"), "{e}");
+    }
+
+    #[test]
+    fn rejects_bad_config() {
+        assert!(Conductor::new(cfg(Policy::Random, 0, 1)).is_err());
+        assert!(Conductor::new(cfg(Policy::Random, 129, 1)).is_err());
+        assert!(Conductor::new(cfg(Policy::Random, 1, 0)).is_err());
+        assert!(Conductor::new(cfg(Policy::Random, 128, 1)).is_ok());
+    }
+
+    #[test]
+    fn index_matches_prefixes_per_instance() {
+        let mut ix = CacheIndex::default();
+        ix.store(0, &[1, 2, 3]);
+        ix.store(1, &[1, 2]);
+        ix.store(2, &[2, 3]); // no first block: no prefix
+        let mut out = Vec::new();
+        let (best, set) = ix.match_prefix(&[1, 2, 3, 4], 4, &mut out);
+        assert_eq!(out, vec![3, 2, 0, 0]);
+        assert_eq!((best, set), (3, 0b1));
+        ix.remove(0, &[2]);
+        let (best, set) = ix.match_prefix(&[1, 2, 3, 4], 4, &mut out);
+        assert_eq!(out, vec![1, 2, 0, 0]);
+        assert_eq!((best, set), (2, 0b10));
+        // Everyone holds everything: full length for all.
+        let mut ix = CacheIndex::default();
+        for i in 0..3 {
+            ix.store(i, &[7, 8]);
+        }
+        let (best, set) = ix.match_prefix(&[7, 8], 3, &mut out);
+        assert_eq!((best, set, out.clone()), (2, 0b111, vec![2, 2, 2]));
+        ix.remove(0, &[7, 8]);
+        ix.remove(1, &[7, 8]);
+        ix.remove(2, &[7, 8]);
+        assert!(ix.is_empty());
+    }
+
+    #[test]
+    fn round_robin_cycles() {
+        let mut c = Conductor::new(cfg(Policy::RoundRobin, 3, 1)).unwrap();
+        let got: Vec<u32> = (0..6)
+            .map(|i| accept(c.schedule(&req(i, 0..2), 0.0)).prefill)
+            .collect();
+        assert_eq!(got, vec![0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn random_is_seeded_and_covers_instances() {
+        let run = || {
+            let mut c = Conductor::new(cfg(Policy::Random, 4, 1)).unwrap();
+            (0..200)
+                .map(|i| accept(c.schedule(&req(i, 0..1), 0.0)).prefill)
+                .collect::<Vec<_>>()
+        };
+        let a = run();
+        assert_eq!(a, run());
+        for i in 0..4 {
+            assert!(a.contains(&i));
+        }
+    }
+
+    #[test]
+    fn load_balance_picks_shortest_queue() {
+        let mut c = Conductor::new(cfg(Policy::LoadBalance, 2, 1)).unwrap();
+        // A long request books a long queue on instance 0.
+        let long = ScheduleRequest {
+            id: 1,
+            input_tokens: 64_000,
+            output_tokens: 1,
+            block_hashes: (0..125).collect(),
+        };
+        assert_eq!(accept(c.schedule(&long, 0.0)).prefill, 0);
+        assert!(c.prefill_queue_s(0, 0.0) > 8.0);
+        // The next three short ones all avoid it.
+        for i in 2..5 {
+            assert_eq!(accept(c.schedule(&req(i, 1000..1002), 0.0)).prefill, 1);
+        }
+        // Queued work drains in the estimate only once the instance reports it started.
+        assert!(c.prefill_queue_s(0, 1000.0) > 8.0);
+        c.observe(
+            ClusterEvent::PrefillStarted {
+                request: 1,
+                instance: 0,
+            },
+            0.0,
+        );
+        assert!(c.prefill_queue_s(0, 5.0) > 3.0);
+        assert_eq!(c.prefill_queue_s(0, 1000.0), 0.0);
+    }
+
+    #[test]
+    fn local_cache_prefers_holder_but_spreads_hot_prefix() {
+        let mut c = Conductor::new(cfg(Policy::LocalCache, 4, 1)).unwrap();
+        // Instance 2 holds a 16-block prefix.
+        c.observe(
+            ClusterEvent::BlocksStored {
+                instance: 2,
+                block_hashes: &(0..16).collect::<Vec<_>>(),
+            },
+            0.0,
+        );
+        let p = accept(c.schedule(&req(1, 0..20), 0.0));
+        assert_eq!(p.prefill, 2);
+        assert_eq!(p.reused_tokens, 16 * 512);
+        assert_eq!(p.fetch, None);
+        // Many requests sharing only the first block must not all land on instance 2.
+        let mut c = Conductor::new(cfg(Policy::LocalCache, 4, 1)).unwrap();
+        c.observe(
+            ClusterEvent::BlocksStored {
+                instance: 2,
+                block_hashes: &[0],
+            },
+            0.0,
+        );
+        let mut counts = [0u32; 4];
+        for i in 0..40 {
+            let mut r = req(i, 0..1);
+            r.block_hashes.extend(1000 * (i + 1)..1000 * (i + 1) + 15);
+            r.input_tokens = 16 * 512;
+            counts[accept(c.schedule(&r, 0.0)).prefill as usize] += 1;
+        }
+        assert!(counts.iter().all(|&n| n >= 5), "{counts:?}");
+    }
+
+    #[test]
+    fn max_prefix_collapses_on_shared_first_block() {
+        let mut c = Conductor::new(cfg(Policy::MaxPrefix, 4, 1)).unwrap();
+        c.observe(
+            ClusterEvent::BlocksStored {
+                instance: 3,
+                block_hashes: &[0],
+            },
+            0.0,
+        );
+        for i in 0..20 {
+            let mut r = req(i, 0..1);
+            r.block_hashes.push(100 + i);
+            r.input_tokens = 1024;
+            assert_eq!(accept(c.schedule(&r, 0.0)).prefill, 3);
+        }
+    }
+
+    #[test]
+    fn mooncake_fetch_beats_recompute_when_holder_is_busy() {
+        let mut c = Conductor::new(cfg(Policy::Mooncake, 2, 1)).unwrap();
+        c.observe(
+            ClusterEvent::BlocksStored {
+                instance: 0,
+                block_hashes: &(0..60).collect::<Vec<_>>(),
+            },
+            0.0,
+        );
+        // Book 20 s of work on instance 0 only (it holds a prefix of each).
+        c.observe(
+            ClusterEvent::BlocksStored {
+                instance: 0,
+                block_hashes: &(10_000..10_200).collect::<Vec<_>>(),
+            },
+            0.0,
+        );
+        let hog = ScheduleRequest {
+            id: 50,
+            input_tokens: 200 * 512,
+            output_tokens: 1,
+            block_hashes: (10_000..10_200).collect(),
+        };
+        // Fully cached except the last token: cheap on 0. Make it expensive instead: extend.
+        let mut hog2 = hog.clone();
+        hog2.block_hashes.extend(20_000..20_100);
+        hog2.input_tokens = 300 * 512;
+        let h = accept(c.schedule(&hog2, 0.0));
+        assert_eq!(h.prefill, 0);
+        assert!(c.prefill_queue_s(0, 0.0) > 5.0);
+        let p = accept(c.schedule(&req(1, 0..64), 0.0));
+        assert_eq!(p.prefill, 1);
+        let f = p.fetch.expect("fetches the prefix from the busy holder");
+        assert_eq!((f.source, f.blocks, f.local_blocks), (0, 60, 0));
+        assert_eq!(p.reused_tokens, 60 * 512);
+        // Local-cache would have recomputed on instance 1 instead (no transfer option).
+        let mut l = Conductor::new(cfg(Policy::LocalCache, 2, 1)).unwrap();
+        l.observe(
+            ClusterEvent::BlocksStored {
+                instance: 0,
+                block_hashes: &(0..60).collect::<Vec<_>>(),
+            },
+            0.0,
+        );
+        l.observe(
+            ClusterEvent::BlocksStored {
+                instance: 0,
+                block_hashes: &(10_000..10_200).collect::<Vec<_>>(),
+            },
+            0.0,
+        );
+        accept(l.schedule(&hog2, 0.0));
+        let q = accept(l.schedule(&req(1, 0..64), 0.0));
+        assert_eq!((q.prefill, q.fetch, q.reused_tokens), (1, None, 0));
+        // With Algorithm 1's ratio threshold the fetch branch is taken whenever the ratio
+        // exceeds it, even for an idle holder.
+        let mut t = Conductor::new(ConductorConfig {
+            balancing_threshold: Some(1.5),
+            ..cfg(Policy::Mooncake, 2, 1)
+        })
+        .unwrap();
+        t.observe(
+            ClusterEvent::BlocksStored {
+                instance: 0,
+                block_hashes: &(0..60).collect::<Vec<_>>(),
+            },
+            0.0,
+        );
+        t.observe(
+            ClusterEvent::BlocksStored {
+                instance: 1,
+                block_hashes: &(0..10).collect::<Vec<_>>(),
+            },
+            0.0,
+        );
+        let r = accept(t.schedule(&req(2, 0..64), 0.0));
+        assert_eq!(r.reused_tokens, 60 * 512);
+        if r.prefill == 1 {
+            assert_eq!(r.fetch.map(|f| (f.source, f.local_blocks)), Some((0, 10)));
+        }
+    }
+
+    #[test]
+    fn decode_selection_balances_load() {
+        let mut c = Conductor::new(cfg(Policy::RoundRobin, 1, 3)).unwrap();
+        let ds: Vec<u32> = (0..6)
+            .map(|i| accept(c.schedule(&req(i, 0..4), 0.0)).decode)
+            .collect();
+        let mut counts = [0; 3];
+        for d in ds {
+            counts[d as usize] += 1;
+        }
+        assert_eq!(counts, [2, 2, 2]);
+    }
+
+    #[test]
+    fn slo_admission_rejects_predicted_misses() {
+        let mut c = Conductor::new(ConductorConfig {
+            admission: Admission::Slo,
+            ttft_slo_s: 1.5,
+            ..cfg(Policy::LoadBalance, 1, 1)
+        })
+        .unwrap();
+        // 8k tokens ≈ 1 s: accepted; the second would wait ≈ 1 s more plus 1 s: rejected.
+        let r = |id| ScheduleRequest {
+            id,
+            input_tokens: 8192,
+            output_tokens: 10,
+            block_hashes: (id * 100..id * 100 + 16).collect(),
+        };
+        let p = accept(c.schedule(&r(1), 0.0));
+        assert!(
+            (p.predicted_ttft_s - 0.97).abs() < 0.1,
+            "{}",
+            p.predicted_ttft_s
+        );
+        match c.schedule(&r(2), 0.0) {
+            Decision::Reject(Rejection::TtftSlo { predicted_s }) => assert!(predicted_s > 1.8),
+            d => panic!("{d:?}"),
+        }
+        // TBT SLO below the bare decode step: always rejected on TBT.
+        let mut c = Conductor::new(ConductorConfig {
+            admission: Admission::Slo,
+            tbt_slo_s: 0.02,
+            ..cfg(Policy::LoadBalance, 1, 1)
+        })
+        .unwrap();
+        assert!(matches!(
+            c.schedule(&r(1), 0.0),
+            Decision::Reject(Rejection::TbtSlo { .. })
+        ));
+        assert_eq!(c.stats().rejected, 1);
+    }
+
+    /// Puts `n` requests into decoding on decode instance 0, started at `t`.
+    fn fill_decode(c: &mut Conductor, n: u64, t: f64) {
+        for i in 0..n {
+            let id = 10_000 + i;
+            let p = accept(c.schedule(&req(id, 0..2), t));
+            assert_eq!(p.decode, 0);
+            for e in [
+                ClusterEvent::PrefillStarted {
+                    request: id,
+                    instance: p.prefill,
+                },
+                ClusterEvent::PrefillFinished {
+                    request: id,
+                    instance: p.prefill,
+                },
+                ClusterEvent::DecodeStarted {
+                    request: id,
+                    instance: 0,
+                },
+            ] {
+                c.observe(e, t);
+            }
+        }
+    }
+
+    #[test]
+    fn early_rejects_on_current_decode_load_predicted_looks_ahead() {
+        let base = ConductorConfig {
+            tbt_slo_s: 0.108,
+            decode_time_s: 0.5,
+            ..cfg(Policy::LoadBalance, 4, 1)
+        };
+        // 20 requests decoding: 26 ms + 4 ms × 20 = 106 ms fits the 108 ms SLO; one more does
+        // not.
+        let mut early = Conductor::new(ConductorConfig {
+            admission: Admission::Early,
+            ..base.clone()
+        })
+        .unwrap();
+        let mut pred = Conductor::new(ConductorConfig {
+            admission: Admission::Predicted,
+            ..base.clone()
+        })
+        .unwrap();
+        fill_decode(&mut early, 20, 0.0);
+        fill_decode(&mut pred, 20, 0.0);
+        // At t = 0.1 the batch is still full now, but by the time a 4-block request reaches
+        // decode (≈ 0.25 s later) the uniform 0.5 s decode time is over.
+        let r = req(1, 500..508);
+        match early.schedule(&r, 0.45) {
+            Decision::Reject(Rejection::Overloaded { pool, load }) => {
+                assert_eq!(pool, Pool::Decode);
+                assert!(load > 1.0);
+            }
+            d => panic!("{d:?}"),
+        }
+        accept(pred.schedule(&r, 0.45));
+        // Predicted still rejects when the batch will still be running then.
+        let mut pred2 = Conductor::new(ConductorConfig {
+            admission: Admission::Predicted,
+            decode_time_s: 100.0,
+            ..base
+        })
+        .unwrap();
+        fill_decode(&mut pred2, 20, 0.0);
+        assert!(matches!(
+            pred2.schedule(&r, 0.45),
+            Decision::Reject(Rejection::Overloaded {
+                pool: Pool::Decode,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn bookings_are_released() {
+        let mut c = Conductor::new(cfg(Policy::LoadBalance, 1, 1)).unwrap();
+        let p = accept(c.schedule(&req(1, 0..16), 0.0));
+        assert!(c.prefill_queue_s(0, 0.0) > 0.5);
+        c.observe(ClusterEvent::Dropped { request: 1 }, 0.0);
+        assert!(c.prefill_queue_s(0, 0.0).abs() < 1e-9);
+        assert_eq!(p.prefill, 0);
+        // A full lifecycle updates t_d from observed decode time.
+        let _ = accept(c.schedule(&req(2, 0..16), 0.0));
+        for (e, t) in [
+            (
+                ClusterEvent::PrefillStarted {
+                    request: 2,
+                    instance: 0,
+                },
+                0.0,
+            ),
+            (
+                ClusterEvent::PrefillFinished {
+                    request: 2,
+                    instance: 0,
+                },
+                1.0,
+            ),
+            (
+                ClusterEvent::DecodeStarted {
+                    request: 2,
+                    instance: 0,
+                },
+                1.0,
+            ),
+            (
+                ClusterEvent::DecodeFinished {
+                    request: 2,
+                    instance: 0,
+                },
+                4.0,
+            ),
+        ] {
+            c.observe(e, t);
+        }
+        assert!((c.decode_time_estimate() - 3.0).abs() < 1e-12);
+        assert!(c.prefill_queue_s(0, 1.0).abs() < 1e-9);
+    }
+}
