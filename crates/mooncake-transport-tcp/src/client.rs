@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use mooncake_core::{Error, ErrorKind, Opcode, RegionLease, SliceCompleter};
 use tracing::{debug, warn};
 
+use crate::io::RecvBuf;
 use crate::sys::{self, Stall};
 use crate::wire::{FrameKind, HEADER_LEN, Header, Status};
 
@@ -450,28 +451,46 @@ impl Conn {
     }
 
     fn write(&self, req: &WireReq) -> Result<(), Error> {
+        self.write_all(std::slice::from_ref(req))
+    }
+
+    /// Sends frames with as few gathered writes as possible.
+    fn write_all(&self, reqs: &[WireReq]) -> Result<(), Error> {
         let stream = self
             .stream
             .get()
             .ok_or_else(|| Error::new(ErrorKind::Closed, "not connected"))?;
+        let mut iov = Vec::with_capacity(reqs.len() * 2);
+        let mut payload = 0u64;
+        for r in reqs {
+            iov.push(libc::iovec {
+                iov_base: r.head.as_ptr() as *mut _,
+                iov_len: HEADER_LEN,
+            });
+            if let Some(l) = &r.payload {
+                iov.push(libc::iovec {
+                    iov_base: l.as_ptr().cast(),
+                    iov_len: l.len() as usize,
+                });
+                payload += l.len();
+            }
+        }
         let mut stall = ConnStall {
             conn: self,
             mid_frame: true,
         };
-        let (ptr, len) = req.payload.as_ref().map_or((std::ptr::null(), 0), |l| {
-            (l.as_ptr() as *const u8, l.len() as usize)
-        });
-        // SAFETY: `req.payload` holds a lease on `[ptr, ptr+len)` for the whole call.
-        unsafe { sys::send_gather(stream.as_raw_fd(), &req.head, ptr, len, &mut stall) }
+        // SAFETY: the iovecs point into `reqs`' headers and into ranges their leases keep
+        // registered; `reqs` outlives the call.
+        unsafe { sys::send_iovecs(stream.as_raw_fd(), &mut iov, &mut stall) }
             .map_err(|e| self.io_error("send", &e))?;
-        if len > 0 {
+        if payload > 0 {
             let mut b = self
                 .shared
                 .stats
                 .bytes_per_path
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            b[self.path] += len as u64;
+            b[self.path] += payload;
         }
         Ok(())
     }
@@ -506,13 +525,7 @@ impl Conn {
                     .map(|s| self.prepare(&mut st, s))
                     .collect()
             };
-            let mut result = Ok(());
-            for r in &reqs {
-                result = self.write(r);
-                if result.is_err() {
-                    break;
-                }
-            }
+            let result = self.write_all(&reqs);
             drop(reqs);
             self.lock().sending = false;
             if let Err(e) = result {
@@ -523,18 +536,20 @@ impl Conn {
     }
 
     fn recv_loop(self: Arc<Self>, stream: TcpStream) {
-        let fd = stream.as_raw_fd();
-        let mut hdr = [0u8; HEADER_LEN];
+        let mut rb = RecvBuf::new(stream.as_raw_fd(), 64 * 1024);
         loop {
             let mut stall = ConnStall {
                 conn: &self,
-                mid_frame: false,
+                mid_frame: rb.buffered() > 0,
             };
-            if let Err(e) = sys::recv_into(fd, &mut hdr, &mut stall) {
-                let err = self.io_error("receive", &e);
-                self.fail(err, None);
-                return;
-            }
+            let hdr = match rb.header(&mut stall) {
+                Ok(h) => h,
+                Err(e) => {
+                    let err = self.io_error("receive", &e);
+                    self.fail(err, None);
+                    return;
+                }
+            };
             let h = match Header::decode(&hdr, self.shared.max_data) {
                 Ok(h) => h,
                 Err(e) => {
@@ -564,9 +579,7 @@ impl Conn {
             let outcome: Result<Result<(), Error>, Error> = match (h.kind, slice.op) {
                 (FrameKind::ReadData, Opcode::Read) if h.len == slice.len() => {
                     // SAFETY: the slice's lease keeps its local range valid; `h.len` equals its length.
-                    match unsafe {
-                        sys::recv_exact(fd, slice.local.as_ptr(), h.len as usize, &mut stall)
-                    } {
+                    match unsafe { rb.payload(slice.local.as_ptr(), h.len as usize, &mut stall) } {
                         Ok(()) => {
                             let mut b = self
                                 .shared
@@ -581,31 +594,28 @@ impl Conn {
                     }
                 }
                 (FrameKind::WriteAck, Opcode::Write) => Ok(Ok(())),
-                (FrameKind::Error, _) => {
-                    let mut msg = vec![0u8; h.len as usize];
-                    match sys::recv_into(fd, &mut msg, &mut stall) {
-                        Ok(()) => {
-                            let kind = if h.status == Status::OutOfRange {
-                                ErrorKind::RemoteAccess
-                            } else {
-                                ErrorKind::Protocol
-                            };
-                            let peer = self
-                                .peer
-                                .upgrade()
-                                .map(|p| p.name.clone())
-                                .unwrap_or_default();
-                            Ok(Err(Error::new(
-                                kind,
-                                format!(
-                                    "segment {peer:?} refused: {}",
-                                    String::from_utf8_lossy(&msg)
-                                ),
-                            )))
-                        }
-                        Err(e) => Err(self.io_error("receive", &e)),
+                (FrameKind::Error, _) => match rb.bytes(h.len as usize, &mut stall) {
+                    Ok(msg) => {
+                        let kind = if h.status == Status::OutOfRange {
+                            ErrorKind::RemoteAccess
+                        } else {
+                            ErrorKind::Protocol
+                        };
+                        let peer = self
+                            .peer
+                            .upgrade()
+                            .map(|p| p.name.clone())
+                            .unwrap_or_default();
+                        Ok(Err(Error::new(
+                            kind,
+                            format!(
+                                "segment {peer:?} refused: {}",
+                                String::from_utf8_lossy(&msg)
+                            ),
+                        )))
                     }
-                }
+                    Err(e) => Err(self.io_error("receive", &e)),
+                },
                 (k, op) => Err(Error::new(
                     ErrorKind::Protocol,
                     format!(

@@ -2,6 +2,7 @@
 
 mod client;
 mod config;
+mod io;
 mod server;
 mod sys;
 mod transport;

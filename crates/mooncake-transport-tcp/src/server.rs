@@ -11,6 +11,7 @@ use std::time::Duration;
 use mooncake_core::{BufferRegistry, Requester};
 use tracing::{debug, warn};
 
+use crate::io::{OutQueue, RecvBuf};
 use crate::sys::{self, Deadline, Stall};
 use crate::wire::{FrameKind, HEADER_LEN, Header, Status};
 
@@ -101,6 +102,17 @@ fn send_error(
     unsafe { sys::send_gather(fd, &h.encode(), msg.as_ptr(), msg.len(), stall) }
 }
 
+/// Flush queued responses once this many bytes (or frames) are waiting.
+const FLUSH_BYTES: usize = 256 * 1024;
+const FLUSH_FRAMES: usize = 256;
+
+fn error_frame(id: u64, status: Status, msg: &str) -> ([u8; HEADER_LEN], Vec<u8>) {
+    let msg = &msg.as_bytes()[..msg.len().min(crate::wire::MAX_CONTROL_PAYLOAD as usize)];
+    let mut h = Header::new(FrameKind::Error, id, 0, msg.len() as u64);
+    h.status = status;
+    (h.encode(), msg.to_vec())
+}
+
 fn serve(stream: TcpStream, shared: &ServerShared) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let tick = shared.timeout.min(Duration::from_millis(250));
@@ -108,7 +120,8 @@ fn serve(stream: TcpStream, shared: &ServerShared) -> io::Result<()> {
     stream.set_write_timeout(Some(tick))?;
     crate::transport::apply_socket_buffer(&stream, shared.socket_buffer);
     let fd = stream.as_raw_fd();
-    let mut hdr = [0u8; HEADER_LEN];
+    let mut rb = RecvBuf::new(fd, 64 * 1024);
+    let mut out = OutQueue::new();
 
     // Hello: the client names the segment (and generation) it means to reach.
     let mut wait = IdleWait {
@@ -116,7 +129,7 @@ fn serve(stream: TcpStream, shared: &ServerShared) -> io::Result<()> {
         started: false,
         inner: Deadline::new(shared.timeout),
     };
-    sys::recv_into(fd, &mut hdr, &mut wait)?;
+    let hdr = rb.header(&mut wait)?;
     let mut stall = Deadline::new(shared.timeout);
     let hello = Header::decode(&hdr, shared.max_data)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
@@ -133,8 +146,7 @@ fn serve(stream: TcpStream, shared: &ServerShared) -> io::Result<()> {
             "first frame was not a hello",
         ));
     }
-    let mut name = vec![0u8; hello.len as usize];
-    sys::recv_into(fd, &mut name, &mut stall)?;
+    let name = rb.bytes(hello.len as usize, &mut stall)?;
     if name != shared.local_name.as_bytes() || (hello.addr != 0 && hello.addr != shared.generation)
     {
         let msg = format!(
@@ -154,65 +166,58 @@ fn serve(stream: TcpStream, shared: &ServerShared) -> io::Result<()> {
     )?;
 
     loop {
+        // Answer everything handled so far before waiting for more requests.
+        if !rb.has_header() || out.bytes() >= FLUSH_BYTES || out.len() >= FLUSH_FRAMES {
+            out.flush(fd, &mut Deadline::new(shared.timeout))?;
+        }
         let mut wait = IdleWait {
             shared,
-            started: false,
+            started: rb.buffered() > 0,
             inner: Deadline::new(shared.timeout),
         };
-        sys::recv_into(fd, &mut hdr, &mut wait)?;
+        let hdr = rb.header(&mut wait)?;
         let mut stall = Deadline::new(shared.timeout);
         let h = match Header::decode(&hdr, shared.max_data) {
             Ok(h) => h,
             Err(e) => {
                 // The stream can't be trusted past a bad header: say why, then close.
+                let _ = out.flush(fd, &mut stall);
                 let _ = send_error(fd, 0, Status::BadRequest, &e.to_string(), &mut stall);
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
         };
         match h.kind {
             FrameKind::Read => match shared.registry.lease(h.addr, h.len, Requester::RemoteRead) {
-                Ok(lease) => {
-                    let head =
-                        Header::new(FrameKind::ReadData, h.request_id, h.addr, h.len).encode();
-                    // SAFETY: the lease keeps `[addr, addr+len)` registered and valid for the call.
-                    unsafe {
-                        sys::send_gather(fd, &head, lease.as_ptr(), h.len as usize, &mut stall)?
-                    };
+                Ok(lease) => out.push_leased(
+                    Header::new(FrameKind::ReadData, h.request_id, h.addr, h.len).encode(),
+                    lease,
+                ),
+                Err(e) => {
+                    let (head, msg) = error_frame(h.request_id, Status::OutOfRange, &e.to_string());
+                    out.push_owned(head, msg);
                 }
-                Err(e) => send_error(
-                    fd,
-                    h.request_id,
-                    Status::OutOfRange,
-                    &e.to_string(),
-                    &mut stall,
-                )?,
             },
             FrameKind::Write => {
                 match shared.registry.lease(h.addr, h.len, Requester::RemoteWrite) {
                     Ok(lease) => {
                         // SAFETY: the lease keeps `[addr, addr+len)` registered and valid for writes.
-                        unsafe { sys::recv_exact(fd, lease.as_ptr(), h.len as usize, &mut stall)? };
+                        unsafe { rb.payload(lease.as_ptr(), h.len as usize, &mut stall)? };
                         drop(lease);
-                        sys::send_all(
-                            fd,
-                            &Header::new(FrameKind::WriteAck, h.request_id, h.addr, 0).encode(),
-                            &mut stall,
-                        )?;
+                        out.push(
+                            Header::new(FrameKind::WriteAck, h.request_id, h.addr, 0).encode(),
+                        );
                     }
                     Err(e) => {
-                        sys::discard(fd, h.len, &mut stall)?;
-                        send_error(
-                            fd,
-                            h.request_id,
-                            Status::OutOfRange,
-                            &e.to_string(),
-                            &mut stall,
-                        )?;
+                        rb.discard(h.len, &mut stall)?;
+                        let (head, msg) =
+                            error_frame(h.request_id, Status::OutOfRange, &e.to_string());
+                        out.push_owned(head, msg);
                     }
                 }
             }
             other => {
                 let msg = format!("unexpected {other:?} frame from a client");
+                let _ = out.flush(fd, &mut stall);
                 let _ = send_error(fd, h.request_id, Status::BadRequest, &msg, &mut stall);
                 return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
             }

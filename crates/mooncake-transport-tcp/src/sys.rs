@@ -167,14 +167,89 @@ pub(crate) fn send_all(fd: RawFd, buf: &[u8], stall: &mut dyn Stall) -> io::Resu
     unsafe { send_gather(fd, buf, std::ptr::null(), 0, stall) }
 }
 
-/// Reads and discards `len` bytes (the payload of a refused write), keeping the stream in
-/// sync.
-pub(crate) fn discard(fd: RawFd, mut len: u64, stall: &mut dyn Stall) -> io::Result<()> {
-    let mut scratch = vec![0u8; 64 * 1024];
-    while len > 0 {
-        let n = scratch.len().min(len as usize);
-        recv_into(fd, &mut scratch[..n], stall)?;
-        len -= n as u64;
+/// One `recv` of up to `buf.len()` bytes (at least one), waiting through timeouts.
+pub(crate) fn recv_some(fd: RawFd, buf: &mut [u8], stall: &mut dyn Stall) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a live, exclusively borrowed slice.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n > 0 {
+            stall.on_progress(n as usize);
+            return Ok(n as usize);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed the connection",
+            ));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        if is_stall(&e) {
+            stall.on_stall()?;
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+/// Sends every byte the iovecs describe, in order, with as few `sendmsg` calls as the
+/// kernel allows. The iovecs are consumed (advanced) as bytes go out.
+///
+/// # Safety
+/// Every iovec must describe memory valid for reads for the whole call.
+pub(crate) unsafe fn send_iovecs(
+    fd: RawFd,
+    iov: &mut [libc::iovec],
+    stall: &mut dyn Stall,
+) -> io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    let mut first = 0;
+    while first < iov.len() {
+        if iov[first].iov_len == 0 {
+            first += 1;
+            continue;
+        }
+        let cnt = (iov.len() - first).min(IOV_MAX);
+        let msg = libc::msghdr {
+            msg_name: std::ptr::null_mut(),
+            msg_namelen: 0,
+            msg_iov: iov[first..].as_mut_ptr(),
+            msg_iovlen: cnt,
+            msg_control: std::ptr::null_mut(),
+            msg_controllen: 0,
+            msg_flags: 0,
+        };
+        // SAFETY: the iovecs are valid per the contract; MSG_NOSIGNAL turns a closed peer
+        // into EPIPE instead of SIGPIPE.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if is_stall(&e) {
+                stall.on_stall()?;
+                continue;
+            }
+            return Err(e);
+        }
+        let mut n = n as usize;
+        stall.on_progress(n);
+        while n > 0 {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                v.iov_len = 0;
+                first += 1;
+            } else {
+                // SAFETY: `n < iov_len`, so the advanced base stays inside the same range.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
     }
     Ok(())
 }
