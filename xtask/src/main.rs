@@ -2,12 +2,13 @@
 //! redis), network namespaces and the soft-RoCE VM.
 //!
 //! - `cargo xtask deps`: installs the system packages the build and the tests need.
-//! - `cargo xtask test`: deps, services, every workspace test (all features), the examples,
+//! - `cargo xtask test`: deps, services (etcd, redis), every workspace test (all features), the examples,
 //!   and the RDMA tests in the soft-RoCE VM. The README's test command.
 //! - `cargo xtask rxe`: only the VM part (see `rxe.rs`).
 
 mod apt;
 mod rxe;
+mod services;
 
 use std::process::Command;
 
@@ -79,7 +80,10 @@ fn is_root() -> bool {
 
 fn test(args: &TestArgs) -> anyhow::Result<()> {
     apt::ensure(BUILD_DEPS)?;
+    // Real etcd and redis on loopback ports, stopped when `services` drops.
+    let services = services::start()?;
     let mut cmd = cargo();
+    cmd.envs(services.env());
     cmd.args(["test", "--workspace", "--all-features"]);
     cmd.env("MOONCAKE_REQUIRE_SERVICES", "1");
     if is_root() {
@@ -89,6 +93,7 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
         cmd.arg("--").args(&args.cargo_args);
     }
     run(&mut cmd)?;
+    drop(services);
     for (pkg, example) in EXAMPLES {
         run(cargo().args(["run", "--quiet", "-p", pkg, "--example", example]))?;
     }

@@ -157,17 +157,44 @@ fn fill_random(buf: &LocalBuffer, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn engine(name: &str, args: &TransferArgs, metadata: Arc<dyn MetadataStore>) -> anyhow::Result<TransferEngine> {
-    let mut b = TransferEngine::builder(name).with_metadata(metadata).with_hostname(&args.hostname);
-    match args.protocol.as_str() {
-        "tcp" => b = b.with_transport(mooncake::tcp::TcpConfig::new().with_conns_per_path(args.conns)),
-        other => b = b.with_boxed_transport(mooncake::transport_builder(other)?),
-    }
-    Ok(b.build()?)
+/// Where engines of this run publish: one shared store, or (with `P2PHANDSHAKE`) a
+/// handshake port per engine, whose `host:port` becomes the engine's name.
+enum Metadata {
+    Shared(Arc<dyn MetadataStore>),
+    P2p,
 }
 
-fn metadata_store(url: &str) -> anyhow::Result<Arc<dyn MetadataStore>> {
-    Ok(mooncake::open_metadata(url)?)
+impl Metadata {
+    fn open(args: &TransferArgs, fresh_embedded: bool) -> anyhow::Result<Self> {
+        let url = args.metadata.trim();
+        Ok(if url.eq_ignore_ascii_case("P2PHANDSHAKE") {
+            Self::P2p
+        } else if url.is_empty() && fresh_embedded {
+            Self::Shared(Arc::new(EmbeddedMetadataStore::new()))
+        } else {
+            Self::Shared(mooncake::open_metadata(url)?)
+        })
+    }
+
+    /// An engine called `name` (ignored with P2P) with the run's transport.
+    fn engine(&self, name: &str, args: &TransferArgs) -> anyhow::Result<TransferEngine> {
+        let mut b = match self {
+            Self::Shared(md) => TransferEngine::builder(name).with_metadata(md.clone()).with_hostname(&args.hostname),
+            Self::P2p => {
+                let store = Arc::new(mooncake::metadata::P2pHandshakeStore::bind(
+                    &args.hostname,
+                    0,
+                    mooncake::metadata::P2pConfig::default(),
+                )?);
+                mooncake::metadata::p2p::engine_builder(&store)
+            }
+        };
+        match args.protocol.as_str() {
+            "tcp" => b = b.with_transport(mooncake::tcp::TcpConfig::new().with_conns_per_path(args.conns)),
+            other => b = b.with_boxed_transport(mooncake::transport_builder(other)?),
+        }
+        Ok(b.build()?)
+    }
 }
 
 pub(crate) fn run(args: TransferArgs) -> anyhow::Result<()> {
@@ -185,9 +212,9 @@ pub(crate) fn run(args: TransferArgs) -> anyhow::Result<()> {
     match args.role {
         Role::Target => run_target(&args, region),
         Role::Initiator => {
-            let md = metadata_store(&args.metadata)?;
-            let init = engine(&format!("bench-initiator-{}", std::process::id()), &args, md)?;
-            let report = drive(&args, &init, None)?;
+            let md = Metadata::open(&args, false)?;
+            let init = md.engine(&format!("bench-initiator-{}", std::process::id()), &args)?;
+            let report = drive(&args, &init, &args.segment, None)?;
             print_report(&args, &report)
         }
         Role::Both => {
@@ -198,16 +225,12 @@ pub(crate) fn run(args: TransferArgs) -> anyhow::Result<()> {
 }
 
 fn run_both(args: &TransferArgs, region: u64) -> anyhow::Result<Report> {
-    let md: Arc<dyn MetadataStore> = if args.metadata.is_empty() {
-        Arc::new(EmbeddedMetadataStore::new())
-    } else {
-        metadata_store(&args.metadata)?
-    };
-    let target = engine(&args.segment, args, md.clone())?;
+    let md = Metadata::open(args, true)?;
+    let target = md.engine(&args.segment, args)?;
     let tbuf = Arc::new(LocalBuffer::new(region as usize)?);
     target.register(tbuf.clone())?;
-    let init = engine("bench-initiator", args, md)?;
-    let mut report = drive(args, &init, Some(&tbuf))?;
+    let init = md.engine("bench-initiator", args)?;
+    let mut report = drive(args, &init, target.local_name(), Some(&tbuf))?;
     drop(init);
     drop(target);
     if args.baseline {
@@ -286,20 +309,27 @@ fn human(bytes: u64) -> String {
 }
 
 fn run_target(args: &TransferArgs, region: u64) -> anyhow::Result<()> {
-    let md = metadata_store(&args.metadata)?;
-    let target = engine(&args.segment, args, md)?;
+    let md = Metadata::open(args, false)?;
+    let target = md.engine(&args.segment, args)?;
     let buf = Arc::new(LocalBuffer::new(region as usize)?);
     fill_random(&buf, 0x5eed)?;
     target.register(buf)?;
-    eprintln!("target {:?} serving {region} bytes; Ctrl-C to stop", args.segment);
+    // The initiator passes this name as --segment (with P2PHANDSHAKE it is host:port).
+    println!("segment {}", target.local_name());
+    eprintln!("target {:?} serving {region} bytes; Ctrl-C to stop", target.local_name());
     std::thread::sleep(Duration::from_secs_f64(args.duration.max(1.0) * 1000.0));
     Ok(())
 }
 
-/// Runs the initiator threads against `args.segment`; `target_buf` (role both) lets the run
+/// Runs the initiator threads against `segment`; `target_buf` (role both) lets the run
 /// verify every byte at the end.
-fn drive(args: &TransferArgs, init: &TransferEngine, target_buf: Option<&Arc<LocalBuffer>>) -> anyhow::Result<Report> {
-    let handle = init.open_segment_blocking(&args.segment)?;
+fn drive(
+    args: &TransferArgs,
+    init: &TransferEngine,
+    segment: &str,
+    target_buf: Option<&Arc<LocalBuffer>>,
+) -> anyhow::Result<Report> {
+    let handle = init.open_segment_blocking(segment)?;
     let remote = init.segment(handle)?;
     let rbuf = remote.descriptor().buffers.first().context("the target published no buffer")?.clone();
     let region = args.block_size * args.batch_size as u64 * args.threads as u64;

@@ -3,6 +3,9 @@
 use clap::{Parser, Subcommand};
 
 mod bench_transfer;
+mod simulate;
+mod trace;
+mod metadata;
 
 /// mooncake-rs: KVCache-centric disaggregated infrastructure for LLM serving.
 #[derive(Debug, Parser)]
@@ -18,6 +21,13 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Mooncake's HTTP metadata server (`GET/PUT/DELETE /metadata?key=K`).
+    MetadataServer(metadata::MetadataServerArgs),
+    /// Request traces (Mooncake JSONL).
+    #[command(subcommand)]
+    Trace(trace::TraceCommand),
+    /// Trace-driven simulation of the Conductor and the paper's experiments.
+    Simulate(Box<simulate::SimulateArgs>),
 }
 
 /// `mooncake bench …`.
@@ -25,6 +35,8 @@ enum Command {
 enum BenchCommand {
     /// Transfer Engine throughput and latency (Mooncake's `transfer_engine_bench`).
     Transfer(bench_transfer::TransferArgs),
+    /// Metadata lookups per second and latency of a backend.
+    Metadata(metadata::MetadataBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,6 +50,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(b) => match b {
             BenchCommand::Transfer(a) => bench_transfer::run(a),
+            BenchCommand::Metadata(a) => metadata::run_bench(a),
         },
+        Command::MetadataServer(a) => metadata::run_server(a),
+        Command::Trace(t) => trace::run(t),
+        Command::Simulate(a) => simulate::run(*a),
     }
 }

@@ -44,15 +44,10 @@ pub fn transport_builder(protocol: &str) -> Result<Box<dyn TransportBuilder>> {
     }
 }
 
-/// Opens the metadata store named by `url`: empty for the process-wide embedded store.
+/// Opens the metadata store named by `url` (see [`mooncake_metadata::connect`]): empty for
+/// the process-wide embedded store, `http://host:port/metadata`, `P2PHANDSHAKE`,
+/// `etcd://host:2379`, `redis://host:6379`. A backend not compiled into this build gives an
+/// error naming the cargo feature to enable.
 pub fn open_metadata(url: &str) -> Result<std::sync::Arc<dyn MetadataStore>> {
-    if url.trim().is_empty() {
-        return Ok(std::sync::Arc::new(EmbeddedMetadataStore::global()));
-    }
-    Err(Error::new(
-        ErrorKind::Config,
-        format!(
-            "metadata URL {url:?}: no backend for it is compiled into this build (leave it empty for the embedded store)"
-        ),
-    ))
+    mooncake_metadata::connect(url)
 }

@@ -1,0 +1,556 @@
+//! [`HttpMetadataStore`]: the client of Mooncake's HTTP metadata API.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_net::TcpStream;
+use futures_channel::mpsc;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use mooncake_core::{BoxFuture, Error, ErrorKind, MetadataStore, Result, WatchEvent, WatchStream};
+
+use super::wire::{self, Response, ResponseStatus};
+use crate::net;
+
+/// The URL scheme of this backend.
+pub const HTTP_SCHEME: &str = "http";
+
+/// Configuration of [`HttpMetadataStore`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HttpConfig {
+    /// Deadline of one request, connect included (default 5 s).
+    pub timeout: Duration,
+    /// Lease TTL for the keys this client writes (default `Some(10 s)`): a client that stops
+    /// (crash, drop) loses its keys within the TTL. `None` writes plain keys, as Mooncake's
+    /// C++ client does. Against a server without leases (Mooncake's Go or Python servers)
+    /// keys are written plainly, with a warning.
+    pub ttl: Option<Duration>,
+    /// Largest response body accepted (default 256 MiB).
+    pub max_response: usize,
+    /// Long-poll duration of watches (default 2 s).
+    pub watch_poll: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            ttl: Some(Duration::from_secs(10)),
+            max_response: 256 * 1024 * 1024,
+            watch_poll: Duration::from_secs(2),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Sets the lease TTL (`None`: no liveness).
+    pub fn with_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Sets the request deadline.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseState {
+    Unknown,
+    Granted(u64),
+    Unsupported,
+}
+
+struct Inner {
+    authority: String,
+    path: String,
+    config: HttpConfig,
+    pool: Mutex<Vec<TcpStream>>,
+    lease: Mutex<LeaseState>,
+    owned: Mutex<HashMap<String, Vec<u8>>>,
+    keepalive_started: AtomicBool,
+    stop: Arc<AtomicBool>,
+}
+
+/// A [`MetadataStore`] over Mooncake's HTTP metadata API (`http://host:port/metadata`).
+///
+/// # Behavior
+/// - `get`/`put`/`delete` map to `GET`/`PUT`/`DELETE <path>?key=K`; 404 means absent. Each
+///   value is one request body, so readers never see half of a put.
+/// - Liveness: with [`HttpConfig::ttl`] set, keys are attached to a server-side lease that a
+///   background thread keeps alive every TTL/3; when this store is dropped (or its process
+///   dies) the server deletes them within the TTL. If the lease was lost (server restart),
+///   the keepalive grants a new one and re-publishes this store's keys.
+/// - `watch` long-polls `<path>/watch` (a mooncake-rs extension, see `mooncake_metadata::http::server`); a
+///   Mooncake reference server answers 404 and `watch` fails with
+///   [`ErrorKind::Unsupported`].
+/// - Connections are HTTP/1.1 keep-alive, pooled; the client is async-io based and runs
+///   under tokio, smol and plain `block_on`.
+pub struct HttpMetadataStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for HttpMetadataStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpMetadataStore")
+            .field("authority", &self.inner.authority)
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for HttpMetadataStore {
+    fn drop(&mut self) {
+        // Stops the keepalive; the server expires our leased keys within the TTL.
+        self.inner.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+impl HttpMetadataStore {
+    /// A client for `url` (`http://host:port/metadata`). Nothing is sent yet; see
+    /// [`check`](Self::check).
+    pub fn new(url: &str, config: HttpConfig) -> Result<Self> {
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            if url.starts_with("https://") {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("{url}: https is not supported by the HTTP metadata client"),
+                )
+            } else {
+                Error::new(ErrorKind::Config, format!("{url} is not an http:// URL"))
+            }
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("{url}: missing host"),
+            ));
+        }
+        let authority = if authority.contains(':') && !authority.ends_with(']') {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        let path = match path.trim_end_matches('/') {
+            "" => "/metadata".to_string(),
+            p => p.to_string(),
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                authority,
+                path,
+                config,
+                pool: Mutex::new(Vec::new()),
+                lease: Mutex::new(LeaseState::Unknown),
+                owned: Mutex::new(HashMap::new()),
+                keepalive_started: AtomicBool::new(false),
+                stop: Arc::new(AtomicBool::new(false)),
+            }),
+        })
+    }
+
+    /// Checks that the server answers (a `GET` of a key that need not exist).
+    pub async fn check(&self) -> Result<()> {
+        self.inner.get("mooncake/__ping__").await.map(|_| ())
+    }
+
+    /// The `host:port` this client talks to.
+    pub fn authority(&self) -> &str {
+        &self.inner.authority
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn exchange(conn: &mut TcpStream, request: &[u8], max: usize) -> Result<Response> {
+    conn.write_all(request)
+        .await
+        .map_err(|e| Error::io("sending an HTTP request", &e))?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = conn
+            .read(&mut chunk)
+            .await
+            .map_err(|e| Error::io("reading an HTTP response", &e))?;
+        buf.extend_from_slice(&chunk[..n]);
+        match wire::decode_response(&buf, n == 0, max) {
+            Ok(ResponseStatus::Complete(resp, _)) => return Ok(resp),
+            Ok(ResponseStatus::Incomplete) if n == 0 => {
+                return Err(Error::new(
+                    ErrorKind::PeerUnreachable,
+                    "the server closed the connection mid-response",
+                ));
+            }
+            Ok(ResponseStatus::Incomplete) => {}
+            Err(e) => {
+                return Err(Error::new(
+                    ErrorKind::Protocol,
+                    format!("malformed HTTP response: {e}"),
+                ));
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn url(&self) -> String {
+        format!("http://{}{}", self.authority, self.path)
+    }
+
+    async fn request(
+        &self,
+        method: &str,
+        pq: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Response> {
+        let bytes = wire::encode_request(method, &self.authority, pq, body);
+        for attempt in 0..2 {
+            let pooled = if attempt == 0 {
+                lock(&self.pool).pop()
+            } else {
+                None
+            };
+            let reused = pooled.is_some();
+            let what = format!("{method} {}", self.url());
+            let result = net::with_timeout(timeout, &what, async {
+                let mut conn = match pooled {
+                    Some(c) => c,
+                    None => net::connect(&self.authority, timeout, "the HTTP metadata server")
+                        .await
+                        .map_err(|e| {
+                            Error::new(
+                                e.kind(),
+                                format!(
+                                    "{} (is `mooncake metadata-server` running at {}?)",
+                                    e.message(),
+                                    self.url()
+                                ),
+                            )
+                        })?,
+                };
+                let resp = exchange(&mut conn, &bytes, self.config.max_response).await?;
+                Ok((conn, resp))
+            })
+            .await;
+            match result {
+                Ok((conn, resp)) => {
+                    if resp.keep_alive {
+                        let mut pool = lock(&self.pool);
+                        if pool.len() < 16 {
+                            pool.push(conn);
+                        }
+                    }
+                    return Ok(resp);
+                }
+                // A pooled connection may have been closed by the server while idle.
+                Err(e) if reused && e.kind() != ErrorKind::Timeout => {
+                    tracing::debug!("retrying on a fresh connection: {e}");
+                }
+                Err(e) => return Err(e.with_context("server", self.url())),
+            }
+        }
+        unreachable!("the second attempt always returns")
+    }
+
+    fn status_error(&self, what: &str, key: &str, resp: &Response) -> Error {
+        Error::new(
+            ErrorKind::Metadata,
+            format!(
+                "{what} {key:?} on {}: HTTP {} {}",
+                self.url(),
+                resp.status,
+                String::from_utf8_lossy(&resp.body[..resp.body.len().min(200)])
+            ),
+        )
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let pq = format!("{}?key={}", self.path, wire::percent_encode(key));
+        let resp = self.request("GET", &pq, None, self.config.timeout).await?;
+        match resp.status {
+            200 => Ok(Some(resp.body)),
+            404 => Ok(None),
+            _ => Err(self.status_error("GET", key, &resp)),
+        }
+    }
+
+    async fn put_raw(&self, key: &str, value: &[u8], lease: Option<u64>) -> Result<Response> {
+        let mut pq = format!("{}?key={}", self.path, wire::percent_encode(key));
+        if let Some(l) = lease {
+            pq.push_str(&format!("&lease={l}"));
+        }
+        self.request("PUT", &pq, Some(value), self.config.timeout)
+            .await
+    }
+
+    /// The lease to attach puts to, granting one if needed.
+    async fn lease(self: &Arc<Self>) -> Result<Option<u64>> {
+        let Some(ttl) = self.config.ttl else {
+            return Ok(None);
+        };
+        match *lock(&self.lease) {
+            LeaseState::Granted(id) => return Ok(Some(id)),
+            LeaseState::Unsupported => return Ok(None),
+            LeaseState::Unknown => {}
+        }
+        let pq = format!("{}/lease?ttl_ms={}", self.path, ttl.as_millis().max(1));
+        let resp = self.request("POST", &pq, None, self.config.timeout).await?;
+        let state = match resp.status {
+            200 => {
+                let id = std::str::from_utf8(&resp.body)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::Protocol,
+                            format!("{}: bad lease id in the lease reply", self.url()),
+                        )
+                    })?;
+                LeaseState::Granted(id)
+            }
+            404 | 405 => {
+                tracing::warn!(
+                    server = %self.url(),
+                    "the HTTP metadata server has no leases (not a mooncake-rs server): keys are written without \
+                     liveness and stay after this process dies"
+                );
+                LeaseState::Unsupported
+            }
+            _ => return Err(self.status_error("POST", "lease", &resp)),
+        };
+        let mut cur = lock(&self.lease);
+        if *cur == LeaseState::Unknown {
+            *cur = state;
+        }
+        let chosen = *cur;
+        drop(cur);
+        if matches!(chosen, LeaseState::Granted(_))
+            && !self.keepalive_started.swap(true, Ordering::SeqCst)
+        {
+            start_keepalive(self.clone(), ttl);
+        }
+        Ok(match chosen {
+            LeaseState::Granted(id) => Some(id),
+            _ => None,
+        })
+    }
+
+    async fn put(self: &Arc<Self>, key: &str, value: Vec<u8>) -> Result<()> {
+        let lease = self.lease().await?;
+        if lease.is_some() {
+            lock(&self.owned).insert(key.to_string(), value.clone());
+        }
+        let mut resp = self.put_raw(key, &value, lease).await?;
+        if resp.status == 404 && lease.is_some() {
+            // Our lease expired on the server (e.g. it restarted): grant a new one.
+            {
+                let mut l = lock(&self.lease);
+                if *l == LeaseState::Granted(lease.unwrap_or_default()) {
+                    *l = LeaseState::Unknown;
+                }
+            }
+            let lease = self.lease().await?;
+            resp = self.put_raw(key, &value, lease).await?;
+        }
+        match resp.status {
+            200 | 201 | 204 => Ok(()),
+            _ => Err(self.status_error("PUT", key, &resp)),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        lock(&self.owned).remove(key);
+        let pq = format!("{}?key={}", self.path, wire::percent_encode(key));
+        let resp = self
+            .request("DELETE", &pq, None, self.config.timeout)
+            .await?;
+        match resp.status {
+            200 | 204 | 404 => Ok(()),
+            _ => Err(self.status_error("DELETE", key, &resp)),
+        }
+    }
+
+    async fn watch_poll(
+        &self,
+        prefix: &str,
+        after: Option<u64>,
+    ) -> Result<(u64, Vec<wire::WireEvent>)> {
+        let mut pq = format!(
+            "{}/watch?prefix={}",
+            self.path,
+            wire::percent_encode(prefix)
+        );
+        let mut timeout = self.config.timeout;
+        if let Some(a) = after {
+            pq.push_str(&format!(
+                "&after={a}&timeout_ms={}",
+                self.config.watch_poll.as_millis()
+            ));
+            timeout += self.config.watch_poll;
+        }
+        let resp = self.request("GET", &pq, None, timeout).await?;
+        match resp.status {
+            200 => {}
+            404 | 405 => {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "{} does not support watch (a mooncake-rs metadata server does)",
+                        self.url()
+                    ),
+                ));
+            }
+            410 => {
+                return Err(Error::new(
+                    ErrorKind::Metadata,
+                    format!("watch of {prefix:?} fell behind the server"),
+                ));
+            }
+            _ => return Err(self.status_error("watch", prefix, &resp)),
+        }
+        let rev = resp
+            .header("x-mooncake-revision")
+            .and_then(|r| r.parse().ok())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Protocol,
+                    "watch reply without x-mooncake-revision",
+                )
+            })?;
+        let events =
+            wire::decode_events(&resp.body).map_err(|e| Error::new(ErrorKind::Protocol, e))?;
+        Ok((rev, events))
+    }
+}
+
+fn start_keepalive(inner: Arc<Inner>, ttl: Duration) {
+    let stop = inner.stop.clone();
+    let spawned = std::thread::Builder::new()
+        .name("mooncake-http-keepalive".into())
+        .spawn(move || {
+            let period = (ttl / 3).max(Duration::from_millis(50));
+            let weak = Arc::downgrade(&inner);
+            drop(inner);
+            loop {
+                std::thread::sleep(period);
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(e) = futures_lite::future::block_on(keepalive_once(&inner)) {
+                    tracing::warn!(server = %inner.url(), "lease keepalive failed: {e}");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the HTTP lease keepalive thread: {e}");
+    }
+}
+
+async fn keepalive_once(inner: &Arc<Inner>) -> Result<()> {
+    let LeaseState::Granted(id) = *lock(&inner.lease) else {
+        return Ok(());
+    };
+    let pq = format!("{}/lease/keepalive?id={id}", inner.path);
+    let resp = inner
+        .request("POST", &pq, None, inner.config.timeout)
+        .await?;
+    if resp.status == 200 {
+        return Ok(());
+    }
+    if resp.status != 404 {
+        return Err(inner.status_error("keepalive", "lease", &resp));
+    }
+    tracing::warn!(server = %inner.url(), lease = id, "lease lost; re-publishing this node's keys under a new lease");
+    {
+        let mut l = lock(&inner.lease);
+        if *l == LeaseState::Granted(id) {
+            *l = LeaseState::Unknown;
+        }
+    }
+    let lease = inner.lease().await?;
+    let owned: Vec<(String, Vec<u8>)> = lock(&inner.owned)
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, v) in owned {
+        // Skip keys deleted or rewritten meanwhile.
+        if lock(&inner.owned).get(&k) == Some(&v) {
+            inner.put_raw(&k, &v, lease).await?;
+        }
+    }
+    Ok(())
+}
+
+impl MetadataStore for HttpMetadataStore {
+    fn scheme(&self) -> &'static str {
+        HTTP_SCHEME
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>>> {
+        Box::pin(self.inner.get(key))
+    }
+
+    fn put<'a>(&'a self, key: &'a str, value: Vec<u8>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.inner.put(key, value))
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.inner.delete(key))
+    }
+
+    fn watch<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<WatchStream>> {
+        Box::pin(async move {
+            let (mut rev, _) = self.inner.watch_poll(prefix, None).await?;
+            let (tx, rx) = mpsc::unbounded();
+            let inner = self.inner.clone();
+            let prefix = prefix.to_string();
+            std::thread::Builder::new()
+                .name("mooncake-http-watch".into())
+                .spawn(move || {
+                    let mut backoff = Duration::from_millis(50);
+                    while !tx.is_closed() {
+                        match futures_lite::future::block_on(inner.watch_poll(&prefix, Some(rev))) {
+                            Ok((next, events)) => {
+                                backoff = Duration::from_millis(50);
+                                for e in events {
+                                    rev = rev.max(e.revision);
+                                    let ev = match e.value {
+                                        Some(value) => WatchEvent::Put { key: e.key, value },
+                                        None => WatchEvent::Delete { key: e.key },
+                                    };
+                                    if tx.unbounded_send(ev).is_err() {
+                                        return;
+                                    }
+                                }
+                                rev = rev.max(next);
+                            }
+                            Err(e) if e.kind() == ErrorKind::Metadata => {
+                                tracing::error!(%prefix, "watch ended: {e}");
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(%prefix, "watch poll failed, retrying: {e}");
+                                std::thread::sleep(backoff);
+                                backoff = (backoff * 2).min(Duration::from_secs(2));
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| Error::io("spawning the watch thread", &e))?;
+            Ok(WatchStream::new(rx))
+        })
+    }
+}

@@ -1,0 +1,150 @@
+//! The metadata conformance suite, run against every backend compiled in.
+//!
+//! etcd and redis need real servers: `MOONCAKE_TEST_ETCD=etcd://127.0.0.1:P` and
+//! `MOONCAKE_TEST_REDIS=redis://127.0.0.1:P` (`cargo xtask test` starts them and sets these).
+#![cfg(feature = "test-util")]
+
+#[allow(unused_imports)]
+use std::sync::Arc;
+#[allow(unused_imports)]
+use std::time::Duration;
+
+#[allow(unused_imports)]
+use mooncake_core::{EmbeddedMetadataStore, Result};
+#[allow(unused_imports)]
+use mooncake_metadata::conformance::{Harness, Liveness, Node};
+use mooncake_metadata::conformance_suite;
+
+/// TTL used by the liveness backends in this suite.
+#[allow(dead_code)]
+const TTL: Duration = Duration::from_secs(2);
+
+struct Embedded(EmbeddedMetadataStore);
+
+impl Harness for Embedded {
+    fn name(&self) -> &str {
+        "embedded"
+    }
+    fn node(&self, hint: &str) -> Result<Node> {
+        Ok(Node {
+            store: Arc::new(self.0.clone()),
+            segment: hint.to_string(),
+        })
+    }
+    fn liveness(&self) -> Liveness {
+        Liveness::None
+    }
+}
+
+conformance_suite!(embedded, || Some(Embedded(EmbeddedMetadataStore::new())));
+
+#[cfg(all(feature = "http", feature = "http-server"))]
+struct Http(mooncake_metadata::http::HttpMetadataServer);
+
+#[cfg(all(feature = "http", feature = "http-server"))]
+impl Harness for Http {
+    fn name(&self) -> &str {
+        "http"
+    }
+    fn node(&self, hint: &str) -> Result<Node> {
+        use mooncake_metadata::{HttpConfig, HttpMetadataStore};
+        let s = HttpMetadataStore::new(&self.0.url(), HttpConfig::default().with_ttl(Some(TTL)))?;
+        Ok(Node {
+            store: Arc::new(s),
+            segment: hint.to_string(),
+        })
+    }
+    fn liveness(&self) -> Liveness {
+        Liveness::Ttl(TTL)
+    }
+}
+
+#[cfg(all(feature = "http", feature = "http-server"))]
+conformance_suite!(http, || {
+    use mooncake_metadata::http::{HttpMetadataServer, HttpServerConfig};
+    Some(Http(
+        HttpMetadataServer::bind("127.0.0.1:0", HttpServerConfig::default()).unwrap(),
+    ))
+});
+
+#[cfg(feature = "p2p")]
+struct P2p;
+
+#[cfg(feature = "p2p")]
+impl Harness for P2p {
+    fn name(&self) -> &str {
+        "p2p"
+    }
+    fn node(&self, _hint: &str) -> Result<Node> {
+        use mooncake_metadata::{P2pConfig, P2pHandshakeStore};
+        let s = P2pHandshakeStore::bind("127.0.0.1", 0, P2pConfig::default())?;
+        let segment = s.local_name().to_string();
+        Ok(Node {
+            store: Arc::new(s),
+            segment,
+        })
+    }
+    fn liveness(&self) -> Liveness {
+        Liveness::Unreachable
+    }
+    fn remote_watch(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(feature = "p2p")]
+conformance_suite!(p2p, || Some(P2p));
+
+#[cfg(feature = "etcd")]
+struct Etcd(String);
+
+#[cfg(feature = "etcd")]
+impl Harness for Etcd {
+    fn name(&self) -> &str {
+        "etcd"
+    }
+    fn node(&self, hint: &str) -> Result<Node> {
+        use mooncake_metadata::{EtcdConfig, EtcdMetadataStore};
+        let s = EtcdMetadataStore::connect(&self.0, EtcdConfig::default().with_ttl(Some(TTL)))?;
+        Ok(Node {
+            store: Arc::new(s),
+            segment: hint.to_string(),
+        })
+    }
+    fn liveness(&self) -> Liveness {
+        Liveness::Ttl(TTL)
+    }
+}
+
+#[cfg(feature = "etcd")]
+conformance_suite!(etcd, || mooncake_metadata::conformance::service_url(
+    "MOONCAKE_TEST_ETCD"
+)
+.map(Etcd));
+
+#[cfg(feature = "redis")]
+struct Redis(String);
+
+#[cfg(feature = "redis")]
+impl Harness for Redis {
+    fn name(&self) -> &str {
+        "redis"
+    }
+    fn node(&self, hint: &str) -> Result<Node> {
+        use mooncake_metadata::{RedisConfig, RedisMetadataStore};
+        let s = RedisMetadataStore::connect(&self.0, RedisConfig::default().with_ttl(Some(TTL)))?;
+        Ok(Node {
+            store: Arc::new(s),
+            segment: hint.to_string(),
+        })
+    }
+    fn liveness(&self) -> Liveness {
+        Liveness::Ttl(TTL)
+    }
+}
+
+#[cfg(feature = "redis")]
+conformance_suite!(redis, || mooncake_metadata::conformance::service_url(
+    "MOONCAKE_TEST_REDIS"
+)
+.map(Redis));
