@@ -100,8 +100,13 @@ fn parse_size(s: &str) -> Result<u64, String> {
         Some('g') => (&t[..t.len() - 1], 1 << 30),
         _ => (t, 1),
     };
-    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (try 4096, 64K, 1M)"))?;
-    n.checked_mul(mul).filter(|&v| v > 0).ok_or_else(|| format!("{s:?} is not a positive size"))
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (try 4096, 64K, 1M)"))?;
+    n.checked_mul(mul)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("{s:?} is not a positive size"))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -179,7 +184,9 @@ impl Metadata {
     /// An engine called `name` (ignored with P2P) with the run's transport.
     fn engine(&self, name: &str, args: &TransferArgs) -> anyhow::Result<TransferEngine> {
         let mut b = match self {
-            Self::Shared(md) => TransferEngine::builder(name).with_metadata(md.clone()).with_hostname(&args.hostname),
+            Self::Shared(md) => TransferEngine::builder(name)
+                .with_metadata(md.clone())
+                .with_hostname(&args.hostname),
             Self::P2p => {
                 let store = Arc::new(mooncake::metadata::P2pHandshakeStore::bind(
                     &args.hostname,
@@ -190,7 +197,10 @@ impl Metadata {
             }
         };
         match args.protocol.as_str() {
-            "tcp" => b = b.with_transport(mooncake::tcp::TcpConfig::new().with_conns_per_path(args.conns)),
+            "tcp" => {
+                b = b
+                    .with_transport(mooncake::tcp::TcpConfig::new().with_conns_per_path(args.conns))
+            }
             other => b = b.with_boxed_transport(mooncake::transport_builder(other)?),
         }
         Ok(b.build()?)
@@ -201,7 +211,10 @@ pub(crate) fn run(args: TransferArgs) -> anyhow::Result<()> {
     if args.sweep {
         return sweep(&args);
     }
-    ensure!(args.batch_size > 0 && args.threads > 0, "--batch-size and --threads must be positive");
+    ensure!(
+        args.batch_size > 0 && args.threads > 0,
+        "--batch-size and --threads must be positive"
+    );
     ensure!(args.duration > 0.0, "--duration must be positive");
     let region = args
         .block_size
@@ -244,7 +257,8 @@ const SWEEP_BLOCKS: [u64; 6] = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20,
 
 fn sweep(args: &TransferArgs) -> anyhow::Result<()> {
     use mooncake_scheduler::experiments::{Chart, ChartKind, Series};
-    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
     let mut reports = Vec::new();
     let mut table = String::from(
         "| op | block | batch | conns | GB/s | pump GB/s | ratio |\n| --- | --- | --- | --- | --- | --- | --- |\n",
@@ -274,24 +288,49 @@ fn sweep(args: &TransferArgs) -> anyhow::Result<()> {
             reports.push(r);
         }
     }
-    let jsonl: String = reports.iter().map(|r| serde_json::to_string(r).expect("report serialises") + "\n").collect();
+    let jsonl: String = reports
+        .iter()
+        .map(|r| serde_json::to_string(r).expect("report serialises") + "\n")
+        .collect();
     std::fs::write(args.out.join("transfer_sweep.jsonl"), jsonl)?;
     std::fs::write(args.out.join("transfer_sweep.md"), &table)?;
     let series = |op: Op, base: bool| Series {
-        name: format!("{} {:?}", if base { "socket pump" } else { "mooncake-rs" }, op).to_lowercase(),
+        name: format!(
+            "{} {:?}",
+            if base { "socket pump" } else { "mooncake-rs" },
+            op
+        )
+        .to_lowercase(),
         points: reports
             .iter()
             .filter(|r| r.op == op)
-            .map(|r| (r.block_size as f64 / 1024.0, if base { r.baseline_gb_per_s.unwrap_or(0.0) } else { r.gb_per_s }))
+            .map(|r| {
+                (
+                    r.block_size as f64 / 1024.0,
+                    if base {
+                        r.baseline_gb_per_s.unwrap_or(0.0)
+                    } else {
+                        r.gb_per_s
+                    },
+                )
+            })
             .collect(),
         reference: base,
     };
     let chart = Chart {
-        title: format!("TCP loopback, batch {}, {} thread(s), {} conns", args.batch_size, args.threads, args.conns),
+        title: format!(
+            "TCP loopback, batch {}, {} thread(s), {} conns",
+            args.batch_size, args.threads, args.conns
+        ),
         x_label: "block size (KiB)".into(),
         y_label: "GB/s".into(),
         kind: ChartKind::Line { log_x: true },
-        series: vec![series(Op::Write, false), series(Op::Write, true), series(Op::Read, false), series(Op::Read, true)],
+        series: vec![
+            series(Op::Write, false),
+            series(Op::Write, true),
+            series(Op::Read, false),
+            series(Op::Read, true),
+        ],
     };
     let png = args.out.join("transfer_sweep.png");
     mooncake_scheduler::plot::render(&chart, &png)?;
@@ -316,7 +355,10 @@ fn run_target(args: &TransferArgs, region: u64) -> anyhow::Result<()> {
     target.register(buf)?;
     // The initiator passes this name as --segment (with P2PHANDSHAKE it is host:port).
     println!("segment {}", target.local_name());
-    eprintln!("target {:?} serving {region} bytes; Ctrl-C to stop", target.local_name());
+    eprintln!(
+        "target {:?} serving {region} bytes; Ctrl-C to stop",
+        target.local_name()
+    );
     std::thread::sleep(Duration::from_secs_f64(args.duration.max(1.0) * 1000.0));
     Ok(())
 }
@@ -331,9 +373,18 @@ fn drive(
 ) -> anyhow::Result<Report> {
     let handle = init.open_segment_blocking(segment)?;
     let remote = init.segment(handle)?;
-    let rbuf = remote.descriptor().buffers.first().context("the target published no buffer")?.clone();
+    let rbuf = remote
+        .descriptor()
+        .buffers
+        .first()
+        .context("the target published no buffer")?
+        .clone();
     let region = args.block_size * args.batch_size as u64 * args.threads as u64;
-    ensure!(rbuf.length >= region, "the target's buffer has {} bytes; this run needs {region}", rbuf.length);
+    ensure!(
+        rbuf.length >= region,
+        "the target's buffer has {} bytes; this run needs {region}",
+        rbuf.length
+    );
     let local = Arc::new(LocalBuffer::new(region as usize)?);
     init.register(local.clone())?;
 
@@ -367,7 +418,9 @@ fn drive(
 
     // Warm-up: every thread's batch once (connects, faults pages in).
     for t in 0..args.threads {
-        init.submit_batch(&requests(t))?.wait_blocking(None).context("warm-up batch failed")?;
+        init.submit_batch(&requests(t))?
+            .wait_blocking(None)
+            .context("warm-up batch failed")?;
     }
 
     let bytes = Arc::new(AtomicU64::new(0));
@@ -393,18 +446,27 @@ fn drive(
             })
             .collect();
         let pb = ProgressBar::new(duration.as_millis() as u64);
-        pb.set_style(ProgressStyle::with_template("{spinner} {elapsed} [{bar:30}] {msg}").expect("valid template"));
+        pb.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed} [{bar:30}] {msg}")
+                .expect("valid template"),
+        );
         barrier.wait();
         let start = Instant::now();
         while start.elapsed() < duration && !workers.iter().all(|w| w.is_finished()) {
             std::thread::sleep(Duration::from_millis(100));
             let secs = start.elapsed().as_secs_f64();
             pb.set_position(start.elapsed().as_millis() as u64);
-            pb.set_message(format!("{:.2} GB/s", bytes.load(Ordering::Relaxed) as f64 / secs / 1e9));
+            pb.set_message(format!(
+                "{:.2} GB/s",
+                bytes.load(Ordering::Relaxed) as f64 / secs / 1e9
+            ));
         }
         stop.store(true, Ordering::Relaxed);
         pb.finish_and_clear();
-        let results = workers.into_iter().map(|w| w.join().expect("bench thread panicked")).collect();
+        let results = workers
+            .into_iter()
+            .map(|w| w.join().expect("bench thread panicked"))
+            .collect();
         (results, start.elapsed().as_secs_f64())
     });
     let mut lat = Vec::new();
@@ -421,7 +483,11 @@ fn drive(
             Op::Write => (local.to_vec(), t.to_vec()),
             Op::Read => (t.to_vec(), local.to_vec()),
         };
-        if let Some(i) = want[..region as usize].iter().zip(&got[..region as usize]).position(|(a, b)| a != b) {
+        if let Some(i) = want[..region as usize]
+            .iter()
+            .zip(&got[..region as usize])
+            .position(|(a, b)| a != b)
+        {
             bail!("verification failed: first differing byte at offset {i} of {region}");
         }
         verified = true;
@@ -471,7 +537,9 @@ fn baseline(args: &TransferArgs, report: &mut Report) -> anyhow::Result<()> {
                 let (c, _) = listener.accept()?;
                 c.set_nodelay(true)?;
                 let (stop, moved) = (stop.clone(), moved.clone());
-                hs.push(std::thread::spawn(move || pump_side(c, !data_from_client, block, ring, &stop, &moved)));
+                hs.push(std::thread::spawn(move || {
+                    pump_side(c, !data_from_client, block, ring, &stop, &moved)
+                }));
             }
             for h in hs {
                 let _ = h.join();
@@ -483,7 +551,8 @@ fn baseline(args: &TransferArgs, report: &mut Report) -> anyhow::Result<()> {
             let c = TcpStream::connect(addr)?;
             c.set_nodelay(true)?;
             let (stop, moved) = (stop.clone(), moved.clone());
-            clients.push(s.spawn(move || pump_side(c, data_from_client, block, ring, &stop, &moved)));
+            clients
+                .push(s.spawn(move || pump_side(c, data_from_client, block, ring, &stop, &moved)));
         }
         std::thread::sleep(Duration::from_millis(200));
         let m0 = moved.load(Ordering::Relaxed);
@@ -551,12 +620,23 @@ fn baseline(args: &TransferArgs, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pump_side(mut c: TcpStream, sender: bool, block: usize, ring: usize, stop: &AtomicBool, moved: &AtomicU64) {
+fn pump_side(
+    mut c: TcpStream,
+    sender: bool,
+    block: usize,
+    ring: usize,
+    stop: &AtomicBool,
+    moved: &AtomicU64,
+) {
     let mut buf = vec![0x5au8; ring];
     let mut off = 0;
     c.set_read_timeout(Some(Duration::from_millis(200))).ok();
     while !stop.load(Ordering::Relaxed) {
-        let r = if sender { c.write(&buf[off..off + block]) } else { c.read(&mut buf[off..off + block]) };
+        let r = if sender {
+            c.write(&buf[off..off + block])
+        } else {
+            c.read(&mut buf[off..off + block])
+        };
         match r {
             Ok(0) => break,
             Ok(n) => {
@@ -565,7 +645,11 @@ fn pump_side(mut c: TcpStream, sender: bool, block: usize, ring: usize, stop: &A
                 }
                 off = (off + block) % (ring - ring % block).max(block);
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => break,
         }
     }
@@ -588,10 +672,17 @@ fn print_report(args: &TransferArgs, r: &Report) -> anyhow::Result<()> {
         r.ops_per_sec,
         r.p50_us,
         r.p99_us,
-        if r.verified { ", all bytes verified" } else { "" }
+        if r.verified {
+            ", all bytes verified"
+        } else {
+            ""
+        }
     );
     if let (Some(b), Some(ratio)) = (r.baseline_gb_per_s, r.ratio) {
-        println!("baseline socket pump ({} conns): {b:.3} GB/s → ratio {ratio:.2}", r.conns);
+        println!(
+            "baseline socket pump ({} conns): {b:.3} GB/s → ratio {ratio:.2}",
+            r.conns
+        );
     }
     if let (Some(b), Some(ratio)) = (r.baseline_p50_us, r.p50_ratio) {
         println!("baseline ping-pong p50 {b:.1} µs → p50 ratio {ratio:.2}");

@@ -3,9 +3,9 @@
 use clap::{Parser, Subcommand};
 
 mod bench_transfer;
+mod metadata;
 mod simulate;
 mod trace;
-mod metadata;
 
 /// mooncake-rs: KVCache-centric disaggregated infrastructure for LLM serving.
 #[derive(Debug, Parser)]

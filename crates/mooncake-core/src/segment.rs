@@ -416,13 +416,13 @@ impl BufferRegistry {
             drained: Event::new(),
         });
         let mut map = self.regions.write().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, prev)) = map.range(..end).next_back() {
-            if prev.base + prev.len > base {
-                return Err(Error::invalid(format!(
-                    "region {base:#x}+{len} overlaps registered region {:#x}+{}",
-                    prev.base, prev.len
-                )));
-            }
+        if let Some((_, prev)) = map.range(..end).next_back()
+            && prev.base + prev.len > base
+        {
+            return Err(Error::invalid(format!(
+                "region {base:#x}+{len} overlaps registered region {:#x}+{}",
+                prev.base, prev.len
+            )));
         }
         map.insert(base, region.clone());
         self.generation.fetch_add(1, Ordering::AcqRel);

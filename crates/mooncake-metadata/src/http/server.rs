@@ -95,10 +95,10 @@ struct State {
 impl State {
     fn record(&mut self, key: &str, value: Option<Vec<u8>>) {
         self.revision += 1;
-        if self.log.len() == LOG_CAPACITY {
-            if let Some(old) = self.log.pop_front() {
-                self.evicted_upto = old.revision;
-            }
+        if self.log.len() == LOG_CAPACITY
+            && let Some(old) = self.log.pop_front()
+        {
+            self.evicted_upto = old.revision;
         }
         self.log.push_back(WireEvent {
             revision: self.revision,
