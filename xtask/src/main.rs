@@ -50,7 +50,10 @@ const BUILD_DEPS: &[(&str, &str)] = &[
     ("clang", "clang"),
     ("pkg-config", "pkg-config"),
     ("ip", "iproute2"),
-    ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core"),
+    (
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "fonts-dejavu-core",
+    ),
 ];
 
 /// Examples that must run to completion.
