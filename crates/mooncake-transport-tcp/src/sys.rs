@@ -51,127 +51,11 @@ fn is_stall(e: &io::Error) -> bool {
     )
 }
 
-/// Receives exactly `len` bytes into `ptr`.
-///
-/// # Safety
-/// `ptr..ptr + len` must be valid for writes for the whole call (a leased registered range
-/// or a local buffer).
-pub(crate) unsafe fn recv_exact(
-    fd: RawFd,
-    ptr: *mut u8,
-    len: usize,
-    stall: &mut dyn Stall,
-) -> io::Result<()> {
-    let mut done = 0;
-    while done < len {
-        // SAFETY: `ptr + done .. ptr + len` is inside the range the caller vouched for.
-        let n = unsafe { libc::recv(fd, ptr.add(done).cast(), len - done, 0) };
-        if n > 0 {
-            done += n as usize;
-            stall.on_progress(n as usize);
-        } else if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "peer closed the connection",
-            ));
-        } else {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            if is_stall(&e) {
-                stall.on_stall()?;
-                continue;
-            }
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
-/// Receives exactly `buf.len()` bytes into a safe buffer.
-pub(crate) fn recv_into(fd: RawFd, buf: &mut [u8], stall: &mut dyn Stall) -> io::Result<()> {
-    // SAFETY: `buf` is a live, exclusively borrowed slice of exactly this length.
-    unsafe { recv_exact(fd, buf.as_mut_ptr(), buf.len(), stall) }
-}
-
-/// Sends `head` and then `len` bytes at `ptr`, as one gathered write where possible.
-///
-/// # Safety
-/// `ptr..ptr + len` must be valid for reads for the whole call (`len` may be 0).
-pub(crate) unsafe fn send_gather(
-    fd: RawFd,
-    head: &[u8],
-    ptr: *const u8,
-    len: usize,
-    stall: &mut dyn Stall,
-) -> io::Result<()> {
-    let total = head.len() + len;
-    let mut done = 0;
-    while done < total {
-        let mut iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; 2];
-        let mut cnt = 0;
-        if done < head.len() {
-            iov[0] = libc::iovec {
-                iov_base: head[done..].as_ptr() as *mut _,
-                iov_len: head.len() - done,
-            };
-            cnt = 1;
-        }
-        if len > 0 {
-            let off = done.saturating_sub(head.len());
-            // SAFETY: `off < len` because `done < total`; the range is valid per the contract.
-            let base = unsafe { ptr.add(off) };
-            iov[cnt] = libc::iovec {
-                iov_base: base as *mut _,
-                iov_len: len - off,
-            };
-            cnt += 1;
-        }
-        let msg = libc::msghdr {
-            msg_name: std::ptr::null_mut(),
-            msg_namelen: 0,
-            msg_iov: iov.as_mut_ptr(),
-            msg_iovlen: cnt,
-            msg_control: std::ptr::null_mut(),
-            msg_controllen: 0,
-            msg_flags: 0,
-        };
-        // SAFETY: the iovecs point into `head` and the caller's valid range; MSG_NOSIGNAL turns
-        // a closed peer into EPIPE instead of SIGPIPE.
-        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            done += n as usize;
-            stall.on_progress(n as usize);
-        } else {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            if is_stall(&e) {
-                stall.on_stall()?;
-                continue;
-            }
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
-/// Sends a safe buffer.
-pub(crate) fn send_all(fd: RawFd, buf: &[u8], stall: &mut dyn Stall) -> io::Result<()> {
-    // SAFETY: no payload range is passed (length 0).
-    unsafe { send_gather(fd, buf, std::ptr::null(), 0, stall) }
-}
-
-/// One `recv` of up to `buf.len()` bytes (at least one), waiting through timeouts.
-pub(crate) fn recv_some(fd: RawFd, buf: &mut [u8], stall: &mut dyn Stall) -> io::Result<usize> {
+/// Runs one socket call until it moves bytes: retries on `EINTR`, consults `stall` on each
+/// timeout tick, reports progress, and turns end-of-stream into `UnexpectedEof`.
+fn until_progress(stall: &mut dyn Stall, mut call: impl FnMut() -> isize) -> io::Result<usize> {
     loop {
-        // SAFETY: `buf` is a live, exclusively borrowed slice.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = call();
         if n > 0 {
             stall.on_progress(n as usize);
             return Ok(n as usize);
@@ -194,6 +78,72 @@ pub(crate) fn recv_some(fd: RawFd, buf: &mut [u8], stall: &mut dyn Stall) -> io:
     }
 }
 
+/// Receives exactly `len` bytes into `ptr`.
+///
+/// # Safety
+/// `ptr..ptr + len` must be valid for writes for the whole call (a leased registered range
+/// or a local buffer).
+pub(crate) unsafe fn recv_exact(
+    fd: RawFd,
+    ptr: *mut u8,
+    len: usize,
+    stall: &mut dyn Stall,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        // SAFETY: `ptr + done .. ptr + len` is inside the range the caller vouched for.
+        done += until_progress(stall, || unsafe {
+            libc::recv(fd, ptr.add(done).cast(), len - done, 0)
+        })?;
+    }
+    Ok(())
+}
+
+/// Receives exactly `buf.len()` bytes into a safe buffer.
+pub(crate) fn recv_into(fd: RawFd, buf: &mut [u8], stall: &mut dyn Stall) -> io::Result<()> {
+    // SAFETY: `buf` is a live, exclusively borrowed slice of exactly this length.
+    unsafe { recv_exact(fd, buf.as_mut_ptr(), buf.len(), stall) }
+}
+
+/// One `recv` of up to `buf.len()` bytes (at least one), waiting through timeouts.
+pub(crate) fn recv_some(fd: RawFd, buf: &mut [u8], stall: &mut dyn Stall) -> io::Result<usize> {
+    // SAFETY: `buf` is a live, exclusively borrowed slice.
+    until_progress(stall, || unsafe {
+        libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0)
+    })
+}
+
+/// Sends `head` and then `len` bytes at `ptr`, as one gathered write where possible.
+///
+/// # Safety
+/// `ptr..ptr + len` must be valid for reads for the whole call (`len` may be 0).
+pub(crate) unsafe fn send_gather(
+    fd: RawFd,
+    head: &[u8],
+    ptr: *const u8,
+    len: usize,
+    stall: &mut dyn Stall,
+) -> io::Result<()> {
+    let mut iov = [
+        libc::iovec {
+            iov_base: head.as_ptr() as *mut _,
+            iov_len: head.len(),
+        },
+        libc::iovec {
+            iov_base: ptr as *mut _,
+            iov_len: len,
+        },
+    ];
+    // SAFETY: the iovecs describe `head` and the caller's valid range.
+    unsafe { send_iovecs(fd, &mut iov, stall) }
+}
+
+/// Sends a safe buffer.
+pub(crate) fn send_all(fd: RawFd, buf: &[u8], stall: &mut dyn Stall) -> io::Result<()> {
+    // SAFETY: no payload range is passed (length 0).
+    unsafe { send_gather(fd, buf, std::ptr::null(), 0, stall) }
+}
+
 /// Sends every byte the iovecs describe, in order, with as few `sendmsg` calls as the
 /// kernel allows. The iovecs are consumed (advanced) as bytes go out.
 ///
@@ -206,37 +156,27 @@ pub(crate) unsafe fn send_iovecs(
 ) -> io::Result<()> {
     const IOV_MAX: usize = 1024;
     let mut first = 0;
-    while first < iov.len() {
-        if iov[first].iov_len == 0 {
+    loop {
+        while first < iov.len() && iov[first].iov_len == 0 {
             first += 1;
-            continue;
         }
-        let cnt = (iov.len() - first).min(IOV_MAX);
+        if first == iov.len() {
+            return Ok(());
+        }
         let msg = libc::msghdr {
             msg_name: std::ptr::null_mut(),
             msg_namelen: 0,
             msg_iov: iov[first..].as_mut_ptr(),
-            msg_iovlen: cnt,
+            msg_iovlen: (iov.len() - first).min(IOV_MAX),
             msg_control: std::ptr::null_mut(),
             msg_controllen: 0,
             msg_flags: 0,
         };
         // SAFETY: the iovecs are valid per the contract; MSG_NOSIGNAL turns a closed peer
         // into EPIPE instead of SIGPIPE.
-        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            if is_stall(&e) {
-                stall.on_stall()?;
-                continue;
-            }
-            return Err(e);
-        }
-        let mut n = n as usize;
-        stall.on_progress(n);
+        let mut n = until_progress(stall, || unsafe {
+            libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL)
+        })?;
         while n > 0 {
             let v = &mut iov[first];
             if n >= v.iov_len {
@@ -251,5 +191,4 @@ pub(crate) unsafe fn send_iovecs(
             }
         }
     }
-    Ok(())
 }
