@@ -127,57 +127,77 @@ impl Peer {
         }
     }
 
-    /// Sends a slice on the least-loaded connection of an eligible path.
-    pub(crate) fn dispatch(self: &Arc<Self>, slice: Slice) {
-        let retry = slice.attempts > 0;
-        let conn = {
+    /// Sends slices on the least-loaded connections of eligible paths: each slice goes
+    /// where the fewest bytes are outstanding (counting the ones assigned in this call), and
+    /// each connection is woken once for all the slices it got.
+    pub(crate) fn dispatch_many(self: &Arc<Self>, slices: Vec<Slice>) {
+        let mut refused = Vec::new();
+        let mut groups: Vec<(Arc<Conn>, Vec<Slice>)> = Vec::new();
+        {
             let mut st = self.lock();
             if st.closed {
                 drop(st);
-                slice
-                    .done
-                    .complete(Err(Error::new(ErrorKind::Closed, "connection pool closed")));
+                for s in slices {
+                    s.done
+                        .complete(Err(Error::new(ErrorKind::Closed, "connection pool closed")));
+                }
                 return;
             }
             st.conns.retain(|c| !c.dead.load(Ordering::Acquire));
             let now = Instant::now();
-            let mut eligible: Vec<usize> = (0..self.paths.len())
-                .filter(|&p| slice.failed_paths & (1 << p) == 0)
-                .filter(|&p| st.paused_until[p].is_none_or(|t| t <= now))
-                .collect();
-            if eligible.is_empty() && !retry {
-                // Every path is paused: probe the one paused longest ago rather than refuse.
-                if let Some(p) = (0..self.paths.len()).min_by_key(|&p| st.paused_until[p]) {
-                    eligible.push(p);
+            let mut assigned: Vec<u64> = Vec::new();
+            for slice in slices {
+                let retry = slice.attempts > 0;
+                let mut eligible: u64 = (0..self.paths.len())
+                    .filter(|&p| slice.failed_paths & (1 << p) == 0)
+                    .filter(|&p| st.paused_until[p].is_none_or(|t| t <= now))
+                    .fold(0, |m, p| m | 1 << p);
+                if eligible == 0 && !retry {
+                    // Every path is paused: probe the one paused longest ago rather than refuse.
+                    if let Some(p) = (0..self.paths.len()).min_by_key(|&p| st.paused_until[p]) {
+                        eligible = 1 << p;
+                    }
+                }
+                if eligible == 0 {
+                    refused.push(slice);
+                    continue;
+                }
+                for p in (0..self.paths.len()).filter(|p| eligible & (1 << p) != 0) {
+                    let have = st.conns.iter().filter(|c| c.path == p).count();
+                    for _ in have..self.shared.conns_per_path {
+                        st.conns.push(Conn::spawn(self, p));
+                    }
+                }
+                assigned.resize(st.conns.len(), 0);
+                let start = self.rr.fetch_add(1, Ordering::Relaxed);
+                let n = st.conns.len();
+                let i = (0..n)
+                    .map(|i| (start + i) % n)
+                    .filter(|&i| eligible & (1 << st.conns[i].path) != 0)
+                    .min_by_key(|&i| st.conns[i].outstanding.load(Ordering::Relaxed) + assigned[i])
+                    .expect("an eligible path has connections");
+                assigned[i] += slice.len();
+                if retry {
+                    self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                }
+                match groups
+                    .iter_mut()
+                    .find(|(c, _)| Arc::ptr_eq(c, &st.conns[i]))
+                {
+                    Some((_, g)) => g.push(slice),
+                    None => groups.push((st.conns[i].clone(), vec![slice])),
                 }
             }
-            if eligible.is_empty() {
-                drop(st);
-                slice.done.complete(Err(Error::new(
-                    ErrorKind::PeerUnreachable,
-                    format!("no healthy path left to segment {:?}", self.name),
-                )));
-                return;
-            }
-            for &p in &eligible {
-                let have = st.conns.iter().filter(|c| c.path == p).count();
-                for _ in have..self.shared.conns_per_path {
-                    st.conns.push(Conn::spawn(self, p));
-                }
-            }
-            let start = self.rr.fetch_add(1, Ordering::Relaxed);
-            let n = st.conns.len();
-            (0..n)
-                .map(|i| &st.conns[(start + i) % n])
-                .filter(|c| eligible.contains(&c.path))
-                .min_by_key(|c| c.outstanding.load(Ordering::Relaxed))
-                .cloned()
-                .expect("an eligible path has connections")
-        };
-        if retry {
-            self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
         }
-        conn.enqueue(slice);
+        for slice in refused {
+            slice.done.complete(Err(Error::new(
+                ErrorKind::PeerUnreachable,
+                format!("no healthy path left to segment {:?}", self.name),
+            )));
+        }
+        for (conn, group) in groups {
+            conn.enqueue(group);
+        }
     }
 
     fn on_conn_failed(self: &Arc<Self>, conn: &Arc<Conn>, err: &Error, slices: Vec<Slice>) {
@@ -195,6 +215,7 @@ impl Peer {
         if !slices.is_empty() {
             debug!(peer = %self.name, path = %self.paths[conn.path], "connection failed with {} slices: {err}", slices.len());
         }
+        let mut retries = Vec::new();
         for mut s in slices {
             if err.is_temporary()
                 && !self.shared.closed.load(Ordering::Acquire)
@@ -203,10 +224,13 @@ impl Peer {
                 s.attempts += 1;
                 s.failed_paths |= 1 << conn.path;
                 s.inline_ok = false;
-                self.dispatch(s);
+                retries.push(s);
             } else {
                 s.done.complete(Err(err.clone()));
             }
+        }
+        if !retries.is_empty() {
+            self.dispatch_many(retries);
         }
     }
 
@@ -390,34 +414,39 @@ impl Conn {
         Ok(())
     }
 
-    fn enqueue(self: &Arc<Self>, slice: Slice) {
-        self.outstanding.fetch_add(slice.len(), Ordering::Relaxed);
+    fn enqueue(self: &Arc<Self>, mut slices: Vec<Slice>) {
+        let bytes: u64 = slices.iter().map(Slice::len).sum();
+        self.outstanding.fetch_add(bytes, Ordering::Relaxed);
         let mut st = self.lock();
         if st.dead {
             drop(st);
-            self.outstanding.fetch_sub(slice.len(), Ordering::Relaxed);
+            self.outstanding.fetch_sub(bytes, Ordering::Relaxed);
             // Lost a race with a failure: go around again (another connection, or a new one).
             match self.peer.upgrade() {
-                Some(p) => p.dispatch(slice),
-                None => slice
-                    .done
-                    .complete(Err(Error::new(ErrorKind::Closed, "peer closed"))),
+                Some(p) => p.dispatch_many(slices),
+                None => {
+                    for s in slices {
+                        s.done
+                            .complete(Err(Error::new(ErrorKind::Closed, "peer closed")));
+                    }
+                }
             }
             return;
         }
-        let inline = st.connected
+        let inline = slices.len() == 1
+            && st.connected
             && !st.sending
             && st.queue.is_empty()
-            && slice.inline_ok
-            && slice.len() <= self.shared.inline_send_max;
+            && slices[0].inline_ok
+            && slices[0].len() <= self.shared.inline_send_max;
         if !inline {
-            st.queue.push_back(slice);
+            st.queue.extend(slices);
             drop(st);
             self.cv.notify_one();
             return;
         }
         st.sending = true;
-        let req = self.prepare(&mut st, slice);
+        let req = self.prepare(&mut st, slices.pop().expect("one slice"));
         drop(st);
         let result = self.write(&req);
         drop(req);

@@ -239,6 +239,7 @@ impl Transport for TcpTransport {
         // slicing its tasks further only adds frames. A lone small task is written by the
         // submitting thread when its connection is idle.
         let count = tasks.len();
+        let mut per_peer: Vec<(Arc<Peer>, Vec<Slice>)> = Vec::new();
         for task in tasks {
             if self.client.closed.load(Ordering::Acquire) {
                 task.completer.complete(Err(Error::new(
@@ -266,12 +267,19 @@ impl Transport for TcpTransport {
                 .completer
                 .into_slices(len.div_ceil(piece) as usize)
                 .into_iter();
+            let slices = match per_peer.iter_mut().find(|(p, _)| Arc::ptr_eq(p, &peer)) {
+                Some((_, v)) => v,
+                None => {
+                    per_peer.push((peer, Vec::new()));
+                    &mut per_peer.last_mut().expect("just pushed").1
+                }
+            };
             let mut off = 0;
             while off < len {
                 let this = piece.min(len - off);
                 let done = dones.next().expect("one completer per slice");
                 match task.local.slice(off, this) {
-                    Ok(local) => peer.dispatch(Slice {
+                    Ok(local) => slices.push(Slice {
                         op: task.opcode,
                         local,
                         remote_addr: task.remote_addr + off,
@@ -284,6 +292,9 @@ impl Transport for TcpTransport {
                 }
                 off += this;
             }
+        }
+        for (peer, slices) in per_peer {
+            peer.dispatch_many(slices);
         }
     }
 
