@@ -4,8 +4,18 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-/// True if `binary` is on the PATH (or, for a path with a `/`, if that file exists).
+/// True if `binary` is on the PATH (or, for a path with a `/`, if that file exists; for
+/// `dpkg:NAME`, if that package is installed).
 pub(crate) fn has(binary: &str) -> bool {
+    if let Some(pkg) = binary.strip_prefix("dpkg:") {
+        return Command::new("dpkg")
+            .args(["-s", pkg])
+            .output()
+            .is_ok_and(|o| {
+                o.status.success()
+                    && String::from_utf8_lossy(&o.stdout).contains("Status: install ok installed")
+            });
+    }
     if binary.contains('/') {
         return std::path::Path::new(binary).exists();
     }

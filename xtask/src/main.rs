@@ -48,6 +48,7 @@ const BUILD_DEPS: &[(&str, &str)] = &[
     ("protoc", "protobuf-compiler"),
     ("cmake", "cmake"),
     ("clang", "clang"),
+    ("dpkg:libclang-dev", "libclang-dev"),
     ("pkg-config", "pkg-config"),
     ("ip", "iproute2"),
     (

@@ -1,4 +1,50 @@
-//! RDMA (RoCE/IB) transport for mooncake-rs.
+//! RDMA (RoCE/InfiniBand) transport for mooncake-rs.
 //!
-//! Not implemented yet: this crate reserves the name and the `rdma` feature of the
-//! `mooncake` facade. It exports nothing.
+//! [`RdmaTransport`] moves bytes with one-sided RDMA READ/WRITE over RC queue pairs. Build it
+//! into an engine with [`RdmaConfig`]:
+//!
+//! ```no_run
+//! use mooncake_core::TransferEngine;
+//! use mooncake_transport_rdma::RdmaConfig;
+//! let engine = TransferEngine::builder("node-a").with_transport(RdmaConfig::new()).build()?;
+//! # Ok::<(), mooncake_core::Error>(())
+//! ```
+//!
+//! # Verbs bindings
+//! The crate uses [`sideway`], whose `rdma-mummy-sys` layer `dlopen`s `libibverbs.so.1` at run
+//! time: a binary with this transport starts on a host without rdma-core, and building the
+//! transport there fails with [`mooncake_core::ErrorKind::Unsupported`] ("no RDMA devices").
+//! The transport posts with `ibv_post_send` and polls with `ibv_poll_cq` (sideway's basic QP
+//! and CQ): with rdma-core 44's rxe provider, our first version on the extended path
+//! (`ibv_wr_*` posting + `ibv_start_poll`) saw no completions at all.
+//! `rdma-sys` was rejected: it is unmaintained since 2023 and links libibverbs at load time.
+//! The two must never be linked into one binary (the stubs capture rdma-sys's symbols).
+//!
+//! # Security
+//! Each registered region is its own MR; `ReadOnly` regions get no remote-write right and
+//! `LocalOnly` regions no remote rights, so the NIC enforces bounds and rights. Remote keys are
+//! never published: the handshake hands them to the peer that connects a QP to that NIC.
+//! The handshake is not authenticated (as in Mooncake); see `docs/rdma.md`.
+//!
+//! See `docs/rdma.md` for deployment, tuning knobs and the GPUDirect plan.
+
+mod config;
+mod stats;
+mod sys;
+mod topology;
+mod transport;
+mod wire;
+mod worker;
+
+pub use config::{PathPolicy, RdmaConfig};
+pub use stats::{NicStats, RdmaStats};
+pub use sys::device_names;
+pub use transport::{HANDSHAKE_KEY, RdmaTransport};
+
+/// The protocol name published in segment descriptors.
+pub const RDMA_SCHEME: &str = "rdma";
+
+/// True when the tests that need RDMA devices should run (`MOONCAKE_TEST_RDMA=1`).
+pub fn rdma_tests_enabled() -> bool {
+    std::env::var("MOONCAKE_TEST_RDMA").is_ok_and(|v| v == "1")
+}

@@ -11,11 +11,19 @@ pub use mooncake_metadata as metadata;
 #[cfg_attr(docsrs, doc(cfg(feature = "tcp")))]
 pub use mooncake_transport_tcp as tcp;
 
+/// The RDMA transport (feature `rdma`).
+#[cfg(feature = "rdma")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rdma")))]
+pub use mooncake_transport_rdma as rdma;
+
 /// Names of the transports compiled into this build.
 pub fn compiled_transports() -> Vec<&'static str> {
     let mut v = Vec::new();
     if cfg!(feature = "tcp") {
         v.push("tcp");
+    }
+    if cfg!(feature = "rdma") {
+        v.push("rdma");
     }
     v
 }
@@ -30,6 +38,8 @@ pub fn transport_builder(protocol: &str) -> Result<Box<dyn TransportBuilder>> {
     match protocol {
         #[cfg(feature = "tcp")]
         "tcp" => Ok(Box::new(mooncake_transport_tcp::TcpConfig::new())),
+        #[cfg(feature = "rdma")]
+        "rdma" => Ok(Box::new(mooncake_transport_rdma::RdmaConfig::from_env()?)),
         known @ ("tcp" | "rdma" | "nvmeof") => Err(Error::new(
             ErrorKind::Config,
             format!(
