@@ -5,7 +5,7 @@
 //! 2. Builds (once; cached under `~/.cache/mooncake-rs/vm/image-<recipe hash>`) a Debian
 //!    bookworm root file system with the generic kernel, rdma-core and perftest, as an ext4
 //!    image made with `mkfs.ext4 -d`.
-//! 3. Builds the test binaries (and the `rdma_bw` example) on the host with
+//! 3. Builds the test binaries (and, for `--bench`, the `mooncake` CLI with `rdma`) on the host with
 //!    `MOONCAKE_TEST_RDMA=1`, and puts them, with a generated `run.sh`, on a second disk.
 //! 4. Boots qemu (TCG; a nested KVM guest hangs here) with the kernel and initrd of the
 //!    image, `init=/sbin/mooncake-init`; the guest loads `rdma_rxe`, creates two dummy
@@ -145,24 +145,20 @@ if [ "$RUN_BENCH" = 1 ]; then
   done
   for op in write read; do
     for size in 65536 1048576; do
-      # Iteration mode (128 MiB per run): duration mode under-reports large messages on rxe.
-      iters=$((134217728 / size))
       for rep in 1 2; do
         echo "MOONCAKE-RXE-STEP bench $op $size run $rep (gid index $idx)"
-        ib_${op}_bw -d rxe0 -x $idx -s $size -n $iters -F --report_gbits > /tmp/srv.txt 2>&1 &
-        srv=$!
-        sleep 1
-        ib_${op}_bw -d rxe0 -x $idx -s $size -n $iters -F --report_gbits 127.0.0.1 > /tmp/cli.txt 2>&1
-        wait $srv
-        bw=$(awk -v s=$size '$1==s {print $4}' /tmp/cli.txt | tail -1)
-        [ -n "$bw" ] || cat /tmp/cli.txt
-        echo "MOONCAKE-RXE-BENCH perftest op=$op size=$size gbps=${bw:-0}"
-        if env MC_RDMA_NICS=rxe0 $BENCH_ENV /work/bin/rdma_bw --op $op --size $size --seconds 5 > /tmp/mc.txt 2>&1; then
-          gbps=$(sed -n 's/.*"gbps":\([0-9.]*\).*/\1/p' /tmp/mc.txt)
-          echo "MOONCAKE-RXE-BENCH mooncake op=$op size=$size gbps=${gbps:-0}"
+        # The bench measures the transport, then runs ib_${op}_bw on the same device as its
+        # --baseline, in the same process run.
+        if env MC_RDMA_NICS=rxe0 $BENCH_ENV /work/bin/mooncake bench transfer --protocol rdma --rdma-device rxe0 \
+            --op $op --block-size $size --batch-size 32 --duration 5 --baseline --json > /tmp/mc.txt 2>&1; then
+          line=$(tail -1 /tmp/mc.txt)
+          ours=$(echo "$line" | sed -n 's/.*"gb_per_s":\([0-9.eE+-]*\).*/\1/p')
+          base=$(echo "$line" | sed -n 's/.*"baseline_gb_per_s":\([0-9.eE+-]*\).*/\1/p')
+          echo "MOONCAKE-RXE-BENCH perftest op=$op size=$size gbps=$(awk -v v="${base:-0}" 'BEGIN{print v*8}')"
+          echo "MOONCAKE-RXE-BENCH mooncake op=$op size=$size gbps=$(awk -v v="${ours:-0}" 'BEGIN{print v*8}')"
         else
           cat /tmp/mc.txt
-          echo "MOONCAKE-RXE-FAILED rdma_bw $op $size"
+          echo "MOONCAKE-RXE-FAILED mooncake bench transfer $op $size"
           fail=1
         fi
       done
@@ -420,15 +416,17 @@ fn build_payload(args: &RxeArgs, dir: &Path) -> anyhow::Result<PathBuf> {
             "build",
             "--release",
             "-p",
-            "mooncake-transport-rdma",
-            "--example",
-            "rdma_bw",
+            "mooncake-cli",
+            "--features",
+            "rdma",
+            "--bin",
+            "mooncake",
         ])?;
         let exe = ex
             .into_iter()
-            .find(|p| p.file_name().is_some_and(|n| n == "rdma_bw"))
-            .context("rdma_bw was not built")?;
-        std::fs::copy(exe, bin.join("rdma_bw"))?;
+            .find(|p| p.file_name().is_some_and(|n| n == "mooncake"))
+            .context("the mooncake CLI was not built")?;
+        std::fs::copy(exe, bin.join("mooncake"))?;
     }
     let filter = args.filter.as_deref().unwrap_or("");
     let log = args.log.as_deref().unwrap_or("warn");

@@ -73,9 +73,15 @@ pub(crate) struct TransferArgs {
     /// TCP connections per peer (and, with --baseline, the pump's connection count).
     #[arg(long, default_value_t = 4)]
     conns: usize,
-    /// Also measure a plain TCP socket pump (and ping-pong) in the same run.
+    /// Also measure a baseline in the same run: for tcp a plain socket pump over `--conns`
+    /// connections (and a ping-pong for batch 1); for rdma perftest's `ib_write_bw` /
+    /// `ib_read_bw` on `--rdma-device`.
     #[arg(long)]
     baseline: bool,
+    /// RDMA device for the perftest baseline (default: the first of `MC_RDMA_NICS`, else the
+    /// first device in /sys/class/infiniband).
+    #[arg(long)]
+    rdma_device: Option<String>,
     /// Skip the end-of-run byte verification.
     #[arg(long)]
     no_verify: bool,
@@ -520,6 +526,12 @@ fn drive(
 /// direction of the data (client→server for write, server→client for read), then a
 /// ping-pong of one request and one block, as a bare socket would do it.
 fn baseline(args: &TransferArgs, report: &mut Report) -> anyhow::Result<()> {
+    if args.protocol == "rdma" {
+        let gbps = perftest_baseline(args)?;
+        report.baseline_gb_per_s = Some(gbps);
+        report.ratio = Some(report.gb_per_s / gbps);
+        return Ok(());
+    }
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let block = args.block_size as usize;
@@ -618,6 +630,101 @@ fn baseline(args: &TransferArgs, report: &mut Report) -> anyhow::Result<()> {
     report.baseline_p99_us = Some(percentile(&lat, 0.99));
     report.p50_ratio = Some(report.p50_us / p50);
     Ok(())
+}
+
+/// The RDMA device perftest should use.
+fn rdma_device(args: &TransferArgs) -> anyhow::Result<String> {
+    if let Some(d) = &args.rdma_device {
+        return Ok(d.clone());
+    }
+    let from_env = std::env::var("MC_RDMA_NICS")
+        .ok()
+        .and_then(|v| v.split(',').next().map(str::to_string));
+    if let Some(d) = from_env.filter(|d| !d.is_empty()) {
+        return Ok(d);
+    }
+    let mut devs: Vec<String> = std::fs::read_dir("/sys/class/infiniband")
+        .context("no RDMA devices (/sys/class/infiniband is missing)")?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    devs.sort();
+    devs.into_iter().next().context("no RDMA devices")
+}
+
+/// The GID index of an IPv4-mapped (RoCE v2) GID on port 1 of `dev`, else 0.
+fn roce_gid_index(dev: &str) -> u32 {
+    let dir = format!("/sys/class/infiniband/{dev}/ports/1/gids");
+    let mut found: Vec<u32> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_to_string(e.path())
+                .is_ok_and(|g| g.starts_with("0000:0000:0000:0000:0000:ffff"))
+        })
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .collect();
+    found.sort();
+    found.first().copied().unwrap_or(0)
+}
+
+/// Runs `ib_write_bw` / `ib_read_bw` (server and client on this host, same device, same
+/// message size) and returns their average bandwidth in GB/s.
+fn perftest_baseline(args: &TransferArgs) -> anyhow::Result<f64> {
+    use std::process::{Command, Stdio};
+    let dev = rdma_device(args)?;
+    let tool = match args.op {
+        Op::Write => "ib_write_bw",
+        Op::Read => "ib_read_bw",
+    };
+    let size = args.block_size.to_string();
+    // Iteration mode, about 256 MiB per run: perftest's duration mode under-reports large
+    // messages on soft-RoCE.
+    let iters = ((256u64 << 20) / args.block_size)
+        .clamp(100, 100_000)
+        .to_string();
+    let gid = roce_gid_index(&dev).to_string();
+    let common = [
+        "-d",
+        dev.as_str(),
+        "-x",
+        gid.as_str(),
+        "-s",
+        size.as_str(),
+        "-n",
+        iters.as_str(),
+        "-F",
+        "--report_gbits",
+    ];
+    let mut server = Command::new(tool)
+        .args(common)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot run {tool} (install perftest)"))?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = Command::new(tool).args(common).arg("127.0.0.1").output();
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = out.with_context(|| format!("cannot run {tool}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Result line: "#bytes #iterations BW peak[Gb/sec] BW average[Gb/sec] MsgRate[Mpps]".
+    let gbits = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 4 && f[0] == size)
+                .then(|| f[3].parse::<f64>().ok())
+                .flatten()
+        })
+        .next_back()
+        .with_context(|| {
+            format!(
+                "{tool} printed no result:\n{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    Ok(gbits / 8.0)
 }
 
 fn pump_side(

@@ -305,13 +305,13 @@ impl TransferEngine {
                             .by_id
                             .insert(handle, Arc::new(RemoteSegment::new(d)));
                         if restarted {
+                            // Transports see the new generation in the descriptor and
+                            // replace their stale connections on next use; forgetting here
+                            // could race with a connection to the new incarnation.
                             tracing::info!(
                                 segment = name,
                                 "peer re-published with a new generation"
                             );
-                            for t in &self.inner.transports {
-                                t.forget_peer(name);
-                            }
                         }
                     }
                     Err(e) => tracing::warn!("ignoring a malformed descriptor update: {e}"),
@@ -323,7 +323,7 @@ impl TransferEngine {
                     "peer's descriptor was deleted; dropping its connections"
                 );
                 for t in &self.inner.transports {
-                    t.forget_peer(name);
+                    t.forget_peer(name, Some(old_gen));
                 }
             }
         }
@@ -506,12 +506,6 @@ impl TransferEngine {
     pub async fn refresh_segment(&self, handle: SegmentHandle) -> Result<()> {
         let name = self.segment(handle)?.name().to_string();
         let fresh = self.fetch_segment(&name).await?;
-        let old_gen = self.segment(handle)?.descriptor().generation;
-        if fresh.descriptor().generation != old_gen {
-            for t in &self.inner.transports {
-                t.forget_peer(&name);
-            }
-        }
         self.inner
             .segments
             .write()
@@ -535,7 +529,7 @@ impl TransferEngine {
         t.by_name.remove(seg.name());
         drop(t);
         for tr in &self.inner.transports {
-            tr.forget_peer(seg.name());
+            tr.forget_peer(seg.name(), None);
         }
         Ok(())
     }

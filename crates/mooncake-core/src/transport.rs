@@ -115,8 +115,12 @@ pub trait Transport: Send + Sync + 'static {
     }
     /// Called after `region` was unregistered and drained.
     fn on_unregister(&self, _region: &Arc<Region>) {}
-    /// Drops cached connections and state of a peer (it restarted or vanished).
-    fn forget_peer(&self, _segment: &str) {}
+    /// Drops cached connections and state of a peer that vanished or was closed.
+    ///
+    /// With `Some(generation)`, only state of that generation of the peer is dropped (a
+    /// newer incarnation the transport already reached is kept). Transports must also notice
+    /// a newer generation in a task's descriptor by themselves and replace stale state.
+    fn forget_peer(&self, _segment: &str, _generation: Option<u64>) {}
     /// Stops threads and closes connections; in-flight tasks fail.
     fn shutdown(&self) {}
 }

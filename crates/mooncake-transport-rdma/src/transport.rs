@@ -322,7 +322,9 @@ impl Transport for RdmaTransport {
             .remove(&region.base());
     }
 
-    fn forget_peer(&self, segment: &str) {
+    fn forget_peer(&self, segment: &str, _generation: Option<u64>) {
+        // Endpoints carry their peer's generation and are rebuilt when a task shows a newer
+        // one; forgetting drops every endpoint of the segment (they reconnect lazily).
         lock(&self.inner.passive).retain(|p| p.from != segment);
         self.inner.send_all(|| Cmd::Forget(segment.to_string()));
     }

@@ -298,13 +298,13 @@ impl Transport for TcpTransport {
         }
     }
 
-    fn forget_peer(&self, segment: &str) {
-        if let Some(p) = self
-            .peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(segment)
-        {
+    fn forget_peer(&self, segment: &str, generation: Option<u64>) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let matches = peers
+            .get(segment)
+            .is_some_and(|p| generation.is_none_or(|g| p.generation == g));
+        if let Some(p) = matches.then(|| peers.remove(segment)).flatten() {
+            drop(peers);
             p.close();
         }
     }
