@@ -539,7 +539,9 @@ fn baseline(args: &TransferArgs, report: &mut Report) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let moved = Arc::new(AtomicU64::new(0));
     let conns = args.conns;
-    let ring = (args.batch_size * block).max(block);
+    // Each side cycles through a ring of at most 32 MiB (at least one block): large enough to
+    // leave the cache, small enough to be faulted in before the clock starts.
+    let ring = (args.batch_size * block).min(32 << 20).max(block) / block * block;
     let data_from_client = args.op == Op::Write;
 
     let gbps = std::thread::scope(|s| -> anyhow::Result<f64> {
@@ -566,7 +568,15 @@ fn baseline(args: &TransferArgs, report: &mut Report) -> anyhow::Result<()> {
             clients
                 .push(s.spawn(move || pump_side(c, data_from_client, block, ring, &stop, &moved)));
         }
-        std::thread::sleep(Duration::from_millis(200));
+        // Warm up until every byte of every receiver's ring was written once (pages faulted
+        // in), or 5 s at most.
+        let warm = Instant::now();
+        while moved.load(Ordering::Relaxed) < (conns * ring) as u64
+            && warm.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
         let m0 = moved.load(Ordering::Relaxed);
         let t0 = Instant::now();
         std::thread::sleep(duration);
@@ -579,6 +589,7 @@ fn baseline(args: &TransferArgs, report: &mut Report) -> anyhow::Result<()> {
         server.join().expect("pump server panicked")?;
         Ok(bytes as f64 / secs / 1e9)
     })?;
+    ensure!(gbps > 0.0, "the socket pump moved no bytes");
     report.baseline_gb_per_s = Some(gbps);
     report.ratio = Some(report.gb_per_s / gbps);
 
