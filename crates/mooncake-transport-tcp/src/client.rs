@@ -565,7 +565,7 @@ impl Conn {
     }
 
     fn recv_loop(self: Arc<Self>, stream: TcpStream) {
-        let mut rb = RecvBuf::new(stream.as_raw_fd(), 64 * 1024);
+        let mut rb = RecvBuf::new(stream.as_raw_fd(), crate::io::RECV_BUF);
         loop {
             let mut stall = ConnStall {
                 conn: &self,

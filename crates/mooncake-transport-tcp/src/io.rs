@@ -18,6 +18,12 @@ use crate::wire::HEADER_LEN;
 /// their destination instead of through the buffer.
 const DIRECT_MIN: usize = 16 * 1024;
 
+/// Size of a connection's receive buffer. Small on purpose: it batches headers and small
+/// frames (hundreds of acknowledgements per system call), while at most this many bytes of a
+/// large payload (those that arrived with its header) are copied rather than received in
+/// place.
+pub(crate) const RECV_BUF: usize = 8 * 1024;
+
 /// A receive buffer over one socket.
 pub(crate) struct RecvBuf {
     fd: RawFd,

@@ -120,7 +120,7 @@ fn serve(stream: TcpStream, shared: &ServerShared) -> io::Result<()> {
     stream.set_write_timeout(Some(tick))?;
     crate::transport::apply_socket_buffer(&stream, shared.socket_buffer);
     let fd = stream.as_raw_fd();
-    let mut rb = RecvBuf::new(fd, 64 * 1024);
+    let mut rb = RecvBuf::new(fd, crate::io::RECV_BUF);
     let mut out = OutQueue::new();
 
     // Hello: the client names the segment (and generation) it means to reach.
