@@ -173,6 +173,25 @@ struct Inner {
     closing: AtomicBool,
 }
 
+impl Inner {
+    fn segments(&self) -> std::sync::RwLockReadGuard<'_, SegmentTable> {
+        self.segments.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn segments_mut(&self) -> std::sync::RwLockWriteGuard<'_, SegmentTable> {
+        self.segments.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn batches(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Batch>> {
+        self.batches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The handle of an already opened segment.
+    fn cached_handle(&self, name: &str) -> Option<SegmentHandle> {
+        self.segments().by_name.get(name).copied()
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.closing.store(true, Ordering::Release);
@@ -278,16 +297,8 @@ impl TransferEngine {
         if name == self.local_name() {
             return;
         }
-        let handle = match self
-            .inner
-            .segments
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_name
-            .get(name)
-        {
-            Some(h) => *h,
-            None => return,
+        let Some(handle) = self.inner.cached_handle(name) else {
+            return;
         };
         let old_gen = self
             .segment(handle)
@@ -299,9 +310,7 @@ impl TransferEngine {
                     Ok(d) => {
                         let restarted = d.generation != old_gen;
                         self.inner
-                            .segments
-                            .write()
-                            .unwrap_or_else(|p| p.into_inner())
+                            .segments_mut()
                             .by_id
                             .insert(handle, Arc::new(RemoteSegment::new(d)));
                         if restarted {
@@ -456,22 +465,11 @@ impl TransferEngine {
         if name == self.local_name() {
             return Ok(SegmentHandle::LOCAL);
         }
-        if let Some(h) = self
-            .inner
-            .segments
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_name
-            .get(name)
-        {
-            return Ok(*h);
+        if let Some(h) = self.inner.cached_handle(name) {
+            return Ok(h);
         }
         let remote = self.fetch_segment(name).await?;
-        let mut t = self
-            .inner
-            .segments
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut t = self.inner.segments_mut();
         if let Some(h) = t.by_name.get(name) {
             return Ok(*h);
         }
@@ -507,9 +505,7 @@ impl TransferEngine {
         let name = self.segment(handle)?.name().to_string();
         let fresh = self.fetch_segment(&name).await?;
         self.inner
-            .segments
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+            .segments_mut()
             .by_id
             .insert(handle, Arc::new(fresh));
         Ok(())
@@ -517,11 +513,7 @@ impl TransferEngine {
 
     /// Forgets a segment; its handle becomes invalid and its connections are dropped.
     pub fn close_segment(&self, handle: SegmentHandle) -> Result<()> {
-        let mut t = self
-            .inner
-            .segments
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut t = self.inner.segments_mut();
         let seg = t
             .by_id
             .remove(&handle)
@@ -537,9 +529,7 @@ impl TransferEngine {
     /// The cached descriptor of an opened segment.
     pub fn segment(&self, handle: SegmentHandle) -> Result<Arc<RemoteSegment>> {
         self.inner
-            .segments
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .segments()
             .by_id
             .get(&handle)
             .cloned()
@@ -660,20 +650,14 @@ impl TransferEngine {
     /// Allocates a batch of `capacity` tasks (Mooncake's `allocateBatchID`).
     pub fn allocate_batch(&self, capacity: usize) -> BatchId {
         let id = self.inner.next_batch.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .batches
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Batch::new(capacity));
+        self.inner.batches().insert(id, Batch::new(capacity));
         BatchId(id)
     }
 
     /// The batch behind an id.
     pub fn batch(&self, id: BatchId) -> Result<Batch> {
         self.inner
-            .batches
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .batches()
             .get(&id.0)
             .cloned()
             .ok_or_else(|| Error::invalid(format!("unknown batch id {}", id.0)))
@@ -697,7 +681,7 @@ impl TransferEngine {
 
     /// Frees a batch; refused with [`ErrorKind::Busy`] while a task is unfinished.
     pub fn free_batch(&self, id: BatchId) -> Result<()> {
-        let mut map = self.inner.batches.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.inner.batches();
         let b = map
             .get(&id.0)
             .ok_or_else(|| Error::invalid(format!("unknown batch id {}", id.0)))?;
