@@ -219,3 +219,84 @@ fn sync_calls_and_batch_ids() {
     let connects = tcp.stats().connects;
     assert!(connects <= 4, "{connects} connects for 53 transfers");
 }
+
+/// A metadata store that counts reads.
+struct CountingStore {
+    inner: mooncake_core::EmbeddedMetadataStore,
+    gets: std::sync::atomic::AtomicUsize,
+}
+
+impl mooncake_core::MetadataStore for CountingStore {
+    fn scheme(&self) -> &'static str {
+        "counting"
+    }
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> mooncake_core::BoxFuture<'a, mooncake_core::Result<Option<Vec<u8>>>> {
+        self.gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.get(key)
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+    ) -> mooncake_core::BoxFuture<'a, mooncake_core::Result<()>> {
+        self.inner.put(key, value)
+    }
+    fn delete<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> mooncake_core::BoxFuture<'a, mooncake_core::Result<()>> {
+        self.inner.delete(key)
+    }
+    fn watch<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> mooncake_core::BoxFuture<'a, mooncake_core::Result<mooncake_core::WatchStream>> {
+        self.inner.watch(prefix)
+    }
+}
+
+/// Opening a segment is one metadata read; transfers to an opened segment make none.
+#[test]
+fn transfers_to_an_opened_segment_make_no_metadata_reads() {
+    let counting = Arc::new(CountingStore {
+        inner: mooncake_core::EmbeddedMetadataStore::new(),
+        gets: 0.into(),
+    });
+    let md: Arc<dyn mooncake_core::MetadataStore> = counting.clone();
+    let target = engine("mr-target", &md, TcpConfig::new());
+    let init = engine("mr-init", &md, TcpConfig::new());
+    let tbuf = buffer(&target, 1 << 20, 1);
+    let lbuf = buffer(&init, 1 << 20, 2);
+    let gets = || counting.gets.load(std::sync::atomic::Ordering::SeqCst);
+    let before = gets();
+    let seg = init.open_segment_blocking("mr-target").unwrap();
+    assert_eq!(gets() - before, 1, "opening is one round trip");
+    let before = gets();
+    for i in 0..20u64 {
+        let req = TransferRequest {
+            opcode: if i % 2 == 0 {
+                Opcode::Write
+            } else {
+                Opcode::Read
+            },
+            source: lbuf.base() + i * 4096,
+            target_id: seg,
+            target_offset: tbuf.base() + i * 4096,
+            length: 4096,
+        };
+        init.submit_batch(&[req])
+            .unwrap()
+            .wait_blocking(None)
+            .unwrap();
+        init.transfer_sync_write("mr-target", lbuf.base(), tbuf.base(), 4096)
+            .unwrap();
+    }
+    assert_eq!(
+        gets(),
+        before,
+        "transfers to an opened segment read no metadata"
+    );
+}
