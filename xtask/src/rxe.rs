@@ -150,7 +150,7 @@ if [ "$RUN_BENCH" = 1 ]; then
         # The bench measures the transport, then runs ib_${op}_bw on the same device as its
         # --baseline, in the same process run.
         if env MC_RDMA_NICS=rxe0 $BENCH_ENV /work/bin/mooncake bench transfer --protocol rdma --rdma-device rxe0 \
-            --op $op --block-size $size --batch-size 32 --duration 5 --baseline --json > /tmp/mc.txt 2>&1; then
+            --op $op --block-size $size --batch-size 128 --duration 5 --baseline --json > /tmp/mc.txt 2>&1; then
           line=$(tail -1 /tmp/mc.txt)
           ours=$(echo "$line" | sed -n 's/.*"gb_per_s":\([0-9.eE+-]*\).*/\1/p')
           base=$(echo "$line" | sed -n 's/.*"baseline_gb_per_s":\([0-9.eE+-]*\).*/\1/p')
