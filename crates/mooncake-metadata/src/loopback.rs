@@ -52,7 +52,6 @@ pub fn loopback_pair(backend: Backend, url: Option<&str>) -> Result<LoopbackPair
             )
         })
     };
-    let _ = &need_url;
     match backend {
         Backend::Embedded => {
             let s = EmbeddedMetadataStore::new();
@@ -92,20 +91,13 @@ pub fn loopback_pair(backend: Backend, url: Option<&str>) -> Result<LoopbackPair
                 _guard: None,
             })
         }
-        #[cfg(feature = "etcd")]
-        Backend::Etcd => {
-            let u = need_url("etcd")?;
-            Ok(LoopbackPair {
-                writer: crate::connect(&u)?,
-                reader: crate::connect(&u)?,
-                segment,
-                target: u,
-                _guard: None,
-            })
-        }
-        #[cfg(feature = "redis")]
-        Backend::Redis => {
-            let u = need_url("redis")?;
+        // `connect` checks that the backend was compiled in (done above, too).
+        Backend::Etcd | Backend::Redis => {
+            let u = need_url(if backend == Backend::Etcd {
+                "etcd"
+            } else {
+                "redis"
+            })?;
             Ok(LoopbackPair {
                 writer: crate::connect(&u)?,
                 reader: crate::connect(&u)?,

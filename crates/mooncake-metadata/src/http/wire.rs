@@ -98,18 +98,12 @@ pub struct RequestHead {
 impl RequestHead {
     /// The first query value named `name`.
     pub fn query(&self, name: &str) -> Option<&str> {
-        self.query
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        lookup(&self.query, name)
     }
 
     /// The first header named `name` (lower case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        lookup(&self.headers, name)
     }
 }
 
@@ -426,10 +420,7 @@ pub struct Response {
 impl Response {
     /// The first header named `name` (lower case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        lookup(&self.headers, name)
     }
 }
 
@@ -656,6 +647,14 @@ pub fn decode_events(mut buf: &[u8]) -> Result<Vec<WireEvent>, String> {
         });
     }
     Ok(out)
+}
+
+/// The value of the first `(name, value)` pair called `name`.
+fn lookup<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 #[cfg(test)]
