@@ -42,10 +42,16 @@ struct TestArgs {
     cargo_args: Vec<String>,
 }
 
-/// Packages the build needs (protoc for etcd-client; cmake and clang for the RDMA verbs
-/// crate) and the tests need (iproute2 for namespaces, a font for the plots).
+/// Packages the build needs (protoc and protobuf's well-known `.proto` files for
+/// etcd-client: Debian's `protobuf-compiler` ships without them, `libprotobuf-dev` has them;
+/// cmake and clang for the RDMA verbs crate) and the tests need (iproute2 for namespaces, a
+/// font for the plots).
 const BUILD_DEPS: &[(&str, &str)] = &[
     ("protoc", "protobuf-compiler"),
+    (
+        "/usr/include/google/protobuf/descriptor.proto",
+        "libprotobuf-dev",
+    ),
     ("cmake", "cmake"),
     ("clang", "clang"),
     ("dpkg:libclang-dev", "libclang-dev"),

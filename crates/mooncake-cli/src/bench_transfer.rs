@@ -199,7 +199,7 @@ impl Metadata {
                     0,
                     mooncake::metadata::P2pConfig::default(),
                 )?);
-                mooncake::metadata::p2p::engine_builder(&store)
+                mooncake::p2p_engine_builder(&store)
             }
         };
         match args.protocol.as_str() {
@@ -262,7 +262,7 @@ fn run_both(args: &TransferArgs, region: u64) -> anyhow::Result<Report> {
 const SWEEP_BLOCKS: [u64; 6] = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20];
 
 fn sweep(args: &TransferArgs) -> anyhow::Result<()> {
-    use mooncake_scheduler::experiments::{Chart, ChartKind, Series};
+    use mooncake_sim::experiments::{Chart, ChartKind, Series};
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let mut reports = Vec::new();
@@ -339,7 +339,7 @@ fn sweep(args: &TransferArgs) -> anyhow::Result<()> {
         ],
     };
     let png = args.out.join("transfer_sweep.png");
-    mooncake_scheduler::plot::render(&chart, &png)?;
+    mooncake_sim::plot::render(&chart, &png)?;
     print!("{table}");
     println!("wrote {}", png.display());
     Ok(())

@@ -8,11 +8,12 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use mooncake_scheduler::experiments::{
+use mooncake_scheduler::{Admission, Conductor, Policy};
+use mooncake_sim::experiments::{
     Chart, ChartKind, Experiment, ExperimentOptions, Series, Workload, run_experiment,
 };
-use mooncake_scheduler::sim::{CoupledConfig, SimConfig, SimResult, Simulator};
-use mooncake_scheduler::{Admission, Conductor, Policy, Trace, plot};
+use mooncake_sim::sim::{CoupledConfig, SimConfig, SimResult, Simulator};
+use mooncake_sim::{Trace, plot};
 
 use crate::trace::parse_tokens;
 
@@ -233,8 +234,8 @@ fn write_outputs(dir: &Path, cfg: &SimConfig, r: &SimResult) -> anyhow::Result<(
             x.decode.map_or(String::new(), |v| v.to_string()),
             match x.rejected {
                 None => "",
-                Some(mooncake_scheduler::sim::RejectStage::Arrival) => "arrival",
-                Some(mooncake_scheduler::sim::RejectStage::Decode) => "decode",
+                Some(mooncake_sim::sim::RejectStage::Arrival) => "arrival",
+                Some(mooncake_sim::sim::RejectStage::Decode) => "decode",
             },
             opt(x.prefill_start_s),
             opt(x.prefill_end_s),
@@ -299,7 +300,7 @@ fn write_outputs(dir: &Path, cfg: &SimConfig, r: &SimResult) -> anyhow::Result<(
         &dir.join("tbt_capacity.png"),
     )?;
     if !r.load_series.is_empty() {
-        let pick = |f: fn(&mooncake_scheduler::sim::LoadSample) -> f64| {
+        let pick = |f: fn(&mooncake_sim::sim::LoadSample) -> f64| {
             r.load_series.iter().map(|s| (s.t_s, f(s))).collect()
         };
         render(

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use mooncake_scheduler::trace::{Trace, TraceStats, trace_stats};
+use mooncake_sim::trace::{Trace, TraceStats, trace_stats};
 
 /// `mooncake trace …`.
 #[derive(Debug, Subcommand)]

@@ -170,16 +170,18 @@ impl MetadataKeys {
 #[derive(Debug, Clone)]
 pub struct RemoteSegment {
     descriptor: SegmentDescriptor,
-    ranges: Vec<(u64, u64)>,
+    /// `(addr, length, index into descriptor.buffers)`, sorted by address.
+    ranges: Vec<(u64, u64, usize)>,
 }
 
 impl RemoteSegment {
     /// Indexes `descriptor`.
     pub fn new(descriptor: SegmentDescriptor) -> Self {
-        let mut ranges: Vec<(u64, u64)> = descriptor
+        let mut ranges: Vec<(u64, u64, usize)> = descriptor
             .buffers
             .iter()
-            .map(|b| (b.addr, b.length))
+            .enumerate()
+            .map(|(i, b)| (b.addr, b.length, i))
             .collect();
         ranges.sort_unstable();
         Self { descriptor, ranges }
@@ -197,25 +199,28 @@ impl RemoteSegment {
 
     /// Checks that `[addr, addr + len)` lies inside one published buffer.
     pub fn check_range(&self, addr: u64, len: u64) -> Result<()> {
+        self.buffer_at(addr, len).map(|_| ())
+    }
+
+    /// The published buffer that holds all of `[addr, addr + len)`.
+    pub fn buffer_at(&self, addr: u64, len: u64) -> Result<&BufferDesc> {
         let end = addr.checked_add(len).filter(|_| len > 0);
-        let ok = end.is_some_and(|end| {
-            let i = self.ranges.partition_point(|&(b, _)| b <= addr);
-            i > 0 && {
-                let (b, l) = self.ranges[i - 1];
-                end <= b + l
-            }
+        let found = end.and_then(|end| {
+            let i = self.ranges.partition_point(|&(b, _, _)| b <= addr);
+            let (b, l, idx) = *self.ranges.get(i.checked_sub(1)?)?;
+            (end <= b + l).then_some(idx)
         });
-        if ok {
-            Ok(())
-        } else {
-            Err(Error::new(
-                ErrorKind::RemoteAccess,
-                format!(
-                    "range {addr:#x}+{len} is outside every buffer segment {:?} published",
-                    self.name()
-                ),
-            ))
-        }
+        found
+            .map(|idx| &self.descriptor.buffers[idx])
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::RemoteAccess,
+                    format!(
+                        "range {addr:#x}+{len} is outside every buffer segment {:?} published",
+                        self.name()
+                    ),
+                )
+            })
     }
 }
 

@@ -3,7 +3,6 @@
 
 pub mod completion;
 pub mod descriptor;
-pub mod engine;
 pub mod error;
 pub mod location;
 pub mod metadata;
@@ -15,7 +14,6 @@ pub use completion::{Batch, BatchWait, SliceCompleter, TaskCompleter, TransferSt
 pub use descriptor::{
     BufferDesc, DeviceDesc, MetadataKeys, RemoteSegment, RpcMeta, SegmentDescriptor,
 };
-pub use engine::{BatchId, DEFAULT_TIMEOUT, EngineBuilder, TransferEngine};
 pub use error::{Error, ErrorKind, Result};
 pub use location::Location;
 pub use metadata::{

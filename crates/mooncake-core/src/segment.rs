@@ -42,13 +42,16 @@ impl Access {
 
 /// A contiguous region of memory that can be registered with a transfer engine.
 ///
-/// # Behavior
-/// - `base()..base() + len()` must stay valid, and must not be freed, for as long as the
-///   segment object is alive; the engine keeps the object alive while it is registered and
-///   while any transfer uses it.
-/// - Transports read and write the region with raw memory operations (like DMA): the
-///   owner must not rely on exclusive access while it is registered.
-pub trait MemorySegment: Send + Sync + 'static {
+/// # Safety
+/// Implementors promise what transports rely on when they read and write the region with
+/// raw memory operations (like DMA):
+/// - `base()..base() + len()` is one allocation that is valid for reads and writes, and is
+///   not freed or unmapped, for as long as the segment object is alive;
+/// - `base()`, `len()`, `location()` and `access()` return the same values every time.
+///
+/// The engine keeps the object alive while it is registered and while any transfer uses it.
+/// The owner must not rely on exclusive access while it is registered: peers write into it.
+pub unsafe trait MemorySegment: Send + Sync + 'static {
     /// Address of the first byte.
     fn base(&self) -> u64;
     /// Length in bytes.
@@ -179,7 +182,9 @@ impl Drop for LocalBuffer {
     }
 }
 
-impl MemorySegment for LocalBuffer {
+// SAFETY: the allocation lives until `drop`, which runs only after the last `Arc` (the
+// registry's included) is gone; the fields never change after construction.
+unsafe impl MemorySegment for LocalBuffer {
     fn base(&self) -> u64 {
         self.ptr.as_ptr() as u64
     }
@@ -229,7 +234,9 @@ impl ForeignMemory {
     }
 }
 
-impl MemorySegment for ForeignMemory {
+// SAFETY: `ForeignMemory::new`'s contract makes the caller vouch for the range for the
+// object's lifetime; the fields never change after construction.
+unsafe impl MemorySegment for ForeignMemory {
     fn base(&self) -> u64 {
         self.base
     }
@@ -283,6 +290,34 @@ impl Region {
     /// Number of leases held right now.
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Acquire)
+    }
+
+    /// Blocks until no lease of the region is left.
+    ///
+    /// It never gives up: a lease means a transport may still touch the memory, and callers
+    /// free it once this returns. Transports drop their leases promptly once the region is
+    /// removed and they were told (`Transport::on_unregister`); a warning is logged every
+    /// 10 s while leases remain, so a stuck one can be found.
+    pub fn wait_drained(&self) {
+        let started = Instant::now();
+        let mut next_warn = started + DRAIN_WARN_EVERY;
+        while self.inflight.load(Ordering::Acquire) != 0 {
+            let listener = self.drained.listen();
+            if self.inflight.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if listener.wait_deadline(next_warn).is_none()
+                && self.inflight.load(Ordering::Acquire) != 0
+            {
+                tracing::warn!(
+                    base = format_args!("{:#x}", self.base),
+                    leases = self.inflight(),
+                    waited = ?started.elapsed(),
+                    "unregister is still waiting for transfers that use the region"
+                );
+                next_warn += DRAIN_WARN_EVERY;
+            }
+        }
     }
 }
 
@@ -384,8 +419,8 @@ impl std::fmt::Debug for BufferRegistry {
     }
 }
 
-/// How long `unregister` waits for in-flight transfers before giving up.
-pub const UNREGISTER_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// While waiting for leases to drain, a warning is logged this often.
+const DRAIN_WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl BufferRegistry {
     /// An empty registry.
@@ -429,8 +464,9 @@ impl BufferRegistry {
         Ok(region)
     }
 
-    /// Unregisters the region that starts at `base`, waiting for in-flight transfers on it.
-    pub fn unregister(&self, base: u64) -> Result<Arc<Region>> {
+    /// Removes the region that starts at `base`: from now on no lease can name it. Leases
+    /// taken before stay valid; [`Region::wait_drained`] waits for them.
+    pub fn remove(&self, base: u64) -> Result<Arc<Region>> {
         let region = {
             let mut map = self.regions.write().unwrap_or_else(|e| e.into_inner());
             map.remove(&base).ok_or_else(|| {
@@ -441,19 +477,13 @@ impl BufferRegistry {
             })?
         };
         self.generation.fetch_add(1, Ordering::AcqRel);
-        let deadline = Instant::now() + UNREGISTER_DRAIN_TIMEOUT;
-        while region.inflight.load(Ordering::Acquire) != 0 {
-            let listener = region.drained.listen();
-            if region.inflight.load(Ordering::Acquire) == 0 {
-                break;
-            }
-            if listener.wait_deadline(deadline).is_none() {
-                return Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!("region {base:#x} still has transfers in flight"),
-                ));
-            }
-        }
+        Ok(region)
+    }
+
+    /// [`remove`](Self::remove) the region at `base`, then wait until no lease of it is left.
+    pub fn unregister(&self, base: u64) -> Result<Arc<Region>> {
+        let region = self.remove(base)?;
+        region.wait_drained();
         Ok(region)
     }
 

@@ -19,7 +19,7 @@ pub enum Opcode {
     Write = 1,
 }
 
-/// A segment opened by [`crate::engine::TransferEngine::open_segment`].
+/// A segment opened by the engine's `open_segment` (an index into its segment cache).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SegmentHandle(pub u64);
 
@@ -59,16 +59,22 @@ pub struct TransferTask {
     pub completer: TaskCompleter,
 }
 
-/// What a transport can do; read by the engine, callers and the conformance suite.
+/// What a transport can do; the engine reads it when it routes each request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct TransportCapabilities {
-    /// Moves GPU memory without a host bounce.
-    pub gpu_direct: bool,
-    /// Can spread one peer's traffic over several network paths.
-    pub multi_path: bool,
-    /// Largest single request, in bytes (0 = unlimited).
-    pub max_request_len: u64,
+    /// Moves bytes of device memory (a local or remote region whose [`crate::Location`] is
+    /// not host memory, e.g. `cuda:0`). The engine never hands such a request to a transport
+    /// without it, and never copies device memory with the CPU.
+    pub device_memory: bool,
+}
+
+impl TransportCapabilities {
+    /// Sets [`device_memory`](Self::device_memory).
+    pub fn with_device_memory(mut self, yes: bool) -> Self {
+        self.device_memory = yes;
+        self
+    }
 }
 
 /// What an engine tells a transport when building it.
@@ -113,7 +119,13 @@ pub trait Transport: Send + Sync + 'static {
     fn on_register(&self, _region: &Arc<Region>) -> Result<()> {
         Ok(())
     }
-    /// Called after `region` was unregistered and drained.
+    /// Called when `region` is being unregistered: it has left the registry (no new lease
+    /// can name it) and the engine waits for its leases to drain next.
+    ///
+    /// The transport must revoke every access it can still make to the region — deregister
+    /// NIC mappings, abort I/O in progress into or out of it — fail the tasks that use it,
+    /// and drop its leases promptly: the engine does not return from unregistering (and the
+    /// caller does not free the memory) until they are gone.
     fn on_unregister(&self, _region: &Arc<Region>) {}
     /// Drops cached connections and state of a peer that vanished or was closed.
     ///
@@ -122,6 +134,10 @@ pub trait Transport: Send + Sync + 'static {
     /// a newer generation in a task's descriptor by themselves and replace stale state.
     fn forget_peer(&self, _segment: &str, _generation: Option<u64>) {}
     /// Stops threads and closes connections; in-flight tasks fail.
+    ///
+    /// When it returns the transport no longer reads or writes registered memory (local or
+    /// on behalf of a peer), and peers can no longer reach it. The engine calls it when its
+    /// last clone is dropped.
     fn shutdown(&self) {}
 }
 

@@ -34,10 +34,6 @@ pub mod redis;
 #[cfg(feature = "redis")]
 pub use redis::{RedisConfig, RedisMetadataStore};
 
-#[cfg(feature = "test-util")]
-#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
-pub mod conformance;
-
 pub mod loopback;
 pub use loopback::{LoopbackPair, loopback_pair, serve_http};
 
@@ -132,7 +128,7 @@ fn not_compiled(what: &str, backend: Backend) -> Error {
 /// - `""` → the process-wide embedded store;
 /// - `http://host:port/metadata` → `HttpMetadataStore` (default `HttpConfig`);
 /// - `P2PHANDSHAKE` → a `P2pHandshakeStore` on `127.0.0.1` and a free port (use
-///   `P2pHandshakeStore::bind` to choose the host and port, and `p2p::engine_builder`);
+///   `P2pHandshakeStore::bind` to choose the host and port, and `mooncake::p2p_engine_builder`);
 /// - `etcd://h1:2379,h2:2379` or `h:2379` → `EtcdMetadataStore`;
 /// - `redis://[user:pass@]host:6379[/db]` → `RedisMetadataStore`.
 ///

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use mooncake_core::{
-    BoxFuture, EmbeddedMetadataStore, EngineBuilder, Error, ErrorKind, MetadataStore, Result,
-    RpcMeta, SegmentDescriptor, TransferEngine, WatchStream,
+    BoxFuture, EmbeddedMetadataStore, Error, ErrorKind, MetadataStore, Result, RpcMeta,
+    SegmentDescriptor, WatchStream,
 };
 
 use crate::net;
@@ -210,7 +210,8 @@ impl Inner {
 ///
 /// # Behavior
 /// - Binds a TCP RPC port; [`local_name`](Self::local_name) (`host:port`) is the only segment
-///   name this process may publish, and the engine must use it ([`engine_builder`]).
+///   name this process may publish, and the engine must use it as its segment name, with
+///   [`rpc_port`](Self::rpc_port) as its RPC port (`mooncake::p2p_engine_builder` does both).
 /// - `put`/`delete`/`watch` act on this process's own keys (a local map; watch sees local
 ///   changes only). The RPC port serves this process's descriptor to peers.
 /// - `get` of a local key answers locally. `get("mooncake/[<cluster>/]ram/host:port")` of
@@ -404,16 +405,6 @@ impl Drop for P2pHandshakeStore {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// An engine builder for P2P mode: names the engine `store.local_name()`, publishes the RPC
-/// port and the host, and uses `store` as its metadata.
-pub fn engine_builder(store: &Arc<P2pHandshakeStore>) -> EngineBuilder {
-    let host = store.local_addr().ip().to_string();
-    TransferEngine::builder(store.local_name())
-        .with_hostname(host)
-        .with_rpc_port(store.rpc_port())
-        .with_metadata(store.clone() as Arc<dyn MetadataStore>)
 }
 
 /// Splits a metadata key into (kind, segment name): `("ram", n)` for `…ram/n`,

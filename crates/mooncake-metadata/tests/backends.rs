@@ -1,6 +1,5 @@
 //! Backend-specific behaviour beyond the shared suite: wire compatibility with Mooncake's
 //! HTTP API and handshake framing, size limits, error messages, re-publishing.
-#![cfg(feature = "test-util")]
 #![allow(unused_imports)]
 
 use std::io::{Read, Write};
@@ -9,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mooncake_core::{ErrorKind, MetadataKeys, MetadataStore, block_on};
-use mooncake_metadata::conformance::{Rt, descriptor, run, unique};
+use mooncake_testkit::metadata::descriptor;
+use mooncake_testkit::{Rt, run, unique};
 
 /// Sends raw bytes and reads until `done(reply)` or EOF.
 #[allow(dead_code)]
@@ -300,7 +300,7 @@ mod redis_backend {
     /// A key deleted behind a live node's back (eviction, restart) is put back by its keepalive.
     #[test]
     fn republishes_vanished_keys() {
-        let Some(url) = mooncake_metadata::conformance::service_url("MOONCAKE_TEST_REDIS") else {
+        let Some(url) = mooncake_testkit::metadata::service_url("MOONCAKE_TEST_REDIS") else {
             return;
         };
         let a = RedisMetadataStore::connect(
@@ -323,7 +323,7 @@ mod redis_backend {
     /// Keys are plain strings at Mooncake's key names, readable by any redis client.
     #[test]
     fn keys_are_plain_strings() {
-        let Some(url) = mooncake_metadata::conformance::service_url("MOONCAKE_TEST_REDIS") else {
+        let Some(url) = mooncake_testkit::metadata::service_url("MOONCAKE_TEST_REDIS") else {
             return;
         };
         let a = RedisMetadataStore::connect(&url, RedisConfig::default()).unwrap();

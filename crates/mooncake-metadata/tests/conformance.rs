@@ -2,7 +2,6 @@
 //!
 //! etcd and redis need real servers: `MOONCAKE_TEST_ETCD=etcd://127.0.0.1:P` and
 //! `MOONCAKE_TEST_REDIS=redis://127.0.0.1:P` (`cargo xtask test` starts them and sets these).
-#![cfg(feature = "test-util")]
 
 #[allow(unused_imports)]
 use std::sync::Arc;
@@ -12,8 +11,8 @@ use std::time::Duration;
 #[allow(unused_imports)]
 use mooncake_core::{EmbeddedMetadataStore, Result};
 #[allow(unused_imports)]
-use mooncake_metadata::conformance::{Harness, Liveness, Node};
-use mooncake_metadata::conformance_suite;
+use mooncake_testkit::metadata::{Harness, Liveness, Node};
+use mooncake_testkit::metadata_suite;
 
 /// TTL used by the liveness backends in this suite.
 #[allow(dead_code)]
@@ -36,7 +35,7 @@ impl Harness for Embedded {
     }
 }
 
-conformance_suite!(embedded, || Some(Embedded(EmbeddedMetadataStore::new())));
+metadata_suite!(embedded, || Some(Embedded(EmbeddedMetadataStore::new())));
 
 #[cfg(all(feature = "http", feature = "http-server"))]
 struct Http(mooncake_metadata::http::HttpMetadataServer);
@@ -60,7 +59,7 @@ impl Harness for Http {
 }
 
 #[cfg(all(feature = "http", feature = "http-server"))]
-conformance_suite!(http, || {
+metadata_suite!(http, || {
     use mooncake_metadata::http::{HttpMetadataServer, HttpServerConfig};
     Some(Http(
         HttpMetadataServer::bind("127.0.0.1:0", HttpServerConfig::default()).unwrap(),
@@ -93,7 +92,7 @@ impl Harness for P2p {
 }
 
 #[cfg(feature = "p2p")]
-conformance_suite!(p2p, || Some(P2p));
+metadata_suite!(p2p, || Some(P2p));
 
 #[cfg(feature = "etcd")]
 struct Etcd(String);
@@ -117,7 +116,7 @@ impl Harness for Etcd {
 }
 
 #[cfg(feature = "etcd")]
-conformance_suite!(etcd, || mooncake_metadata::conformance::service_url(
+metadata_suite!(etcd, || mooncake_testkit::metadata::service_url(
     "MOONCAKE_TEST_ETCD"
 )
 .map(Etcd));
@@ -144,7 +143,7 @@ impl Harness for Redis {
 }
 
 #[cfg(feature = "redis")]
-conformance_suite!(redis, || mooncake_metadata::conformance::service_url(
+metadata_suite!(redis, || mooncake_testkit::metadata::service_url(
     "MOONCAKE_TEST_REDIS"
 )
 .map(Redis));

@@ -1,7 +1,6 @@
 //! A node killed with SIGKILL (no cleanup at all) disappears within the TTL: the test re-runs
 //! this binary as a child that publishes a key and keeps it alive, kills it, and waits for the
 //! key to go.
-#![cfg(feature = "test-util")]
 #![allow(dead_code, unused_imports)]
 
 use std::process::{Command, Stdio};
@@ -9,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mooncake_core::{MetadataStore, block_on};
-use mooncake_metadata::conformance::unique;
+use mooncake_testkit::unique;
 
 const TTL: Duration = Duration::from_secs(2);
 
@@ -101,7 +100,7 @@ fn killed_http_client() {
 #[cfg(feature = "redis")]
 #[test]
 fn killed_redis_client() {
-    let Some(url) = mooncake_metadata::conformance::service_url("MOONCAKE_TEST_REDIS") else {
+    let Some(url) = mooncake_testkit::metadata::service_url("MOONCAKE_TEST_REDIS") else {
         return;
     };
     crash_and_wait(&url);
@@ -110,7 +109,7 @@ fn killed_redis_client() {
 #[cfg(feature = "etcd")]
 #[test]
 fn killed_etcd_client() {
-    let Some(url) = mooncake_metadata::conformance::service_url("MOONCAKE_TEST_ETCD") else {
+    let Some(url) = mooncake_testkit::metadata::service_url("MOONCAKE_TEST_ETCD") else {
         return;
     };
     crash_and_wait(&url);

@@ -1,15 +1,15 @@
 //! Two transfer engines, each with its own metadata store (as two processes would have), find
 //! each other through each backend and move bytes over the TCP transport.
-#![cfg(feature = "test-util")]
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use mooncake_core::{
-    EmbeddedMetadataStore, EngineBuilder, LocalBuffer, MemorySegment, MetadataKeys, MetadataStore,
-    Opcode, TransferEngine, TransferRequest,
+    EmbeddedMetadataStore, LocalBuffer, MemorySegment, MetadataKeys, MetadataStore, Opcode,
+    TransferRequest,
 };
-use mooncake_metadata::conformance::{Rt, run, unique};
+use mooncake_engine::{EngineBuilder, TransferEngine};
+use mooncake_testkit::{Rt, run, unique};
 use mooncake_transport_tcp::TcpConfig;
 
 const LEN: usize = 1 << 20;
@@ -113,18 +113,22 @@ fn http() {
 #[cfg(feature = "p2p")]
 #[test]
 fn p2p() {
-    use mooncake_metadata::{P2pConfig, P2pHandshakeStore, p2p};
+    use mooncake_metadata::{P2pConfig, P2pHandshakeStore};
     two_engines(|_| {
-        p2p::engine_builder(&Arc::new(
-            P2pHandshakeStore::bind("127.0.0.1", 0, P2pConfig::default()).unwrap(),
-        ))
+        // What `mooncake::p2p_engine_builder` does: the segment is named by the RPC port.
+        let store =
+            Arc::new(P2pHandshakeStore::bind("127.0.0.1", 0, P2pConfig::default()).unwrap());
+        TransferEngine::builder(store.local_name())
+            .with_hostname(store.local_addr().ip().to_string())
+            .with_rpc_port(store.rpc_port())
+            .with_metadata(store)
     });
 }
 
 #[cfg(feature = "etcd")]
 #[test]
 fn etcd() {
-    let Some(url) = mooncake_metadata::conformance::service_url("MOONCAKE_TEST_ETCD") else {
+    let Some(url) = mooncake_testkit::metadata::service_url("MOONCAKE_TEST_ETCD") else {
         return;
     };
     two_engines(|i| {
@@ -136,7 +140,7 @@ fn etcd() {
 #[cfg(feature = "redis")]
 #[test]
 fn redis() {
-    let Some(url) = mooncake_metadata::conformance::service_url("MOONCAKE_TEST_REDIS") else {
+    let Some(url) = mooncake_testkit::metadata::service_url("MOONCAKE_TEST_REDIS") else {
         return;
     };
     two_engines(|i| {

@@ -1,6 +1,5 @@
 //! The conformance suite must fail on broken backends: each test wraps the embedded store
 //! with one defect and expects the matching case to panic.
-#![cfg(feature = "test-util")]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +7,8 @@ use std::time::Duration;
 use mooncake_core::{
     BoxFuture, EmbeddedMetadataStore, MetadataStore, Result, SegmentDescriptor, WatchStream,
 };
-use mooncake_metadata::conformance::{self, Harness, Liveness, Node, Rt};
+use mooncake_testkit::Rt;
+use mooncake_testkit::metadata::{self as conformance, Harness, Liveness, Node};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Defect {

@@ -15,7 +15,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mooncake_core::{LocalBuffer, MemorySegment, Opcode, TransferEngine, TransferRequest};
+use mooncake_core::{LocalBuffer, MemorySegment, Opcode, TransferRequest};
+use mooncake_engine::TransferEngine;
 use mooncake_transport_rdma::RdmaConfig;
 
 struct Args {

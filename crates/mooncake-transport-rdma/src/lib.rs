@@ -4,7 +4,7 @@
 //! into an engine with [`RdmaConfig`]:
 //!
 //! ```no_run
-//! use mooncake_core::TransferEngine;
+//! use mooncake_engine::TransferEngine;
 //! use mooncake_transport_rdma::RdmaConfig;
 //! let engine = TransferEngine::builder("node-a").with_transport(RdmaConfig::new()).build()?;
 //! # Ok::<(), mooncake_core::Error>(())

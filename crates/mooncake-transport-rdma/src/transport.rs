@@ -209,10 +209,7 @@ impl Transport for RdmaTransport {
     }
 
     fn capabilities(&self) -> TransportCapabilities {
-        let mut c = TransportCapabilities::default();
-        c.multi_path = self.inner.nics.len() > 1;
-        c.max_request_len = 0;
-        c
+        TransportCapabilities::default()
     }
 
     fn publish(&self, d: &mut SegmentDescriptor) {

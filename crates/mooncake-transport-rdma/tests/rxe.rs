@@ -1,20 +1,20 @@
 //! End-to-end tests over real verbs devices (soft-RoCE in `cargo xtask rxe`).
 //!
 //! They need RDMA devices and run only with `MOONCAKE_TEST_RDMA=1`; without it each prints
-//! why it was skipped. With it set they must pass: a missing device is a failure.
+//! why it was skipped. With it set they must pass: a missing device is a failure. The
+//! transport conformance suite (`tests/conformance.rs`) covers dead and restarted peers.
 //!
 //! The VM's rxe devices loop back only to themselves, so engines use
 //! [`PathPolicy::SameRailOnly`] (rxe0 ↔ rxe0, rxe1 ↔ rxe1).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mooncake_core::{
-    Access, ErrorKind, LocalBuffer, MemorySegment, MetadataKeys, Opcode, SegmentHandle,
-    TransferEngine, TransferRequest,
+    Access, ErrorKind, LocalBuffer, MemorySegment, Opcode, SegmentHandle, TransferRequest,
 };
+use mooncake_engine::TransferEngine;
 use mooncake_transport_rdma::{PathPolicy, RdmaConfig, device_names, rdma_tests_enabled};
 use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
 
@@ -416,176 +416,6 @@ fn link_down_fails_over_to_the_other_nic() {
         "the NIC is used again after link up: {:?}",
         stats.nics()
     );
-}
-
-#[test]
-#[ignore = "helper: the peer process of killed_peer_fails_within_deadline"]
-fn peer_child_process() {
-    let Ok(name) = std::env::var("MOONCAKE_RDMA_CHILD") else {
-        panic!("run only by killed_peer_fails_within_deadline");
-    };
-    // Logs go to stderr: stdout is a pipe the parent stops reading after the descriptor.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .try_init();
-    eprintln!("peer child {name}: starting");
-    let e = engine(&name, config());
-    let _buf = buffer(&e, 64 << 20);
-    eprintln!("peer child {name}: registered");
-    let d = e.local_descriptor();
-    println!("DESCRIPTOR {}", String::from_utf8(d.to_json()).unwrap());
-    loop {
-        std::thread::sleep(Duration::from_secs(60));
-    }
-}
-
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_peer(a: &TransferEngine, name: &str) -> Child {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "peer_child_process",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("MOONCAKE_RDMA_CHILD", name)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines();
-    let desc = loop {
-        let l = lines.next().expect("child printed its descriptor").unwrap();
-        // libtest prints "test peer_child_process ... " without a newline first.
-        if let Some(i) = l.find("DESCRIPTOR ") {
-            break l[i + "DESCRIPTOR ".len()..].to_string();
-        }
-    };
-    // Keep draining the child's stdout so it never writes into a closed pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    // The child has its own embedded metadata store: publish its descriptor in ours.
-    let key = MetadataKeys::from_env().segment(name);
-    mooncake_core::block_on(a.metadata().put(&key, desc.into_bytes())).unwrap();
-    Child(child)
-}
-
-#[test]
-#[cfg_attr(
-    not(mooncake_rdma_tests),
-    ignore = "needs RDMA devices: run `cargo xtask rxe` (MOONCAKE_TEST_RDMA=1)"
-)]
-fn killed_peer_fails_within_deadline() {
-    require_devices();
-    init_tracing();
-    let timeout = Duration::from_secs(5);
-    let a = TransferEngine::builder("kill-a")
-        .with_transport(config())
-        .with_timeout(timeout)
-        .build()
-        .unwrap();
-    const LEN: usize = 64 << 20;
-    let src = buffer(&a, LEN);
-    src.fill(0, LEN, 0x77).unwrap();
-    let mut child = spawn_peer(&a, "kill-peer");
-    eprintln!("kill test: peer started");
-    let h = a.open_segment_blocking("kill-peer").unwrap();
-    let remote_base = a.segment(h).unwrap().descriptor().buffers[0].addr;
-    let reqs = |h: SegmentHandle, base: u64| -> Vec<TransferRequest> {
-        (0..16)
-            .map(|i| TransferRequest {
-                opcode: if i % 2 == 0 {
-                    Opcode::Write
-                } else {
-                    Opcode::Read
-                },
-                source: src.base() + i * (LEN as u64 / 16),
-                target_id: h,
-                target_offset: base + i * (LEN as u64 / 16),
-                length: LEN as u64 / 16,
-            })
-            .collect()
-    };
-    // Warm up: the peer works.
-    a.submit_batch(&reqs(h, remote_base)[..2])
-        .unwrap()
-        .wait_blocking(Some(Instant::now() + 6 * timeout))
-        .unwrap();
-    eprintln!("kill test: warm-up done");
-    // Kill it mid-transfer.
-    let batch = a.submit_batch(&reqs(h, remote_base)).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    let killed = Instant::now();
-    child.0.kill().unwrap();
-    eprintln!("kill test: peer killed");
-    let r = batch.wait_blocking(Some(killed + 3 * timeout));
-    let took = killed.elapsed();
-    eprintln!("batch after kill: {r:?} after {took:?}");
-    assert!(batch.is_done(), "every task finished within 3× the timeout");
-    let e = r.expect_err("a killed peer fails the batch");
-    assert!(
-        matches!(e.kind(), ErrorKind::PeerUnreachable | ErrorKind::Timeout),
-        "{e}"
-    );
-    // New requests to the dead peer fail within the deadline too.
-    let t0 = Instant::now();
-    let r = a
-        .submit_batch(&reqs(h, remote_base)[..4])
-        .unwrap()
-        .wait_blocking(Some(t0 + 3 * timeout));
-    assert!(r.is_err(), "the dead peer cannot accept transfers");
-    assert!(
-        t0.elapsed() < 3 * timeout,
-        "failed within the deadline, took {:?}",
-        t0.elapsed()
-    );
-    child.0.wait().unwrap();
-    eprintln!("kill test: peer reaped");
-    // The engine recovers: a new peer under the same name works.
-    let _child2 = spawn_peer(&a, "kill-peer");
-    eprintln!("kill test: second peer started");
-    a.close_segment(h).unwrap();
-    let h2 = a.open_segment_blocking("kill-peer").unwrap();
-    let base2 = a.segment(h2).unwrap().descriptor().buffers[0].addr;
-    a.submit_batch(&reqs(h2, base2))
-        .unwrap()
-        .wait_blocking(Some(Instant::now() + 6 * timeout))
-        .unwrap();
-    // And bytes round-trip through the new peer.
-    let back = buffer(&a, 1 << 20);
-    let w = [TransferRequest {
-        opcode: Opcode::Write,
-        source: src.base(),
-        target_id: h2,
-        target_offset: base2,
-        length: 1 << 20,
-    }];
-    let bounded = || Some(Instant::now() + 6 * timeout);
-    a.submit_batch(&w)
-        .unwrap()
-        .wait_blocking(bounded())
-        .unwrap();
-    let r = [TransferRequest {
-        opcode: Opcode::Read,
-        source: back.base(),
-        target_id: h2,
-        target_offset: base2,
-        length: 1 << 20,
-    }];
-    a.submit_batch(&r)
-        .unwrap()
-        .wait_blocking(bounded())
-        .unwrap();
-    assert!(back.to_vec().iter().all(|&x| x == 0x77));
 }
 
 #[test]

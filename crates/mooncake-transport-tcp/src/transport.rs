@@ -219,9 +219,7 @@ impl Transport for TcpTransport {
     }
 
     fn capabilities(&self) -> TransportCapabilities {
-        let mut c = TransportCapabilities::default();
-        c.multi_path = true;
-        c
+        TransportCapabilities::default()
     }
 
     fn publish(&self, d: &mut SegmentDescriptor) {

@@ -2,6 +2,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use mooncake_core::*;
+pub use mooncake_engine::*;
 
 /// Metadata backends (`mooncake-metadata`).
 pub use mooncake_metadata as metadata;
@@ -60,4 +61,18 @@ pub fn transport_builder(protocol: &str) -> Result<Box<dyn TransportBuilder>> {
 /// error naming the cargo feature to enable.
 pub fn open_metadata(url: &str) -> Result<std::sync::Arc<dyn MetadataStore>> {
     mooncake_metadata::connect(url)
+}
+
+/// An engine builder for `P2PHANDSHAKE` mode: the engine is named `store.local_name()`
+/// (`host:port` of the store's RPC port), publishes that port and host, and uses `store` as
+/// its metadata (feature `metadata-p2p`).
+#[cfg(feature = "metadata-p2p")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metadata-p2p")))]
+pub fn p2p_engine_builder(
+    store: &std::sync::Arc<mooncake_metadata::P2pHandshakeStore>,
+) -> EngineBuilder {
+    TransferEngine::builder(store.local_name())
+        .with_hostname(store.local_addr().ip().to_string())
+        .with_rpc_port(store.rpc_port())
+        .with_metadata(store.clone() as std::sync::Arc<dyn MetadataStore>)
 }

@@ -29,10 +29,10 @@ use std::collections::{BinaryHeap, VecDeque};
 use mooncake_core::scheduler::{ClusterEvent, Decision, PrefixFetch, ScheduleRequest, Scheduler};
 use serde::{Deserialize, Serialize};
 
-use crate::conductor::ConductorConfig;
-use crate::cost::CostModel;
-use crate::lru::LruSet;
 use crate::trace::{Trace, percentile};
+use mooncake_scheduler::ConductorConfig;
+use mooncake_scheduler::CostModel;
+use mooncake_scheduler::lru::LruSet;
 
 /// The coupled (vLLM-like) baseline's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1146,21 +1146,21 @@ pub fn summarize(records: &[RequestRecord], ttft_slo_s: f64, tbt_slo_s: f64) -> 
     }
 }
 
-/// Replays `trace` under `cfg` with a [`crate::Conductor`] built from `cfg.conductor`.
+/// Replays `trace` under `cfg` with a [`mooncake_scheduler::Conductor`] built from `cfg.conductor`.
 pub fn simulate(
     cfg: &SimConfig,
     trace: &Trace,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<SimResult, crate::ScheduleError> {
-    let conductor = crate::Conductor::new(cfg.conductor.clone())?;
+) -> Result<SimResult, mooncake_scheduler::ScheduleError> {
+    let conductor = mooncake_scheduler::Conductor::new(cfg.conductor.clone())?;
     Ok(Simulator::new(cfg.clone(), trace, conductor).run(progress))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conductor::{Admission, Policy};
     use crate::trace::TraceRequest;
+    use mooncake_scheduler::{Admission, Policy};
 
     fn trace(reqs: &[(u64, u32, u32, std::ops::Range<u64>)]) -> Trace {
         Trace {
@@ -1272,7 +1272,7 @@ mod tests {
         ]);
         t.requests[2].hash_ids = (0..60).chain(9000..9004).collect();
         let c2 = cfg(2, 1);
-        let conductor = crate::Conductor::new(c2.conductor.clone()).unwrap();
+        let conductor = mooncake_scheduler::Conductor::new(c2.conductor.clone()).unwrap();
         let (r, conductor) =
             Simulator::new(c2.clone(), &t, conductor).run_keeping_scheduler(&mut |_, _| {});
         // Hot-block replication: the fetched prefix now lives on both instances.
@@ -1281,7 +1281,7 @@ mod tests {
         assert_eq!(conductor.index().holders(100).count_ones(), 1);
         let mut no_rep = c2.clone();
         no_rep.replicate = false;
-        let conductor = crate::Conductor::new(no_rep.conductor.clone()).unwrap();
+        let conductor = mooncake_scheduler::Conductor::new(no_rep.conductor.clone()).unwrap();
         let (_, conductor) =
             Simulator::new(no_rep, &t, conductor).run_keeping_scheduler(&mut |_, _| {});
         assert_eq!(conductor.index().holders(0).count_ones(), 1);

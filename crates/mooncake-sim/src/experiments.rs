@@ -8,9 +8,9 @@ use std::str::FromStr;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::conductor::{Admission, Policy, ScheduleError};
 use crate::sim::{SimConfig, SimResult, simulate};
 use crate::trace::{TRACE_BLOCK_TOKENS, Trace, hit_ratio};
+use mooncake_scheduler::{Admission, Policy, ScheduleError};
 
 /// Which of the paper's workloads a trace is (selects the paper's numbers to compare with).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -1,13 +1,13 @@
-//! Checks on the published synthetic trace (../shared/traces beside the checkout).
+//! Checks on the published synthetic trace (traces/ at the repository root).
 
-use mooncake_scheduler::experiments::{Experiment, ExperimentOptions, run_experiment};
-use mooncake_scheduler::trace::{TRACE_BLOCK_TOKENS, hit_ratio};
-use mooncake_scheduler::{SimConfig, Trace, simulate, trace_stats};
+use mooncake_sim::experiments::{Experiment, ExperimentOptions, run_experiment};
+use mooncake_sim::trace::{TRACE_BLOCK_TOKENS, hit_ratio};
+use mooncake_sim::{SimConfig, Trace, simulate, trace_stats};
 
 fn synthetic() -> Trace {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/traces/synthetic_trace.jsonl"
+        "/../../traces/synthetic_trace.jsonl"
     );
     Trace::from_path(path).unwrap_or_else(|e| panic!("the synthetic trace is needed: {e}"))
 }

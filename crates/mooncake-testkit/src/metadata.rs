@@ -1,4 +1,4 @@
-//! The conformance suite every metadata backend passes (feature `test-util`).
+//! The conformance suite every metadata backend passes.
 //!
 //! A backend provides a [`Harness`] that makes independent *nodes* (a store each, as separate
 //! processes would have). Each case is an `async fn(&dyn Harness)`; [`run`] drives it under
@@ -9,55 +9,14 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::rt::{Rt, run};
+use crate::unique;
 use mooncake_core::{
     BufferDesc, Error, ErrorKind, MetadataKeys, MetadataStore, Result, SegmentDescriptor,
     WatchEvent, WatchStream,
 };
-
-/// The runtimes each case runs under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rt {
-    /// tokio, current-thread.
-    TokioCurrentThread,
-    /// tokio, multi-thread.
-    TokioMultiThread,
-    /// `smol::block_on`.
-    Smol,
-    /// `mooncake_core::block_on` (no runtime at all).
-    BlockOn,
-}
-
-impl Rt {
-    /// Every runtime.
-    pub const ALL: [Rt; 4] = [
-        Rt::TokioCurrentThread,
-        Rt::TokioMultiThread,
-        Rt::Smol,
-        Rt::BlockOn,
-    ];
-}
-
-/// Runs `f` to completion under `rt`.
-pub fn run<F: Future>(rt: Rt, f: F) -> F::Output {
-    match rt {
-        Rt::TokioCurrentThread => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-            .block_on(f),
-        Rt::TokioMultiThread => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-            .block_on(f),
-        Rt::Smol => smol::block_on(f),
-        Rt::BlockOn => mooncake_core::block_on(f),
-    }
-}
 
 /// How a backend notices a dead node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,17 +59,6 @@ pub trait Harness: Send + Sync {
     fn remote_watch(&self) -> bool {
         true
     }
-}
-
-static UNIQUE: AtomicU64 = AtomicU64::new(0);
-
-/// A unique token (process id, counter, time), for cluster ids and segment names.
-pub fn unique(tag: &str) -> String {
-    let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() % 1_000_000_000);
-    format!("{tag}-{}-{n}-{t}", std::process::id())
 }
 
 /// A descriptor of `name` at `generation` with `buffers` buffers, each carrying the generation
@@ -541,10 +489,10 @@ pub fn run_case(h: &dyn Harness, name: &str, rt: Rt) {
 
 /// Generates one `#[test]` per case for a harness expression, each run under every [`Rt`].
 ///
-/// `conformance_suite!(http, || HttpHarness::new())` — the closure returns
+/// `metadata_suite!(http, || HttpHarness::new())` — the closure returns
 /// `Option<impl Harness>`; `None` skips (a service is not configured).
 #[macro_export]
-macro_rules! conformance_suite {
+macro_rules! metadata_suite {
     ($m:ident, $make:expr) => {
         mod $m {
             #[allow(unused_imports)]
@@ -552,9 +500,9 @@ macro_rules! conformance_suite {
             fn case(name: &str) {
                 let make = $make;
                 let Some(h) = make() else { return };
-                for rt in $crate::conformance::Rt::ALL {
+                for rt in $crate::rt::Rt::ALL {
                     eprintln!("{} under {rt:?}", name);
-                    $crate::conformance::run_case(&h, name, rt);
+                    $crate::metadata::run_case(&h, name, rt);
                 }
             }
             #[test]

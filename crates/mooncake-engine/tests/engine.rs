@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use mooncake_core::{
     EmbeddedMetadataStore, ErrorKind, LocalBuffer, MemorySegment, MetadataKeys, MetadataStore,
-    Opcode, SegmentDescriptor, SegmentHandle, TransferEngine, TransferRequest, TransferStatus,
-    block_on,
+    Opcode, SegmentDescriptor, SegmentHandle, TransferRequest, TransferStatus, block_on,
 };
+use mooncake_engine::TransferEngine;
 
 fn engine(name: &str, md: &Arc<dyn MetadataStore>) -> TransferEngine {
     TransferEngine::builder(name)
@@ -106,4 +106,57 @@ fn malformed_descriptor_names_its_key() {
     let e = a.open_segment_blocking("mf-b").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Metadata);
     assert!(e.to_string().contains("mooncake/ram/mf-b"), "{e}");
+}
+
+/// Device memory (`cuda:N`) is never read or written by a path that cannot move it: a
+/// host-only transport and the engine's local copy refuse it before touching a byte. The
+/// "device" region here is an unmapped address, so touching it would crash the test.
+#[test]
+fn device_memory_is_refused_by_host_only_paths() {
+    use mooncake_core::{Access, ForeignMemory, Location};
+    let md: Arc<dyn MetadataStore> = Arc::new(EmbeddedMetadataStore::new());
+    let build = |name: &str| {
+        TransferEngine::builder(name)
+            .with_metadata(md.clone())
+            .with_transport(mooncake_testkit::LoopbackConfig)
+            .build()
+            .unwrap()
+    };
+    let a = build("dev-a");
+    let b = build("dev-b");
+    let host = Arc::new(LocalBuffer::new(1 << 16).unwrap());
+    a.register(host.clone()).unwrap();
+    let bhost = Arc::new(LocalBuffer::new(1 << 16).unwrap());
+    b.register(bhost.clone()).unwrap();
+    // SAFETY: registered but never dereferenced: every path below must refuse it.
+    let fake = unsafe {
+        ForeignMemory::new(
+            0x7e00_0000_0000,
+            1 << 20,
+            Location::Cuda(0),
+            Access::ReadWrite,
+        )
+    };
+    b.register(Arc::new(fake)).unwrap();
+    let e = a
+        .transfer_sync_write("dev-b", host.base(), 0x7e00_0000_0000, 4096)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("device memory"), "{e}");
+    // The same engine's local copy into device memory.
+    let e = b
+        .submit_batch(&[TransferRequest {
+            opcode: Opcode::Write,
+            source: bhost.base(),
+            target_id: SegmentHandle::LOCAL,
+            target_offset: 0x7e00_0000_0000,
+            length: 4096,
+        }])
+        .unwrap()
+        .wait_blocking(None)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    // Host memory still moves.
+    a.transfer_sync_read("dev-b", host.base(), bhost.base(), 4096)
+        .unwrap();
 }

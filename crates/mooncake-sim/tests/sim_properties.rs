@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
-use mooncake_scheduler::sim::{CoupledConfig, SimConfig, simulate};
-use mooncake_scheduler::{Admission, Policy, Trace, TraceRequest};
+use mooncake_scheduler::{Admission, Policy};
+use mooncake_sim::sim::{CoupledConfig, SimConfig, simulate};
+use mooncake_sim::{Trace, TraceRequest};
 use proptest::prelude::*;
 
 fn arb_trace() -> impl Strategy<Value = Trace> {

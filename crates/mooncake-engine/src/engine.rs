@@ -11,15 +11,12 @@ use event_listener::Event;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::completion::{Batch, TransferStatus};
-use crate::descriptor::{BufferDesc, MetadataKeys, RemoteSegment, RpcMeta, SegmentDescriptor};
-use crate::error::{Error, ErrorKind, Result};
-use crate::location::Location;
-use crate::metadata::{EmbeddedMetadataStore, MetadataStore, WatchEvent, block_on};
-use crate::segment::{Access, BufferRegistry, ForeignMemory, MemorySegment, Requester};
-use crate::transport::{
-    EngineContext, Opcode, SegmentHandle, TransferRequest, TransferTask, Transport,
-    TransportBuilder,
+use mooncake_core::{
+    Access, Batch, BufferDesc, BufferRegistry, EmbeddedMetadataStore, EngineContext, Error,
+    ErrorKind, ForeignMemory, Location, MemorySegment, MetadataKeys, MetadataStore, Opcode,
+    RegionLease, RemoteSegment, Requester, Result, RpcMeta, SegmentDescriptor, SegmentHandle,
+    TransferRequest, TransferStatus, TransferTask, Transport, TransportBuilder,
+    TransportCapabilities, WatchEvent, block_on,
 };
 
 /// Default time a peer may make no progress before its tasks fail.
@@ -124,6 +121,7 @@ impl EngineBuilder {
             inner: Arc::new(Inner {
                 ctx,
                 metadata,
+                capabilities: transports.iter().map(|t| t.capabilities()).collect(),
                 transports,
                 keys: self.keys,
                 rpc_port: self.rpc_port,
@@ -163,6 +161,8 @@ struct Inner {
     ctx: EngineContext,
     metadata: Arc<dyn MetadataStore>,
     transports: Vec<Arc<dyn Transport>>,
+    /// `transports[i].capabilities()`, read once at build.
+    capabilities: Vec<TransportCapabilities>,
     keys: MetadataKeys,
     rpc_port: u16,
     segments: RwLock<SegmentTable>,
@@ -418,10 +418,12 @@ impl TransferEngine {
         let region = self.registry().register(memory)?;
         for (i, t) in self.inner.transports.iter().enumerate() {
             if let Err(e) = t.on_register(&region) {
-                for t in &self.inner.transports[..i] {
-                    t.on_unregister(&region);
+                if let Ok(region) = self.registry().remove(region.base()) {
+                    for t in &self.inner.transports[..i] {
+                        t.on_unregister(&region);
+                    }
+                    region.wait_drained();
                 }
-                let _ = self.registry().unregister(region.base());
                 return Err(e);
             }
         }
@@ -451,12 +453,20 @@ impl TransferEngine {
         self.register(Arc::new(mem))
     }
 
-    /// Unregisters the region starting at `addr`, waiting for transfers that use it.
+    /// Unregisters the region starting at `addr`.
+    ///
+    /// # Behavior
+    /// The region leaves the registry first (no new transfer can name it), then every
+    /// transport revokes access to it (RDMA deregisters its memory regions, TCP aborts I/O
+    /// in progress into or out of it) and transfers using it fail; the call returns once no
+    /// transfer holds it any more. After it returns no peer can read or write the memory,
+    /// and the caller may free it.
     pub fn unregister_memory(&self, addr: u64) -> Result<()> {
-        let region = self.registry().unregister(addr)?;
+        let region = self.registry().remove(addr)?;
         for t in &self.inner.transports {
             t.on_unregister(&region);
         }
+        region.wait_drained();
         self.publish()
     }
 
@@ -581,27 +591,12 @@ impl TransferEngine {
                     }
                 }
             }
-            let Some(ti) = self
-                .inner
-                .transports
-                .iter()
-                .position(|t| t.can_reach(&remote))
-            else {
-                completer.complete(Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!(
-                        "no installed transport ({}) speaks segment {:?}'s protocol {:?}",
-                        self.inner
-                            .transports
-                            .iter()
-                            .map(|t| t.name())
-                            .collect::<Vec<_>>()
-                            .join(","),
-                        remote.name(),
-                        remote.descriptor().protocol
-                    ),
-                )));
-                continue;
+            let ti = match self.route(&local, &remote, req) {
+                Ok(ti) => ti,
+                Err(e) => {
+                    completer.complete(Err(e));
+                    continue;
+                }
             };
             per_transport[ti].push(TransferTask {
                 opcode: req.opcode,
@@ -619,6 +614,57 @@ impl TransferEngine {
         Ok(())
     }
 
+    /// The transport that moves `req`: the first installed one that can reach `remote` and,
+    /// when either side of the request is device memory, declares
+    /// [`TransportCapabilities::device_memory`].
+    fn route(
+        &self,
+        local: &RegionLease,
+        remote: &RemoteSegment,
+        req: &TransferRequest,
+    ) -> Result<usize> {
+        let remote_loc: Location = remote
+            .buffer_at(req.target_offset, req.length)?
+            .name
+            .parse()
+            .unwrap_or_default();
+        let device = !local.region().location().is_host() || !remote_loc.is_host();
+        let reach: Vec<usize> = (0..self.inner.transports.len())
+            .filter(|&i| self.inner.transports[i].can_reach(remote))
+            .collect();
+        if let Some(&ti) = reach
+            .iter()
+            .find(|&&i| !device || self.inner.capabilities[i].device_memory)
+        {
+            return Ok(ti);
+        }
+        let names = self
+            .inner
+            .transports
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(",");
+        Err(if reach.is_empty() {
+            Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "no installed transport ({names}) speaks segment {:?}'s protocol {:?}",
+                    remote.name(),
+                    remote.descriptor().protocol
+                ),
+            )
+        } else {
+            Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "no installed transport ({names}) moves device memory (local {}, remote {remote_loc})",
+                    local.region().location()
+                ),
+            )
+        })
+    }
+
     /// Submits `requests` as a new batch and returns it.
     pub fn submit_batch(&self, requests: &[TransferRequest]) -> Result<Batch> {
         let batch = Batch::new(requests.len());
@@ -626,17 +672,22 @@ impl TransferEngine {
         Ok(batch)
     }
 
-    fn local_copy(
-        &self,
-        op: Opcode,
-        local: &crate::segment::RegionLease,
-        target: u64,
-    ) -> Result<()> {
-        let who = match op {
-            Opcode::Read => Requester::Local,
-            Opcode::Write => Requester::Local,
-        };
-        let other = self.registry().lease(target, local.len(), who)?;
+    fn local_copy(&self, op: Opcode, local: &RegionLease, target: u64) -> Result<()> {
+        let other = self
+            .registry()
+            .lease(target, local.len(), Requester::Local)?;
+        for r in [local.region(), other.region()] {
+            if !r.location().is_host() {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "local copies of device memory ({} at {:#x}) need a device-memory transport",
+                        r.location(),
+                        r.base()
+                    ),
+                ));
+            }
+        }
         let (src, dst) = match op {
             Opcode::Read => (other.as_ptr(), local.as_ptr()),
             Opcode::Write => (local.as_ptr(), other.as_ptr()),

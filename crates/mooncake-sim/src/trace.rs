@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::lru::LruSet;
+use mooncake_scheduler::lru::LruSet;
 
 /// Tokens per KV block in the published traces.
 pub const TRACE_BLOCK_TOKENS: u32 = 512;

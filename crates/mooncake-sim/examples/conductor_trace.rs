@@ -1,16 +1,17 @@
 //! Replays a Mooncake trace through the Conductor on a simulated 8P8D cluster and prints the
 //! summary for each prefill policy.
 //!
-//! `cargo run --release -p mooncake-scheduler --example conductor_trace [TRACE]` (default: the
-//! synthetic trace in ../shared/traces).
+//! `cargo run --release -p mooncake-sim --example conductor_trace [TRACE]` (default: the
+//! synthetic trace in traces/ at the repository root).
 
-use mooncake_scheduler::{Policy, SimConfig, Trace, simulate};
+use mooncake_scheduler::Policy;
+use mooncake_sim::{SimConfig, Trace, simulate};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args().nth(1).unwrap_or_else(|| {
         concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/traces/synthetic_trace.jsonl"
+            "/../../traces/synthetic_trace.jsonl"
         )
         .to_owned()
     });

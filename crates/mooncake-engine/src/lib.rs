@@ -1,0 +1,6 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod engine;
+
+pub use engine::{BatchId, DEFAULT_TIMEOUT, EngineBuilder, TransferEngine};

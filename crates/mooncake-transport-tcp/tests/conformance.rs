@@ -1,0 +1,24 @@
+//! The TCP transport passes the transport conformance suite (mooncake-testkit).
+
+use mooncake_core::TransportBuilder;
+use mooncake_testkit::{TransportHarness, transport_suite};
+use mooncake_transport_tcp::TcpConfig;
+
+struct Tcp;
+
+impl TransportHarness for Tcp {
+    fn name(&self) -> &str {
+        "tcp"
+    }
+    fn builder(&self) -> Box<dyn TransportBuilder> {
+        // Small stripes and slices so that striping and slicing are exercised.
+        Box::new(
+            TcpConfig::new()
+                .with_stripe_min(64 << 10)
+                .with_max_slice(1 << 20)
+                .with_conns_per_path(3),
+        )
+    }
+}
+
+transport_suite!(tcp, || Some(Tcp));
