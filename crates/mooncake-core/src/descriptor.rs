@@ -37,6 +37,15 @@ pub struct BufferDesc {
     /// Local keys, one per device. Published by the reference; we never publish them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lkey: Vec<u32>,
+    /// mooncake-rs: peers may read but not write the buffer (the owner registered it
+    /// read-only). Initiators refuse writes to it before sending anything; the target (or
+    /// its NIC) enforces it as well.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 /// A segment descriptor: what a peer needs to reach a segment's registered memory.

@@ -388,6 +388,7 @@ impl TransferEngine {
                     name: r.location().to_string(),
                     addr: r.base(),
                     length: r.len(),
+                    read_only: !r.access().remote_write(),
                     ..Default::default()
                 })
                 .collect(),
@@ -616,18 +617,26 @@ impl TransferEngine {
 
     /// The transport that moves `req`: the first installed one that can reach `remote` and,
     /// when either side of the request is device memory, declares
-    /// [`TransportCapabilities::device_memory`].
+    /// [`TransportCapabilities::device_memory`]. A write to a buffer the peer published
+    /// read-only is refused here, before any transport sees it.
     fn route(
         &self,
         local: &RegionLease,
         remote: &RemoteSegment,
         req: &TransferRequest,
     ) -> Result<usize> {
-        let remote_loc: Location = remote
-            .buffer_at(req.target_offset, req.length)?
-            .name
-            .parse()
-            .unwrap_or_default();
+        let buffer = remote.buffer_at(req.target_offset, req.length)?;
+        if req.opcode == Opcode::Write && buffer.read_only {
+            return Err(Error::new(
+                ErrorKind::RemoteAccess,
+                format!(
+                    "segment {:?} published the buffer at {:#x} read-only",
+                    remote.name(),
+                    buffer.addr
+                ),
+            ));
+        }
+        let remote_loc: Location = buffer.name.parse().unwrap_or_default();
         let device = !local.region().location().is_host() || !remote_loc.is_host();
         let reach: Vec<usize> = (0..self.inner.transports.len())
             .filter(|&i| self.inner.transports[i].can_reach(remote))

@@ -75,7 +75,7 @@ pub fn descriptor(name: &str, generation: u64, buffers: usize) -> SegmentDescrip
                 addr: (generation << 32) | (i as u64 * 4096),
                 length: 4096,
                 rkey: vec![generation as u32],
-                lkey: Vec::new(),
+                ..Default::default()
             })
             .collect(),
         ..Default::default()

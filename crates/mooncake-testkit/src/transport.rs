@@ -191,6 +191,11 @@ impl Guarded {
 /// Out-of-range, unregistered, wrapping, read-only and local-only targets fail alone with
 /// the right error kind; valid requests of the same batch complete; no byte outside the
 /// valid requests' ranges changes.
+///
+/// Two phases: first through the target's honest descriptor (the initiator refuses most
+/// requests itself), then through a forged one that widens every buffer over its guards,
+/// marks the read-only region writable and adds the local-only and unregistered regions —
+/// so every request reaches the target, which must refuse it on its own.
 pub fn refusals_keep_guard_bytes(h: &dyn TransportHarness) {
     let md = store();
     let tname = unique("rf-target");
@@ -202,10 +207,15 @@ pub fn refusals_keep_guard_bytes(h: &dyn TransportHarness) {
     let init = engine(h, &unique("rf-init"), &md);
     let lbuf = buffer(&init, 4 * GUARD, 7);
     let seg = init.open_segment_blocking(&tname).unwrap();
-    // Unregister after the initiator cached the descriptor: the request below goes out with
-    // a stale view unless the initiator refreshed it; either way it must be refused.
+    let gone_desc = target
+        .local_descriptor()
+        .buffers
+        .into_iter()
+        .find(|b| b.addr == gone.base)
+        .expect("the region is published");
     target.unregister_memory(gone.base).unwrap();
-    let before = [rw.snapshot(), ro.snapshot(), lo.snapshot(), gone.snapshot()];
+    block_on(init.refresh_segment(seg)).unwrap();
+    let g = GUARD as u64;
     // Each request has its own 8 KiB of local memory, so reads and writes of one batch
     // never touch the same local bytes.
     let req = |i: u64, at: u64, len: u64, opcode| TransferRequest {
@@ -215,7 +225,6 @@ pub fn refusals_keep_guard_bytes(h: &dyn TransportHarness) {
         target_offset: at,
         length: len,
     };
-    let g = GUARD as u64;
     let reqs = [
         req(0, rw.base, 4096, Opcode::Write),           // fine
         req(1, rw.base - 1, 4096, Opcode::Write),       // starts in the guard
@@ -229,56 +238,86 @@ pub fn refusals_keep_guard_bytes(h: &dyn TransportHarness) {
         req(9, lo.base, 4096, Opcode::Read),            // local only
         req(10, lo.base, 4096, Opcode::Write),          // local only
         req(11, gone.base, 4096, Opcode::Write),        // unregistered
+        req(12, rw.base - g, 4096, Opcode::Read),       // reads the guard below
     ];
-    let batch = init.submit_batch(&reqs).unwrap();
-    assert!(batch.wait_blocking(None).is_err());
-    let ok: Vec<bool> = (0..reqs.len()).map(|i| batch.error(i).is_none()).collect();
-    assert_eq!(
-        ok,
-        [
-            true, false, false, false, true, false, false, false, true, false, false, false
-        ],
-        "{}: which requests completed",
-        h.name()
-    );
-    for i in [1, 2, 3, 6, 7, 9, 10, 11] {
-        let e = batch.error(i).unwrap();
-        assert_eq!(
-            e.kind(),
-            ErrorKind::RemoteAccess,
-            "{}: request {i}: {e}",
+    let refused = [1, 2, 3, 6, 7, 9, 10, 11, 12];
+    let mut before = [rw.snapshot(), ro.snapshot(), lo.snapshot(), gone.snapshot()];
+    for phase in ["honest descriptor", "forged descriptor"] {
+        if phase == "forged descriptor" {
+            // Widen what the initiator believes: every request now passes its own checks.
+            let mut forged = target.local_descriptor();
+            for b in &mut forged.buffers {
+                if b.addr == rw.base || b.addr == ro.base {
+                    b.addr -= g;
+                    b.length += 2 * g;
+                    b.read_only = false;
+                }
+            }
+            let mut lo_desc = gone_desc.clone();
+            lo_desc.addr = lo.base;
+            forged.buffers.push(lo_desc);
+            forged.buffers.push(gone_desc.clone());
+            let key = MetadataKeys::from_env().segment(&tname);
+            block_on(md.put(&key, forged.to_json())).unwrap();
+            block_on(init.refresh_segment(seg)).unwrap();
+        }
+        let batch = init.submit_batch(&reqs).unwrap();
+        assert!(batch.wait_blocking(None).is_err());
+        for (i, _) in reqs.iter().enumerate() {
+            let err = batch.error(i);
+            if refused.contains(&i) {
+                let e = err.unwrap_or_else(|| {
+                    panic!("{} ({phase}): request {i} was not refused", h.name())
+                });
+                assert_eq!(
+                    e.kind(),
+                    ErrorKind::RemoteAccess,
+                    "{} ({phase}): request {i}: {e}",
+                    h.name()
+                );
+            } else if i == 5 {
+                assert_eq!(err.map(|e| e.kind()), Some(ErrorKind::InvalidArgument));
+            } else {
+                assert!(
+                    err.is_none(),
+                    "{} ({phase}): request {i}: {err:?}",
+                    h.name()
+                );
+            }
+        }
+        // Only request 0 wrote: the first 4 KiB of the read-write region.
+        let mut expect = before[0].clone();
+        expect[GUARD..GUARD + 4096].copy_from_slice(&pattern(4 * GUARD, 7)[..4096]);
+        assert!(
+            rw.snapshot() == expect,
+            "{} ({phase}): bytes outside request 0 changed",
             h.name()
         );
+        for (name, region, was) in [
+            ("read-only", &ro, &before[1]),
+            ("local-only", &lo, &before[2]),
+            ("unregistered", &gone, &before[3]),
+        ] {
+            assert!(
+                region.snapshot() == *was,
+                "{} ({phase}): a {name} region was written",
+                h.name()
+            );
+        }
+        // Reads 4 and 8 brought the right bytes; refused reads brought none.
+        let l = lbuf.to_vec();
+        let at = |i: usize| i * 8192..i * 8192 + 4096;
+        assert!(l[at(4)] == pattern(3 * GUARD, 90)[GUARD + 8192..GUARD + 8192 + 4096]);
+        assert!(l[at(8)] == pattern(3 * GUARD, 91)[GUARD..GUARD + 4096]);
+        for i in [3, 6, 9, 12] {
+            assert!(
+                l[at(i)] == pattern(4 * GUARD, 7)[at(i)],
+                "{} ({phase}): refused read {i} changed local memory",
+                h.name()
+            );
+        }
+        before[0] = rw.snapshot();
     }
-    assert_eq!(batch.error(5).unwrap().kind(), ErrorKind::InvalidArgument);
-    // Only request 0 wrote: the first 4 KiB of the read-write region.
-    let mut expect = before[0].clone();
-    expect[GUARD..GUARD + 4096].copy_from_slice(&pattern(4 * GUARD, 7)[..4096]);
-    assert!(
-        rw.snapshot() == expect,
-        "{}: bytes outside request 0 changed",
-        h.name()
-    );
-    assert!(
-        ro.snapshot() == before[1],
-        "{}: a read-only region was written",
-        h.name()
-    );
-    assert!(
-        lo.snapshot() == before[2],
-        "{}: a local-only region was written",
-        h.name()
-    );
-    assert!(
-        gone.snapshot() == before[3],
-        "{}: an unregistered region was written",
-        h.name()
-    );
-    // Reads 4 and 8 brought the right bytes.
-    let l = lbuf.to_vec();
-    let (r4, r8) = (4 * 8192, 8 * 8192);
-    assert!(l[r4..r4 + 4096] == pattern(3 * GUARD, 90)[GUARD + 8192..GUARD + 8192 + 4096]);
-    assert!(l[r8..r8 + 4096] == pattern(3 * GUARD, 91)[GUARD..GUARD + 4096]);
 
     // An unregistered local source fails before anything is sent.
     let stray = LocalBuffer::new(4096).unwrap();
