@@ -29,6 +29,8 @@
 //! is the constructor's capacity rounded *down* to a multiple of `align` (a tail smaller than one
 //! unit is unusable).
 
+#![forbid(unsafe_code)]
+
 use crate::types::{StoreError, StoreErrorCode, StoreResult};
 
 const MANTISSA_BITS: u32 = 3;

@@ -4,6 +4,8 @@
 //! serialise as the reference's negative integers, so a reply can be handed to the Python API
 //! unchanged.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -244,6 +246,9 @@ pub struct ReplicateConfig {
     /// The key's group: keys of one group are evicted together (the Python API's `group_ids`
     /// carries one per key).
     pub group_id: Option<String>,
+    /// One group per key of a batch put (the Python API's `group_ids`); when non-empty it
+    /// overrides `group_id` key by key. Only the client reads it.
+    pub group_ids: Vec<String>,
     /// The reference's `data_type` (KVCACHE, TENSOR, WEIGHT, …); stored, not interpreted.
     pub data_type: u8,
 }
@@ -259,6 +264,7 @@ impl Default for ReplicateConfig {
             soft_pin_action: SoftPinAction::Preserve,
             soft_pin_ttl_ms: None,
             group_id: None,
+            group_ids: Vec::new(),
             data_type: 0,
         }
     }

@@ -20,6 +20,12 @@ pub struct MasterConfig {
     pub client_live_ttl_ms: u64,
     /// A put whose writer is alive but has not finished after this long is revoked. Default 30 s.
     pub put_start_discard_timeout_ms: u64,
+    /// Ranges of an in-flight put that is revoked (its writer disconnected or expired, it timed
+    /// out, it was preempted, force-removed or revoked) are quarantined this long before
+    /// another writer may get them: the dead or slow writer's data-plane writes may still land
+    /// until its transfer engine's whole-request deadline. The key itself is writable again at
+    /// once, with fresh space. Default 10 s (2× the engine's default 5 s timeout).
+    pub inflight_quarantine_ms: u64,
     /// Soft pin lifetime when the config names none. Default 30 min.
     pub default_soft_pin_ttl_ms: u64,
     /// Whether soft-pinned objects may be evicted when nothing else is evictable. Default true.
@@ -48,6 +54,7 @@ impl Default for MasterConfig {
             eviction_ratio: 0.05,
             client_live_ttl_ms: 10_000,
             put_start_discard_timeout_ms: 30_000,
+            inflight_quarantine_ms: 10_000,
             default_soft_pin_ttl_ms: 30 * 60 * 1000,
             allow_evict_soft_pinned: true,
             ramp_up_ms: 30_000,
@@ -83,6 +90,12 @@ impl MasterConfig {
     /// Sets `put_start_discard_timeout_ms`.
     pub fn with_put_start_discard_timeout_ms(mut self, ms: u64) -> Self {
         self.put_start_discard_timeout_ms = ms;
+        self
+    }
+
+    /// Sets `inflight_quarantine_ms`.
+    pub fn with_inflight_quarantine_ms(mut self, ms: u64) -> Self {
+        self.inflight_quarantine_ms = ms;
         self
     }
 

@@ -26,6 +26,8 @@
 //! evicted for a put are physical neighbours, so a contiguous extent forms after evicting about
 //! the size asked for (LRU order across a segment frees scattered holes instead).
 
+#![forbid(unsafe_code)]
+
 mod config;
 mod evict;
 mod placement;
@@ -539,6 +541,14 @@ impl Master {
         &self.cfg
     }
 
+    /// The segments `client` has mounted (empty for an unknown client).
+    pub fn client_segments(&self, client: ClientId) -> Vec<SegmentId> {
+        self.clients
+            .get(&client.0)
+            .map(|c| c.segments.iter().map(|&s| SegmentId(s)).collect())
+            .unwrap_or_default()
+    }
+
     // -----------------------------------------------------------------------------------------
     // Clients.
 
@@ -626,7 +636,9 @@ impl Master {
 
     /// The control connection of `client` closed.
     ///
-    /// Its in-flight puts are revoked at once (their keys are writable again) and its segments
+    /// Its in-flight puts are revoked at once (their keys are writable again, with fresh space:
+    /// the old ranges are quarantined for `inflight_quarantine_ms`, since the dead writer's
+    /// transfers may still land) and its segments
     /// become suspect: no new allocations, but their objects stay readable until the client
     /// comes back (any call or heartbeat) or expires. Returns the puts revoked.
     pub fn client_disconnected(&mut self, client: ClientId, now_ms: u64) -> u64 {
@@ -650,8 +662,9 @@ impl Master {
             .filter(|(_, f)| f.writer == writer)
             .map(|(&s, _)| s)
             .collect();
+        let keep = self.quarantine_until(now_ms);
         for &s in &slots {
-            self.delete_object(s, now_ms, 0);
+            self.delete_object(s, now_ms, keep);
         }
         self.counters.revoked_puts += slots.len() as u64;
         slots.len() as u64
@@ -692,8 +705,9 @@ impl Master {
             .filter(|(_, f)| f.started_ms.saturating_add(discard) <= now_ms)
             .map(|(&s, _)| s)
             .collect();
+        let keep = self.quarantine_until(now_ms);
         for &s in &stale {
-            self.delete_object(s, now_ms, 0);
+            self.delete_object(s, now_ms, keep);
         }
         report.revoked_puts += stale.len() as u64;
         self.counters.revoked_puts += stale.len() as u64;
@@ -1458,7 +1472,8 @@ impl Master {
                             )
                         });
                     }
-                    self.delete_object(s, now_ms, 0);
+                    let keep = self.quarantine_until(now_ms);
+                    self.delete_object(s, now_ms, keep);
                     self.counters.revoked_puts += 1;
                 }
             }
@@ -1679,7 +1694,9 @@ impl Master {
         Ok(())
     }
 
-    /// The writer aborts its put (or upsert): the object and its ranges are gone.
+    /// The writer aborts its put (or upsert): the object is gone and the key writable again;
+    /// its ranges are quarantined for `inflight_quarantine_ms` (a failed transfer may still
+    /// land).
     /// `ILLEGAL_CLIENT` if not the writer, `OBJECT_NOT_FOUND`, `INVALID_PARAMS` if COMPLETE.
     pub fn put_revoke(
         &mut self,
@@ -1707,9 +1724,15 @@ impl Master {
                 format!("{key} is being written by another client"),
             ));
         }
-        self.delete_object(s, now_ms, 0);
+        let keep = self.quarantine_until(now_ms);
+        self.delete_object(s, now_ms, keep);
         self.counters.revoked_puts += 1;
         Ok(())
+    }
+
+    /// Until when the ranges of a revoked in-flight put stay quarantined.
+    fn quarantine_until(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_add(self.cfg.inflight_quarantine_ms)
     }
 
     /// The COMPLETE replicas of a key, granting (or extending) a read lease
@@ -1765,7 +1788,7 @@ impl Master {
     /// - Without `force`: `OBJECT_HAS_LEASE` while leased, `REPLICA_IS_NOT_READY` while
     ///   PROCESSING.
     /// - With `force` the key goes at once, but its ranges are only reused after the lease ends
-    ///   (or, for an in-flight put, after `put_start_discard_timeout_ms`), so a reader or writer
+    ///   (or, for an in-flight put, after `inflight_quarantine_ms`), so a reader or writer
     ///   still transferring never touches someone else's bytes.
     pub fn remove(&mut self, tenant: &str, key: &str, force: bool, now_ms: u64) -> StoreResult<()> {
         let Some(s) = self.lookup(tenant, key) else {
@@ -1789,7 +1812,7 @@ impl Master {
                     format!("{} is being written", sl.key),
                 ));
             }
-            return Ok(now_ms.saturating_add(self.cfg.put_start_discard_timeout_ms));
+            return Ok(self.quarantine_until(now_ms));
         }
         if sl.lease_until > now_ms {
             if !force {

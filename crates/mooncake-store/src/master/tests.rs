@@ -242,9 +242,48 @@ fn put_revoke_frees_and_key_is_writable() {
         .unwrap();
     assert_eq!(m.stats().used_bytes, 4096);
     m.put_revoke(c, T0, "k", 1).unwrap();
-    assert_eq!(m.stats().used_bytes, 0);
     assert!(m.query_key(T0, "k").is_none());
     put(&mut m, c, "k", 10, 2);
+    // The revoked range is quarantined (a failed transfer may still land), then freed.
+    assert_eq!(m.stats().used_bytes, 4096 + 64);
+    m.tick(1 + m.config().inflight_quarantine_ms);
+    assert_eq!(m.stats().used_bytes, 64);
+}
+
+/// Space of a dead writer's in-flight put is not handed to anyone until the quarantine ends,
+/// though the key is writable again at once.
+#[test]
+fn dead_writer_space_is_quarantined() {
+    let mut c = cfg();
+    c.eviction_high_watermark_ratio = 1.0;
+    c.client_live_ttl_ms = 1 << 40;
+    let q = c.inflight_quarantine_ms;
+    let mut m = Master::new(c);
+    let store = client(&mut m, "s");
+    let w = client(&mut m, "w");
+    let other = client(&mut m, "o");
+    mount(&mut m, store, "s", "s", 8 * KB, 0);
+    let rc = ReplicateConfig::default();
+    let dead = m.put_start(w, T0, "k", 4 * KB, &rc, 0).unwrap();
+    m.put_start(w, T0, "k2", 4 * KB, &rc, 0).unwrap();
+    assert_eq!(m.client_disconnected(w, 1), 2);
+    // The key is writable again, but not into the dead writer's range: the pool is "full".
+    assert_eq!(
+        code(m.put_start(other, T0, "k", 4 * KB, &rc, 2)),
+        StoreErrorCode::NoAvailableHandle
+    );
+    m.tick(1 + q - 1);
+    assert_eq!(
+        code(m.put_start(other, T0, "k", 4 * KB, &rc, q)),
+        StoreErrorCode::NoAvailableHandle
+    );
+    m.heartbeat(store, 1 + q).unwrap();
+    m.heartbeat(other, 1 + q).unwrap();
+    m.tick(1 + q);
+    let d = m.put_start(other, T0, "k", 4 * KB, &rc, 1 + q).unwrap();
+    assert!(d[0].epoch > dead[0].epoch);
+    m.put_end(other, T0, "k", 2 + q).unwrap();
+    m.check_invariants().unwrap();
 }
 
 #[test]
@@ -636,7 +675,8 @@ fn put_never_fails_when_eviction_could_satisfy_it() {
 
 #[test]
 fn futile_eviction_walks_are_remembered() {
-    let mut c = cfg().with_lease_ttl_ms(1000);
+    // No quarantine: the revoke below must free its range at once.
+    let mut c = cfg().with_lease_ttl_ms(1000).with_inflight_quarantine_ms(0);
     c.eviction_high_watermark_ratio = 0.5;
     let mut m = Master::new(c);
     let s = client(&mut m, "h");

@@ -1,0 +1,269 @@
+//! Connections to the master: a pool of blocking sockets (used directly by the calling thread,
+//! no hand-off) and a pool of `async-io` sockets for the async forms.
+
+use std::io::{self, BufReader};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_io::{Async, Timer};
+
+use crate::rpc::{self, FrameKind, Request, Response};
+use crate::types::{StoreError, StoreErrorCode, StoreResult};
+
+/// How a call does its I/O: on the calling thread, or as a future that parks in the reactor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Io {
+    Blocking,
+    Async,
+}
+
+struct BlockingConn {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    buf: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+struct AsyncConn {
+    stream: Async<TcpStream>,
+    buf: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+pub(crate) struct MasterConns {
+    addr: SocketAddr,
+    timeout: Duration,
+    max_idle: usize,
+    blocking: Mutex<Vec<BlockingConn>>,
+    asynchronous: Mutex<Vec<AsyncConn>>,
+    next_id: AtomicU64,
+}
+
+pub(crate) fn rpc_err(e: &io::Error) -> StoreError {
+    let code = if matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    ) {
+        StoreErrorCode::RpcTimeout
+    } else {
+        StoreErrorCode::RpcFail
+    };
+    StoreError::new(code, format!("master RPC: {e}"))
+}
+
+/// Resolves `host:port`.
+pub(crate) fn resolve(addr: &str) -> StoreResult<SocketAddr> {
+    addr.to_socket_addrs()
+        .map_err(|e| {
+            StoreError::new(
+                StoreErrorCode::InvalidParams,
+                format!("master address {addr:?}: {e}"),
+            )
+        })?
+        .next()
+        .ok_or_else(|| {
+            StoreError::new(
+                StoreErrorCode::InvalidParams,
+                format!("master address {addr:?} resolves to nothing"),
+            )
+        })
+}
+
+/// A pooled connection that the peer closed (the master restarted) reads as EOF or an error.
+fn stale(s: &TcpStream) -> bool {
+    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(s).recv_with_flags(&mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+        Ok(_) => true, // EOF, or bytes nobody asked for
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+    }
+}
+
+pub(crate) fn connect_blocking(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+/// One blocking request/response on `stream` (used by the session thread too).
+pub(crate) fn call_on(
+    stream: &mut TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    buf: &mut Vec<u8>,
+    payload: &mut Vec<u8>,
+    id: u64,
+    req: &Request,
+) -> io::Result<Response> {
+    rpc::write_frame(stream, buf, FrameKind::Request, id, req)?;
+    loop {
+        let h = rpc::read_frame(reader, payload)?;
+        if h.kind != FrameKind::Response {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the master sent a request frame",
+            ));
+        }
+        if h.request_id == id {
+            return rpc::frame::decode_payload(payload)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+    }
+}
+
+impl MasterConns {
+    pub(crate) fn new(addr: SocketAddr, timeout: Duration, max_idle: usize) -> Self {
+        Self {
+            addr,
+            timeout,
+            max_idle: max_idle.max(1),
+            blocking: Mutex::new(Vec::new()),
+            asynchronous: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Drops every idle connection (after a master restart was noticed).
+    pub(crate) fn clear(&self) {
+        self.blocking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.asynchronous
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    pub(crate) async fn call(&self, io: Io, req: &Request) -> StoreResult<Response> {
+        let resp = match io {
+            Io::Blocking => self.call_blocking(req)?,
+            Io::Async => self.call_async(req).await?,
+        };
+        match resp {
+            Response::Error(e) => Err(e),
+            r => Ok(r),
+        }
+    }
+
+    fn take_blocking(&self) -> io::Result<BlockingConn> {
+        loop {
+            let c = self
+                .blocking
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop();
+            match c {
+                Some(c) if stale(&c.stream) => continue,
+                Some(c) => return Ok(c),
+                None => break,
+            }
+        }
+        let stream = connect_blocking(self.addr, self.timeout)?;
+        let reader = BufReader::with_capacity(64 << 10, stream.try_clone()?);
+        Ok(BlockingConn {
+            stream,
+            reader,
+            buf: Vec::new(),
+            payload: Vec::new(),
+        })
+    }
+
+    fn call_blocking(&self, req: &Request) -> StoreResult<Response> {
+        let mut c = self.take_blocking().map_err(|e| rpc_err(&e))?;
+        let id = self.id();
+        let r = call_on(
+            &mut c.stream,
+            &mut c.reader,
+            &mut c.buf,
+            &mut c.payload,
+            id,
+            req,
+        );
+        match r {
+            Ok(resp) => {
+                if c.buf.capacity() > (1 << 20) {
+                    c.buf = Vec::new();
+                }
+                if c.payload.capacity() > (1 << 20) {
+                    c.payload = Vec::new();
+                }
+                let mut pool = self.blocking.lock().unwrap_or_else(|p| p.into_inner());
+                if pool.len() < self.max_idle {
+                    pool.push(c);
+                }
+                Ok(resp)
+            }
+            Err(e) => Err(rpc_err(&e)),
+        }
+    }
+
+    async fn take_async(&self) -> io::Result<AsyncConn> {
+        loop {
+            let c = self
+                .asynchronous
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop();
+            match c {
+                Some(c) if stale(c.stream.get_ref()) => continue,
+                Some(c) => return Ok(c),
+                None => break,
+            }
+        }
+        let stream = Async::<TcpStream>::connect(self.addr).await?;
+        stream.get_ref().set_nodelay(true)?;
+        Ok(AsyncConn {
+            stream,
+            buf: Vec::new(),
+            payload: Vec::new(),
+        })
+    }
+
+    async fn call_async(&self, req: &Request) -> StoreResult<Response> {
+        let work = async {
+            let mut c = self.take_async().await?;
+            let id = self.id();
+            rpc::write_frame_async(&mut c.stream, &mut c.buf, FrameKind::Request, id, req).await?;
+            loop {
+                let h = rpc::read_frame_async(&mut c.stream, &mut c.payload).await?;
+                if h.kind != FrameKind::Response {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the master sent a request frame",
+                    ));
+                }
+                if h.request_id == id {
+                    break;
+                }
+            }
+            let resp: Response = rpc::frame::decode_payload(&c.payload)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let mut pool = self.asynchronous.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < self.max_idle {
+                pool.push(c);
+            }
+            Ok(resp)
+        };
+        let timeout = async {
+            Timer::after(self.timeout).await;
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no reply before the RPC deadline",
+            ))
+        };
+        futures_lite::future::or(work, timeout)
+            .await
+            .map_err(|e| rpc_err(&e))
+    }
+}
