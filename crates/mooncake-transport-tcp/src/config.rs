@@ -16,8 +16,13 @@ pub struct TcpConfig {
     pub listen: Vec<IpAddr>,
     /// Port for the first listener (0 = any free port); further listeners take any port.
     pub port: u16,
-    /// Connections opened to each path of each peer.
+    /// At most this many connections are opened to each path of each peer (more only when
+    /// the existing ones are busy).
     pub conns_per_path: usize,
+    /// At most this many initiator connections in total (over all peers).
+    pub max_connections: usize,
+    /// At most this many target connections in total; more are refused at once.
+    pub max_server_connections: usize,
     /// Requests at least twice this long are striped over several connections.
     pub stripe_min: u64,
     /// No slice on the wire is longer than this.
@@ -26,11 +31,20 @@ pub struct TcpConfig {
     pub timeout: Option<Duration>,
     /// A path whose connection failed is avoided for this long, then probed.
     pub path_pause: Duration,
-    /// Requests up to this size are written by the submitting thread when the connection
-    /// is idle (saves a thread hand-off).
+    /// The submitting thread writes up to this many bytes of its requests itself when the
+    /// connection is idle (saves a hand-off to an I/O thread); the rest is left to the I/O
+    /// thread.
     pub inline_send_max: u64,
     /// `SO_SNDBUF`/`SO_RCVBUF` for data connections (None = kernel default).
     pub socket_buffer: Option<usize>,
+    /// An initiator connection with nothing to do for this long is closed (targets close
+    /// theirs after twice as long).
+    pub idle_timeout: Duration,
+    /// The slowest rate (bytes/s) a request may move at: a request fails once it has been
+    /// on the wire longer than the no-progress timeout plus its bytes (and those queued
+    /// ahead of it on its connection) at this rate, so a peer that trickles bytes cannot
+    /// hold it forever.
+    pub min_rate: u64,
 }
 
 impl Default for TcpConfig {
@@ -39,12 +53,16 @@ impl Default for TcpConfig {
             listen: Vec::new(),
             port: 0,
             conns_per_path: 4,
+            max_connections: 4096,
+            max_server_connections: 4096,
             stripe_min: 256 * 1024,
             max_slice: 16 * 1024 * 1024,
             timeout: None,
             path_pause: Duration::from_secs(10),
-            inline_send_max: 64 * 1024,
+            inline_send_max: 256 * 1024,
             socket_buffer: None,
+            idle_timeout: Duration::from_secs(60),
+            min_rate: 1 << 20,
         }
     }
 }
@@ -109,6 +127,30 @@ impl TcpConfig {
         self
     }
 
+    /// Total initiator connections.
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// Total target connections.
+    pub fn with_max_server_connections(mut self, n: usize) -> Self {
+        self.max_server_connections = n;
+        self
+    }
+
+    /// How long an idle initiator connection stays open.
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle;
+        self
+    }
+
+    /// The slowest rate a request may move at before it fails (see [`Self::min_rate`]).
+    pub fn with_min_rate(mut self, bytes_per_sec: u64) -> Self {
+        self.min_rate = bytes_per_sec;
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::new(ErrorKind::Config, format!("tcp transport: {m}")));
         if self.conns_per_path == 0 || self.conns_per_path > 64 {
@@ -122,6 +164,12 @@ impl TcpConfig {
         }
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return bad("timeout must be positive");
+        }
+        if self.max_connections == 0 || self.max_server_connections == 0 {
+            return bad("connection caps must be positive");
+        }
+        if self.min_rate == 0 || self.idle_timeout.is_zero() {
+            return bad("min_rate and idle_timeout must be positive");
         }
         Ok(())
     }

@@ -1,22 +1,19 @@
-//! Buffered frame I/O: many small frames per system call, large payloads straight between
-//! the socket and registered memory.
-//!
-//! [`RecvBuf`] reads whatever the socket has (often several frames) into a buffer, hands
-//! out headers and small payloads from it, and receives large payloads directly into their
-//! destination. [`OutQueue`] collects outgoing frames (headers, error messages, and payloads
-//! held by leases) and sends them with one gathered write.
+//! Non-blocking frame I/O: a receive buffer that batches headers and small payloads, payload
+//! reception straight into registered memory, and an output queue of frames sent with
+//! gathered writes.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 
 use mooncake_core::RegionLease;
 
-use crate::sys::{self, Stall};
+use crate::sys::{self, Chunk, Io};
 use crate::wire::HEADER_LEN;
 
 /// Payloads at least this long, once the buffered part is used, are received directly into
 /// their destination instead of through the buffer.
-const DIRECT_MIN: usize = 16 * 1024;
+pub(crate) const DIRECT_MIN: u64 = 16 * 1024;
 
 /// Size of a connection's receive buffer. Small on purpose: it batches headers and small
 /// frames (hundreds of acknowledgements per system call), while at most this many bytes of a
@@ -24,18 +21,16 @@ const DIRECT_MIN: usize = 16 * 1024;
 /// place.
 pub(crate) const RECV_BUF: usize = 8 * 1024;
 
-/// A receive buffer over one socket.
+/// A receive buffer over one non-blocking socket.
 pub(crate) struct RecvBuf {
-    fd: RawFd,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
 }
 
 impl RecvBuf {
-    pub(crate) fn new(fd: RawFd, capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         Self {
-            fd,
             buf: vec![0; capacity].into_boxed_slice(),
             start: 0,
             end: 0,
@@ -47,13 +42,8 @@ impl RecvBuf {
         self.end - self.start
     }
 
-    /// True when a whole header is already buffered (no system call needed for it).
-    pub(crate) fn has_header(&self) -> bool {
-        self.buffered() >= HEADER_LEN
-    }
-
-    /// One `recv` of whatever is available into the free space.
-    fn fill(&mut self, stall: &mut dyn Stall) -> io::Result<()> {
+    /// One non-blocking `recv` of whatever is available into the free space.
+    pub(crate) fn fill(&mut self, fd: RawFd) -> io::Result<Io> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -62,184 +52,253 @@ impl RecvBuf {
             self.end -= self.start;
             self.start = 0;
         }
-        let n = sys::recv_some(self.fd, &mut self.buf[self.end..], stall)?;
-        self.end += n;
-        Ok(())
+        let r = sys::recv(fd, &mut self.buf[self.end..])?;
+        if let Io::Done(n) = r {
+            self.end += n;
+        }
+        Ok(r)
     }
 
-    /// The next header.
-    pub(crate) fn header(&mut self, stall: &mut dyn Stall) -> io::Result<[u8; HEADER_LEN]> {
-        while self.buffered() < HEADER_LEN {
-            self.fill(stall)?;
+    /// The next header, if a whole one is buffered.
+    pub(crate) fn take_header(&mut self) -> Option<[u8; HEADER_LEN]> {
+        if self.buffered() < HEADER_LEN {
+            return None;
         }
         let mut h = [0u8; HEADER_LEN];
         h.copy_from_slice(&self.buf[self.start..self.start + HEADER_LEN]);
         self.start += HEADER_LEN;
-        Ok(h)
+        Some(h)
     }
 
-    /// Receives exactly `len` payload bytes into `dst`.
-    ///
-    /// # Safety
-    /// `dst..dst + len` must be valid for writes for the whole call.
-    pub(crate) unsafe fn payload(
-        &mut self,
-        dst: *mut u8,
-        len: usize,
-        stall: &mut dyn Stall,
-    ) -> io::Result<()> {
-        let mut done = 0;
-        while done < len {
-            if self.buffered() == 0 {
-                if len - done >= DIRECT_MIN {
-                    // SAFETY: `dst + done .. dst + len` is inside the caller's valid range.
-                    return unsafe { sys::recv_exact(self.fd, dst.add(done), len - done, stall) };
-                }
-                self.fill(stall)?;
-            }
-            let n = self.buffered().min(len - done);
-            // SAFETY: `n` bytes from the buffer into the caller's range at `done`, which has
-            // at least `len - done >= n` bytes left; the buffer and the range don't overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(self.buf[self.start..].as_ptr(), dst.add(done), n)
-            };
-            self.start += n;
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// Receives `len` bytes into a new vector (control payloads, which are small).
-    pub(crate) fn bytes(&mut self, len: usize, stall: &mut dyn Stall) -> io::Result<Vec<u8>> {
-        let mut v = vec![0u8; len];
-        // SAFETY: `v` is a live buffer of exactly `len` bytes.
-        unsafe { self.payload(v.as_mut_ptr(), len, stall)? };
-        Ok(v)
-    }
-
-    /// Reads and drops `len` bytes (the payload of a refused write).
-    pub(crate) fn discard(&mut self, mut len: u64, stall: &mut dyn Stall) -> io::Result<()> {
-        while len > 0 {
-            if self.buffered() == 0 {
-                self.fill(stall)?;
-            }
-            let n = (self.buffered() as u64).min(len) as usize;
-            self.start += n;
-            len -= n as u64;
-        }
-        Ok(())
+    /// Up to `max` buffered bytes, consumed.
+    pub(crate) fn take(&mut self, max: usize) -> &[u8] {
+        let n = self.buffered().min(max);
+        let s = &self.buf[self.start..self.start + n];
+        self.start += n;
+        s
     }
 }
 
-enum Body {
+/// Progress of receiving a payload of `len` bytes into a lease.
+pub(crate) struct Sink {
+    /// Bytes received so far.
+    pub(crate) got: u64,
+    /// Bytes expected.
+    pub(crate) len: u64,
+}
+
+/// Where payload bytes go.
+pub(crate) enum Dest<'a> {
+    /// Into the lease, at the sink's position.
+    Lease(&'a RegionLease),
+    /// Into a small owned buffer (control payloads).
+    Vec(&'a mut Vec<u8>),
+    /// Dropped (the payload of a refused request).
+    Discard,
+}
+
+/// How far [`recv_payload`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// The payload is complete.
+    Done,
+    /// The socket has nothing more now: wait for the next readable edge.
+    Blocked,
+    /// The byte budget of this turn is used up: continue on the next turn.
+    Budget,
+}
+
+/// Receives as much of the payload as is available, without blocking.
+///
+/// `moved` counts the bytes taken from the socket or the buffer; `budget` bounds them for
+/// this call. A closed peer is an `UnexpectedEof` error.
+pub(crate) fn recv_payload(
+    fd: RawFd,
+    rb: &mut RecvBuf,
+    sink: &mut Sink,
+    mut dest: Dest<'_>,
+    budget: u64,
+    moved: &mut u64,
+) -> io::Result<Progress> {
+    let start = *moved;
+    while sink.got < sink.len {
+        if *moved - start >= budget {
+            return Ok(Progress::Budget);
+        }
+        let left = sink.len - sink.got;
+        if rb.buffered() > 0 {
+            let chunk = rb.take(left.min(usize::MAX as u64) as usize);
+            let n = chunk.len() as u64;
+            match &mut dest {
+                Dest::Lease(l) => sys::copy_into_lease(l, sink.got, chunk),
+                Dest::Vec(v) => v.extend_from_slice(chunk),
+                Dest::Discard => {}
+            }
+            sink.got += n;
+            *moved += n;
+            continue;
+        }
+        let r = match &dest {
+            Dest::Lease(l) if left >= DIRECT_MIN => {
+                let want = left.min(budget.max(DIRECT_MIN)) as usize;
+                sys::recv_into_lease(fd, l, sink.got, want)?
+            }
+            _ => rb.fill(fd)?,
+        };
+        match r {
+            Io::Done(n) => {
+                if matches!(dest, Dest::Lease(_)) && left >= DIRECT_MIN {
+                    sink.got += n as u64;
+                    *moved += n as u64;
+                }
+            }
+            Io::WouldBlock => return Ok(Progress::Blocked),
+            Io::Eof => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed the connection",
+                ));
+            }
+        }
+    }
+    Ok(Progress::Done)
+}
+
+/// The body of an outgoing frame.
+pub(crate) enum Body {
+    /// Header only.
     None,
+    /// A small owned payload (hello, error message).
     Owned(Vec<u8>),
+    /// Registered bytes (a write's payload, a read's data), kept registered until sent.
     Leased(RegionLease),
 }
 
-/// Frames waiting to be sent together.
-pub(crate) struct OutQueue {
-    heads: Vec<[u8; HEADER_LEN]>,
-    bodies: Vec<Body>,
-    bytes: usize,
+impl Body {
+    pub(crate) fn len(&self) -> u64 {
+        match self {
+            Self::None => 0,
+            Self::Owned(v) => v.len() as u64,
+            Self::Leased(l) => l.len(),
+        }
+    }
+
+    /// The lease, if the body is registered memory.
+    pub(crate) fn lease(&self) -> Option<&RegionLease> {
+        match self {
+            Self::Leased(l) => Some(l),
+            _ => None,
+        }
+    }
 }
 
-impl OutQueue {
-    pub(crate) fn new() -> Self {
+/// A frame on its way out.
+pub(crate) struct OutFrame {
+    pub(crate) head: [u8; HEADER_LEN],
+    pub(crate) body: Body,
+    /// Bytes of `head` + `body` already written.
+    pub(crate) written: u64,
+}
+
+impl OutFrame {
+    pub(crate) fn new(head: [u8; HEADER_LEN], body: Body) -> Self {
         Self {
-            heads: Vec::new(),
-            bodies: Vec::new(),
-            bytes: 0,
+            head,
+            body,
+            written: 0,
         }
     }
 
-    /// Bytes queued.
-    pub(crate) fn bytes(&self) -> usize {
-        self.bytes
+    pub(crate) fn total(&self) -> u64 {
+        HEADER_LEN as u64 + self.body.len()
     }
 
-    /// Frames queued.
-    pub(crate) fn len(&self) -> usize {
-        self.heads.len()
+    /// True once some but not all of it is written: it cannot be withdrawn any more.
+    pub(crate) fn started(&self) -> bool {
+        self.written > 0
     }
+}
 
-    /// Queues a header alone.
-    pub(crate) fn push(&mut self, head: [u8; HEADER_LEN]) {
-        self.push_body(head, Body::None);
-    }
+/// Outcome of [`send_frames`].
+pub(crate) struct Sent {
+    /// Bytes written.
+    pub(crate) bytes: u64,
+    /// The socket is full: wait for the next writable edge.
+    pub(crate) would_block: bool,
+}
 
-    /// Queues a header and a small owned payload.
-    pub(crate) fn push_owned(&mut self, head: [u8; HEADER_LEN], body: Vec<u8>) {
-        self.push_body(head, Body::Owned(body));
-    }
-
-    /// Queues a header and the leased bytes (kept registered until sent).
-    pub(crate) fn push_leased(&mut self, head: [u8; HEADER_LEN], body: RegionLease) {
-        self.push_body(head, Body::Leased(body));
-    }
-
-    fn push_body(&mut self, head: [u8; HEADER_LEN], body: Body) {
-        self.bytes += HEADER_LEN
-            + match &body {
-                Body::None => 0,
-                Body::Owned(v) => v.len(),
-                Body::Leased(l) => l.len() as usize,
-            };
-        self.heads.push(head);
-        self.bodies.push(body);
-    }
-
-    /// Sends everything queued with gathered writes, then empties the queue.
-    pub(crate) fn flush(&mut self, fd: RawFd, stall: &mut dyn Stall) -> io::Result<()> {
-        if self.heads.is_empty() {
-            return Ok(());
-        }
-        let mut iov = Vec::with_capacity(self.heads.len() * 2);
-        for (h, b) in self.heads.iter().zip(&self.bodies) {
-            iov.push(libc::iovec {
-                iov_base: h.as_ptr() as *mut _,
-                iov_len: HEADER_LEN,
-            });
-            let (ptr, len) = match b {
-                Body::None => continue,
-                Body::Owned(v) => (v.as_ptr(), v.len()),
-                Body::Leased(l) => (l.as_ptr() as *const u8, l.len() as usize),
-            };
-            if len > 0 {
-                iov.push(libc::iovec {
-                    iov_base: ptr as *mut _,
-                    iov_len: len,
-                });
+/// Writes queued frames with gathered non-blocking writes until the queue is empty, the
+/// socket is full, or `budget` bytes were written. Fully written frames are removed.
+pub(crate) fn send_frames(fd: RawFd, q: &mut VecDeque<OutFrame>, budget: u64) -> io::Result<Sent> {
+    const FRAMES_PER_CALL: usize = 64;
+    let mut sent = Sent {
+        bytes: 0,
+        would_block: false,
+    };
+    while !q.is_empty() && sent.bytes < budget {
+        let mut chunks = Vec::with_capacity(2 * FRAMES_PER_CALL);
+        for f in q.iter().take(FRAMES_PER_CALL) {
+            let hl = HEADER_LEN as u64;
+            if f.written < hl {
+                chunks.push(Chunk::Bytes(&f.head[f.written as usize..]));
+            }
+            let body_done = f.written.saturating_sub(hl);
+            match &f.body {
+                Body::None => {}
+                Body::Owned(v) => chunks.push(Chunk::Bytes(&v[body_done as usize..])),
+                Body::Leased(l) => chunks.push(Chunk::Leased {
+                    lease: l,
+                    offset: body_done,
+                    len: l.len() - body_done,
+                }),
             }
         }
-        // SAFETY: every iovec points into `self.heads`, an owned body, or a leased range,
-        // all of which live until the queue is cleared below.
-        let r = unsafe { sys::send_iovecs(fd, &mut iov, stall) };
-        self.heads.clear();
-        self.bodies.clear();
-        self.bytes = 0;
-        r
+        let n = match sys::send_chunks(fd, &chunks)? {
+            Io::Done(n) => n as u64,
+            Io::WouldBlock => {
+                sent.would_block = true;
+                return Ok(sent);
+            }
+            Io::Eof => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+        };
+        drop(chunks);
+        sent.bytes += n;
+        let mut left = n;
+        while left > 0 {
+            let f = q
+                .front_mut()
+                .expect("bytes written belong to queued frames");
+            let rest = f.total() - f.written;
+            if left >= rest {
+                left -= rest;
+                q.pop_front();
+            } else {
+                f.written += left;
+                left = 0;
+            }
+        }
     }
+    Ok(sent)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::Deadline;
+    use mooncake_core::{BufferRegistry, LocalBuffer, Requester};
     use proptest::prelude::*;
     use std::io::Write;
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
-    use std::time::Duration;
+    use std::sync::Arc;
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
-        /// Headers and payloads of any sizes, written in arbitrary chunks, come out of the
-        /// buffer exactly as they went in, whether they pass through it or go direct.
+        /// Headers and payloads of any sizes, written in arbitrary chunks, come out exactly
+        /// as they went in, whether they pass through the buffer or go straight to memory.
         #[test]
         fn frames_survive_buffering(sizes in proptest::collection::vec(0usize..70_000, 1..12), chunk in 1usize..100_000) {
             let (mut a, b) = UnixStream::pair().unwrap();
-            b.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            b.set_nonblocking(true).unwrap();
             let mut wire = Vec::new();
             let mut frames = Vec::new();
             for (i, &n) in sizes.iter().enumerate() {
@@ -254,16 +313,57 @@ mod tests {
                     a.write_all(c).unwrap();
                 }
             });
-            let mut rb = RecvBuf::new(b.as_raw_fd(), 4096);
-            let mut stall = Deadline::new(Duration::from_secs(5));
+            let reg = BufferRegistry::new();
+            let mem = Arc::new(LocalBuffer::new(70_000).unwrap());
+            reg.register(mem.clone()).unwrap();
+            use mooncake_core::MemorySegment;
+            let mut rb = RecvBuf::new(4096);
+            let fd = b.as_raw_fd();
+            let wait = || std::thread::sleep(std::time::Duration::from_micros(200));
             for (head, body) in &frames {
-                prop_assert_eq!(&rb.header(&mut stall).unwrap(), head);
-                let mut got = vec![0u8; body.len()];
-                // SAFETY: `got` is a live buffer of exactly this length.
-                unsafe { rb.payload(got.as_mut_ptr(), got.len(), &mut stall).unwrap() };
-                prop_assert_eq!(&got, body);
+                let h = loop {
+                    if let Some(h) = rb.take_header() { break h; }
+                    if rb.fill(fd).unwrap() == Io::WouldBlock { wait(); }
+                };
+                prop_assert_eq!(&h, head);
+                if body.is_empty() { continue; }
+                let lease = reg.lease(mem.base(), body.len() as u64, Requester::Local).unwrap();
+                let mut sink = Sink { got: 0, len: body.len() as u64 };
+                let mut moved = 0;
+                while recv_payload(fd, &mut rb, &mut sink, Dest::Lease(&lease), u64::MAX, &mut moved).unwrap() != Progress::Done {
+                    wait();
+                }
+                prop_assert_eq!(&mem.to_vec()[..body.len()], &body[..]);
             }
             writer.join().unwrap();
+        }
+
+        /// Frames queued with any bodies arrive in order, whole, however the socket splits
+        /// the writes.
+        #[test]
+        fn queued_frames_arrive_whole(sizes in proptest::collection::vec(0usize..50_000, 1..20)) {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            a.set_nonblocking(true).unwrap();
+            let mut q = VecDeque::new();
+            let mut expect = Vec::new();
+            for (i, &n) in sizes.iter().enumerate() {
+                let head = [i as u8; HEADER_LEN];
+                let body: Vec<u8> = (0..n).map(|j| (i + j) as u8).collect();
+                expect.extend_from_slice(&head);
+                expect.extend_from_slice(&body);
+                q.push_back(OutFrame::new(head, if n == 0 { Body::None } else { Body::Owned(body) }));
+            }
+            let total = expect.len();
+            let reader = std::thread::spawn(move || {
+                let mut got = vec![0u8; total];
+                std::io::Read::read_exact(&mut b, &mut got).unwrap();
+                got
+            });
+            while !q.is_empty() {
+                let s = send_frames(a.as_raw_fd(), &mut q, 1 << 16).unwrap();
+                if s.would_block { std::thread::sleep(std::time::Duration::from_micros(100)); }
+            }
+            prop_assert_eq!(reader.join().unwrap(), expect);
         }
     }
 }

@@ -1,226 +1,642 @@
-//! The target side: accept connections, check every requested range against the registry,
-//! and move payload bytes straight between the socket and registered memory.
+//! The target side: listeners and target connections, driven by the I/O loops.
+//!
+//! Every requested range is checked against the registry (and its access rights) before a
+//! byte is touched; payloads move straight between the socket and registered memory.
+//!
+//! A connection starts in the listener's loop, reads the hello, and moves to the loop that
+//! serves its initiator (a hash of the initiator's name and generation), so that all of an
+//! initiator's connections to this target live on one loop. There, a hello with a higher
+//! epoch closes the initiator's older connections before it is acknowledged: a write retried
+//! after a failure is applied only after every older attempt's connection is gone.
 
-use std::io;
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use mooncake_core::{BufferRegistry, Requester};
+use mooncake_core::{BufferRegistry, Region, RegionLease, Requester};
 use tracing::{debug, warn};
 
-use crate::io::{OutQueue, RecvBuf};
-use crate::sys::{self, Deadline, Stall};
-use crate::wire::{FrameKind, HEADER_LEN, Header, Status};
+use crate::io::{
+    Body, Dest, OutFrame, Progress, RECV_BUF, RecvBuf, Sink, recv_payload, send_frames,
+};
+use crate::reactor::{Cx, Entry, Next, Reactor};
+use crate::sys::{self, Io};
+use crate::wire::{FrameKind, Header, Hello, MAX_CONTROL_PAYLOAD, Status};
 
-/// Shared state of all server threads of one transport.
+/// Shared state of the target side of one transport.
 pub(crate) struct ServerShared {
+    /// Identifies the transport in the loops' tables.
+    pub(crate) id: u64,
     pub(crate) registry: Arc<BufferRegistry>,
     pub(crate) local_name: String,
     pub(crate) generation: u64,
+    /// No progress for this long, with a frame under way, closes the connection.
     pub(crate) timeout: Duration,
+    /// The slowest rate a frame may arrive at before its whole-frame deadline.
+    pub(crate) min_rate: u64,
+    /// An idle connection (no frame for this long) is closed.
+    pub(crate) idle_timeout: Duration,
     pub(crate) max_data: u64,
+    pub(crate) max_conns: usize,
+    pub(crate) conns: AtomicUsize,
     pub(crate) closed: AtomicBool,
     pub(crate) socket_buffer: Option<usize>,
 }
 
-/// Waits for the next header forever while idle, but gives up on a frame that stalls
-/// half-way or when the transport closes.
-struct IdleWait<'a> {
-    shared: &'a ServerShared,
-    started: bool,
-    inner: Deadline,
+impl ServerShared {
+    /// The deadline of a frame of `len` payload bytes that starts now.
+    pub(crate) fn frame_deadline(&self, now: Instant, len: u64) -> Instant {
+        now + self.timeout + Duration::from_secs_f64(len as f64 / self.min_rate as f64)
+    }
 }
 
-impl Stall for IdleWait<'_> {
-    fn on_stall(&mut self) -> io::Result<()> {
+/// Responses queued beyond this many bytes stop the reading of new requests until they
+/// drain (the initiator is then held back by TCP flow control).
+const MAX_OUT_BYTES: u64 = 64 << 20;
+/// Bytes a connection may move per loop turn before yielding to others.
+const BUDGET: u64 = 4 << 20;
+/// Initiators remembered per loop (with their highest epoch) before idle ones are dropped.
+const MAX_FENCES: usize = 16_384;
+
+/// A listening socket in a loop.
+pub(crate) struct ListenerIo {
+    listener: TcpListener,
+    shared: Arc<ServerShared>,
+}
+
+impl ListenerIo {
+    pub(crate) fn new(listener: TcpListener, shared: Arc<ServerShared>) -> Self {
+        Self { listener, shared }
+    }
+
+    pub(crate) fn fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<ServerShared> {
+        &self.shared
+    }
+
+    pub(crate) fn on_event(&mut self, cx: &mut Cx<'_>) -> Next {
         if self.shared.closed.load(Ordering::Acquire) {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "transport closed",
-            ));
+            return Next::Close;
         }
-        if self.started {
-            self.inner.on_stall()
-        } else {
-            Ok(())
-        }
-    }
-    fn on_progress(&mut self, n: usize) {
-        self.started = true;
-        self.inner.on_progress(n);
-    }
-}
-
-pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<ServerShared>) {
-    for conn in listener.incoming() {
-        if shared.closed.load(Ordering::Acquire) {
-            break;
-        }
-        let stream = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                if shared.closed.load(Ordering::Acquire) {
-                    break;
+        for _ in 0..256 {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Next::Idle,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: the connection stays in the backlog; try again on
+                    // the next tick rather than spinning.
+                    warn!("tcp accept failed: {e}");
+                    return Next::Idle;
                 }
-                warn!("tcp accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(10));
+            };
+            if self.shared.conns.load(Ordering::Acquire) >= self.shared.max_conns {
+                debug!("tcp target at its connection cap: refusing a connection");
+                let s = socket2::Socket::from(stream);
+                sys::abort(&s);
                 continue;
             }
-        };
-        let shared = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("mooncake-tcp-srv".into())
-            .spawn(move || {
-                let peer = stream
-                    .peer_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                if let Err(e) = serve(stream, &shared) {
-                    debug!(peer, "tcp server connection ended: {e}");
-                }
-            });
-        if let Err(e) = spawned {
-            warn!("cannot spawn a tcp server thread: {e}");
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let sock = socket2::Socket::from(stream);
+            let _ = sock.set_tcp_nodelay(true);
+            if let Some(size) = self.shared.socket_buffer {
+                let _ = sock.set_send_buffer_size(size);
+                let _ = sock.set_recv_buffer_size(size);
+            }
+            self.shared.conns.fetch_add(1, Ordering::AcqRel);
+            let conn = ServerConn::new(sock, self.shared.clone(), cx.now);
+            if let Err(e) = cx.add(Entry::Server(Box::new(conn)), true) {
+                warn!("tcp target cannot watch a connection: {e}");
+            }
         }
+        Next::More
     }
 }
 
-fn send_error(
-    fd: i32,
-    id: u64,
-    status: Status,
-    msg: &str,
-    stall: &mut dyn Stall,
-) -> io::Result<()> {
-    let msg = &msg.as_bytes()[..msg.len().min(crate::wire::MAX_CONTROL_PAYLOAD as usize)];
+enum Phase {
+    /// Waiting for the hello (until the deadline).
+    Hello { deadline: Instant },
+    /// The hello was read; the connection is moving to its initiator's loop.
+    Moving(Hello),
+    /// Serving requests.
+    Ready,
+}
+
+enum Recv {
+    /// Between frames.
+    Header,
+    /// The hello's payload.
+    Hello {
+        head: Header,
+        buf: Vec<u8>,
+        sink: Sink,
+    },
+    /// A write's payload, landing in `lease`.
+    Write {
+        id: u64,
+        lease: RegionLease,
+        sink: Sink,
+        deadline: Instant,
+    },
+    /// A refused write's payload, dropped; then `msg` is sent back.
+    Discard {
+        id: u64,
+        sink: Sink,
+        msg: String,
+        deadline: Instant,
+    },
+}
+
+/// One target connection.
+pub(crate) struct ServerConn {
+    sock: socket2::Socket,
+    shared: Arc<ServerShared>,
+    rb: RecvBuf,
+    phase: Phase,
+    recv: Recv,
+    out: VecDeque<OutFrame>,
+    out_bytes: u64,
+    /// The socket is full; the next writable edge resumes sending.
+    blocked: bool,
+    /// Closed by a newer epoch of the same initiator: handle nothing more.
+    fenced: bool,
+    fence: Option<(crate::reactor::FenceKey, u64)>,
+    last_activity: Instant,
+    last_progress: Instant,
+    /// An error was sent; close once the queue is flushed.
+    closing: bool,
+}
+
+fn error_frame(id: u64, status: Status, msg: &str) -> OutFrame {
+    let msg = &msg.as_bytes()[..msg.len().min(MAX_CONTROL_PAYLOAD as usize)];
     let mut h = Header::new(FrameKind::Error, id, 0, msg.len() as u64);
     h.status = status;
-    // SAFETY: the payload is the live `msg` slice.
-    unsafe { sys::send_gather(fd, &h.encode(), msg.as_ptr(), msg.len(), stall) }
+    OutFrame::new(h.encode(), Body::Owned(msg.to_vec()))
 }
 
-/// Flush queued responses once this many bytes (or frames) are waiting.
-const FLUSH_BYTES: usize = 256 * 1024;
-const FLUSH_FRAMES: usize = 256;
-
-fn error_frame(id: u64, status: Status, msg: &str) -> ([u8; HEADER_LEN], Vec<u8>) {
-    let msg = &msg.as_bytes()[..msg.len().min(crate::wire::MAX_CONTROL_PAYLOAD as usize)];
-    let mut h = Header::new(FrameKind::Error, id, 0, msg.len() as u64);
-    h.status = status;
-    (h.encode(), msg.to_vec())
+fn loop_of(key: &crate::reactor::FenceKey) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish() as usize
 }
 
-fn serve(stream: TcpStream, shared: &ServerShared) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    let tick = shared.timeout.min(Duration::from_millis(250));
-    stream.set_read_timeout(Some(tick))?;
-    stream.set_write_timeout(Some(tick))?;
-    crate::transport::apply_socket_buffer(&stream, shared.socket_buffer);
-    let fd = stream.as_raw_fd();
-    let mut rb = RecvBuf::new(fd, crate::io::RECV_BUF);
-    let mut out = OutQueue::new();
-
-    // Hello: the client names the segment (and generation) it means to reach.
-    let mut wait = IdleWait {
-        shared,
-        started: false,
-        inner: Deadline::new(shared.timeout),
-    };
-    let hdr = rb.header(&mut wait)?;
-    let mut stall = Deadline::new(shared.timeout);
-    let hello = Header::decode(&hdr, shared.max_data)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    if hello.kind != FrameKind::Hello {
-        let _ = send_error(
-            fd,
-            hello.request_id,
-            Status::BadRequest,
-            "expected a hello frame first",
-            &mut stall,
-        );
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "first frame was not a hello",
-        ));
-    }
-    let name = rb.bytes(hello.len as usize, &mut stall)?;
-    if name != shared.local_name.as_bytes() || (hello.addr != 0 && hello.addr != shared.generation)
-    {
-        let msg = format!(
-            "this is segment {:?} generation {}, not {:?} generation {}",
-            shared.local_name,
-            shared.generation,
-            String::from_utf8_lossy(&name),
-            hello.addr
-        );
-        let _ = send_error(fd, hello.request_id, Status::WrongSegment, &msg, &mut stall);
-        return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
-    }
-    sys::send_all(
-        fd,
-        &Header::new(FrameKind::HelloAck, hello.request_id, shared.generation, 0).encode(),
-        &mut stall,
-    )?;
-
-    loop {
-        // Answer everything handled so far before waiting for more requests.
-        if !rb.has_header() || out.bytes() >= FLUSH_BYTES || out.len() >= FLUSH_FRAMES {
-            out.flush(fd, &mut Deadline::new(shared.timeout))?;
-        }
-        let mut wait = IdleWait {
+impl ServerConn {
+    fn new(sock: socket2::Socket, shared: Arc<ServerShared>, now: Instant) -> Self {
+        Self {
+            phase: Phase::Hello {
+                deadline: now + shared.timeout,
+            },
+            sock,
             shared,
-            started: rb.buffered() > 0,
-            inner: Deadline::new(shared.timeout),
-        };
-        let hdr = rb.header(&mut wait)?;
-        let mut stall = Deadline::new(shared.timeout);
-        let h = match Header::decode(&hdr, shared.max_data) {
+            rb: RecvBuf::new(RECV_BUF),
+            recv: Recv::Header,
+            out: VecDeque::new(),
+            out_bytes: 0,
+            blocked: false,
+            fenced: false,
+            fence: None,
+            last_activity: now,
+            last_progress: now,
+            closing: false,
+        }
+    }
+
+    pub(crate) fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<ServerShared> {
+        &self.shared
+    }
+
+    /// Marks the connection as closed by fencing: it handles nothing more.
+    pub(crate) fn fence_off(&mut self) {
+        self.fenced = true;
+    }
+
+    fn push(&mut self, f: OutFrame) {
+        self.out_bytes += f.total();
+        self.out.push_back(f);
+    }
+
+    /// Sends what is queued, as far as the socket allows. Returns false on a broken socket.
+    fn flush(&mut self) -> bool {
+        if self.out.is_empty() || self.blocked {
+            return true;
+        }
+        match send_frames(self.fd(), &mut self.out, BUDGET) {
+            Ok(s) => {
+                if s.bytes > 0 {
+                    self.last_progress = Instant::now();
+                }
+                self.out_bytes = self.out.iter().map(|f| f.total() - f.written).sum();
+                self.blocked = s.would_block;
+                true
+            }
+            Err(e) => {
+                debug!("tcp target send failed: {e}");
+                false
+            }
+        }
+    }
+
+    pub(crate) fn on_event(&mut self, cx: &mut Cx<'_>, _readable: bool, writable: bool) -> Next {
+        if self.fenced || self.shared.closed.load(Ordering::Acquire) {
+            return Next::Close;
+        }
+        if let Phase::Moving(_) = self.phase {
+            // Arrived at the initiator's loop.
+            let Phase::Moving(hello) = std::mem::replace(&mut self.phase, Phase::Ready) else {
+                unreachable!()
+            };
+            if !self.accept_hello(cx, hello) {
+                return self.close_after_flush();
+            }
+        }
+        if writable {
+            self.blocked = false;
+        }
+        if !self.flush() {
+            return Next::Close;
+        }
+        if self.closing {
+            return if self.out.is_empty() {
+                Next::Close
+            } else {
+                Next::Idle
+            };
+        }
+        let mut moved = 0u64;
+        loop {
+            if self.out_bytes > MAX_OUT_BYTES {
+                // Let the responses drain first; the writable edge brings us back.
+                return if self.blocked { Next::Idle } else { Next::More };
+            }
+            if moved >= BUDGET {
+                let _ = self.flush();
+                return Next::More;
+            }
+            match self.step(cx, &mut moved) {
+                Ok(Step::Continue) => {}
+                Ok(Step::Blocked) => break,
+                Ok(Step::Move(to)) => return Next::Move(to),
+                Ok(Step::Close) => return self.close_after_flush(),
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                        debug!("tcp target connection failed: {e}");
+                    }
+                    return Next::Close;
+                }
+            }
+        }
+        if !self.flush() {
+            return Next::Close;
+        }
+        Next::Idle
+    }
+
+    fn close_after_flush(&mut self) -> Next {
+        self.closing = true;
+        let _ = self.flush();
+        if self.out.is_empty() {
+            Next::Close
+        } else {
+            Next::Idle
+        }
+    }
+
+    fn step(&mut self, cx: &mut Cx<'_>, moved: &mut u64) -> std::io::Result<Step> {
+        let fd = self.fd();
+        match &mut self.recv {
+            Recv::Header => {
+                let Some(raw) = self.rb.take_header() else {
+                    return match self.rb.fill(fd)? {
+                        Io::Done(_) => {
+                            self.last_progress = cx.now;
+                            Ok(Step::Continue)
+                        }
+                        Io::WouldBlock => Ok(Step::Blocked),
+                        Io::Eof => Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    };
+                };
+                self.last_activity = cx.now;
+                self.last_progress = cx.now;
+                let h = match Header::decode(&raw, self.shared.max_data) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        // The stream can't be trusted past a bad header: say why, then close.
+                        self.push(error_frame(0, Status::BadRequest, &e.to_string()));
+                        return Ok(Step::Close);
+                    }
+                };
+                self.on_header(cx, h)
+            }
+            Recv::Hello { buf, sink, .. } => {
+                match recv_payload(fd, &mut self.rb, sink, Dest::Vec(buf), u64::MAX, moved)? {
+                    Progress::Done => {}
+                    _ => return Ok(Step::Blocked),
+                }
+                let Recv::Hello { head, buf, .. } = std::mem::replace(&mut self.recv, Recv::Header)
+                else {
+                    unreachable!()
+                };
+                self.on_hello(cx, head, &buf)
+            }
+            Recv::Write { lease, sink, .. } => {
+                let p = recv_payload(fd, &mut self.rb, sink, Dest::Lease(lease), BUDGET, moved)?;
+                self.last_progress = cx.now;
+                match p {
+                    Progress::Done => {}
+                    Progress::Blocked => return Ok(Step::Blocked),
+                    Progress::Budget => return Ok(Step::Continue),
+                }
+                let Recv::Write { id, lease, .. } = std::mem::replace(&mut self.recv, Recv::Header)
+                else {
+                    unreachable!()
+                };
+                drop(lease);
+                self.last_progress = cx.now;
+                self.push(OutFrame::new(
+                    Header::new(FrameKind::WriteAck, id, 0, 0).encode(),
+                    Body::None,
+                ));
+                Ok(Step::Continue)
+            }
+            Recv::Discard { sink, .. } => {
+                let p = recv_payload(fd, &mut self.rb, sink, Dest::Discard, BUDGET, moved)?;
+                self.last_progress = cx.now;
+                match p {
+                    Progress::Done => {}
+                    Progress::Blocked => return Ok(Step::Blocked),
+                    Progress::Budget => return Ok(Step::Continue),
+                }
+                let Recv::Discard { id, msg, .. } = std::mem::replace(&mut self.recv, Recv::Header)
+                else {
+                    unreachable!()
+                };
+                self.push(error_frame(id, Status::OutOfRange, &msg));
+                Ok(Step::Continue)
+            }
+        }
+    }
+
+    fn on_header(&mut self, cx: &mut Cx<'_>, h: Header) -> std::io::Result<Step> {
+        match (&self.phase, h.kind) {
+            (Phase::Hello { .. }, FrameKind::Hello) => {
+                self.recv = Recv::Hello {
+                    head: h,
+                    buf: Vec::with_capacity(h.len as usize),
+                    sink: Sink { got: 0, len: h.len },
+                };
+                Ok(Step::Continue)
+            }
+            (Phase::Hello { .. }, _) => {
+                self.push(error_frame(
+                    h.request_id,
+                    Status::BadRequest,
+                    "expected a hello frame first",
+                ));
+                Ok(Step::Close)
+            }
+            (Phase::Ready, FrameKind::Read) => {
+                match self
+                    .shared
+                    .registry
+                    .lease(h.addr, h.len, Requester::RemoteRead)
+                {
+                    Ok(lease) => self.push(OutFrame::new(
+                        Header::new(FrameKind::ReadData, h.request_id, h.addr, h.len).encode(),
+                        Body::Leased(lease),
+                    )),
+                    Err(e) => self.push(error_frame(
+                        h.request_id,
+                        Status::OutOfRange,
+                        &e.to_string(),
+                    )),
+                }
+                Ok(Step::Continue)
+            }
+            (Phase::Ready, FrameKind::Write) => {
+                let deadline = self.shared.frame_deadline(cx.now, h.len);
+                let sink = Sink { got: 0, len: h.len };
+                self.recv = match self
+                    .shared
+                    .registry
+                    .lease(h.addr, h.len, Requester::RemoteWrite)
+                {
+                    Ok(lease) => Recv::Write {
+                        id: h.request_id,
+                        lease,
+                        sink,
+                        deadline,
+                    },
+                    Err(e) => Recv::Discard {
+                        id: h.request_id,
+                        sink,
+                        msg: e.to_string(),
+                        deadline,
+                    },
+                };
+                Ok(Step::Continue)
+            }
+            (_, other) => {
+                let msg = format!("unexpected {other:?} frame from a client");
+                self.push(error_frame(h.request_id, Status::BadRequest, &msg));
+                Ok(Step::Close)
+            }
+        }
+    }
+
+    fn on_hello(&mut self, cx: &mut Cx<'_>, head: Header, payload: &[u8]) -> std::io::Result<Step> {
+        let hello = match Hello::decode(payload) {
             Ok(h) => h,
             Err(e) => {
-                // The stream can't be trusted past a bad header: say why, then close.
-                let _ = out.flush(fd, &mut stall);
-                let _ = send_error(fd, 0, Status::BadRequest, &e.to_string(), &mut stall);
-                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                self.push(error_frame(
+                    head.request_id,
+                    Status::BadRequest,
+                    &e.to_string(),
+                ));
+                return Ok(Step::Close);
             }
         };
-        match h.kind {
-            FrameKind::Read => match shared.registry.lease(h.addr, h.len, Requester::RemoteRead) {
-                Ok(lease) => out.push_leased(
-                    Header::new(FrameKind::ReadData, h.request_id, h.addr, h.len).encode(),
-                    lease,
-                ),
-                Err(e) => {
-                    let (head, msg) = error_frame(h.request_id, Status::OutOfRange, &e.to_string());
-                    out.push_owned(head, msg);
-                }
-            },
-            FrameKind::Write => {
-                match shared.registry.lease(h.addr, h.len, Requester::RemoteWrite) {
-                    Ok(lease) => {
-                        // SAFETY: the lease keeps `[addr, addr+len)` registered and valid for writes.
-                        unsafe { rb.payload(lease.as_ptr(), h.len as usize, &mut stall)? };
-                        drop(lease);
-                        out.push(
-                            Header::new(FrameKind::WriteAck, h.request_id, h.addr, 0).encode(),
-                        );
-                    }
-                    Err(e) => {
-                        rb.discard(h.len, &mut stall)?;
-                        let (head, msg) =
-                            error_frame(h.request_id, Status::OutOfRange, &e.to_string());
-                        out.push_owned(head, msg);
-                    }
-                }
-            }
-            other => {
-                let msg = format!("unexpected {other:?} frame from a client");
-                let _ = out.flush(fd, &mut stall);
-                let _ = send_error(fd, h.request_id, Status::BadRequest, &msg, &mut stall);
-                return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
-            }
+        if hello.target != self.shared.local_name
+            || (head.addr != 0 && head.addr != self.shared.generation)
+        {
+            let msg = format!(
+                "this is segment {:?} generation {}, not {:?} generation {}",
+                self.shared.local_name, self.shared.generation, hello.target, head.addr
+            );
+            self.push(error_frame(head.request_id, Status::WrongSegment, &msg));
+            return Ok(Step::Close);
         }
+        let key = (
+            self.shared.id,
+            hello.initiator.clone(),
+            hello.initiator_generation,
+        );
+        let reactor = Reactor::global()?;
+        let home = reactor.at(loop_of(&key));
+        if home.index != cx.handle.index {
+            self.phase = Phase::Moving(hello);
+            return Ok(Step::Move(home.clone()));
+        }
+        self.phase = Phase::Ready;
+        Ok(if self.accept_hello(cx, hello) {
+            Step::Continue
+        } else {
+            Step::Close
+        })
     }
+
+    /// Registers the connection under its initiator on this loop, closing the initiator's
+    /// older-epoch connections first, and acknowledges. False if the epoch is stale.
+    fn accept_hello(&mut self, cx: &mut Cx<'_>, hello: Hello) -> bool {
+        let key = (self.shared.id, hello.initiator, hello.initiator_generation);
+        let me = cx.current;
+        let fence = cx.fences.entry(key.clone()).or_default();
+        if hello.epoch < fence.max_epoch {
+            let msg = format!(
+                "epoch {} is older than {} already used by this initiator",
+                hello.epoch, fence.max_epoch
+            );
+            self.push(error_frame(0, Status::WrongSegment, &msg));
+            return false;
+        }
+        let mut older = Vec::new();
+        if hello.epoch > fence.max_epoch {
+            fence.max_epoch = hello.epoch;
+            fence.conns.retain(|&(t, e)| {
+                if e < hello.epoch {
+                    older.push(t);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        fence.conns.push((me, hello.epoch));
+        for t in older {
+            if let Some(Entry::Server(s)) = cx.get(t) {
+                s.fence_off();
+                s.fence = None;
+            }
+            cx.close_now(t);
+        }
+        self.fence = Some((key, hello.epoch));
+        self.push(OutFrame::new(
+            Header::new(FrameKind::HelloAck, 0, self.shared.generation, 0).encode(),
+            Body::None,
+        ));
+        true
+    }
+
+    pub(crate) fn on_tick(&mut self, _cx: &mut Cx<'_>, now: Instant) -> Next {
+        if self.fenced || self.shared.closed.load(Ordering::Acquire) {
+            return Next::Close;
+        }
+        let late = match (&self.phase, &self.recv) {
+            (Phase::Hello { deadline }, _) => now >= *deadline,
+            (_, Recv::Write { deadline, .. } | Recv::Discard { deadline, .. }) => now >= *deadline,
+            _ => false,
+        };
+        let mid_frame = !matches!(self.recv, Recv::Header) || self.rb.buffered() > 0;
+        let stalled = (mid_frame || !self.out.is_empty())
+            && now.duration_since(self.last_progress) >= self.shared.timeout;
+        let idle = matches!(self.phase, Phase::Ready)
+            && !mid_frame
+            && self.out.is_empty()
+            && now.duration_since(self.last_activity) >= self.shared.idle_timeout;
+        if late || stalled || idle {
+            debug!(late, stalled, idle, "tcp target closes a connection");
+            return Next::Close;
+        }
+        if self.closing && self.out.is_empty() {
+            return Next::Close;
+        }
+        Next::Idle
+    }
+
+    /// Revokes access to `region`: a write landing in it is discarded from here on (its
+    /// initiator gets an error), queued reads of it become errors; a response already half
+    /// sent from it cannot be withdrawn, so the connection closes. Returns false to close.
+    pub(crate) fn revoke(&mut self, region: &Arc<Region>) -> bool {
+        if let Recv::Write { lease, .. } = &self.recv
+            && Arc::ptr_eq(lease.region(), region)
+        {
+            let Recv::Write {
+                id, sink, deadline, ..
+            } = std::mem::replace(&mut self.recv, Recv::Header)
+            else {
+                unreachable!()
+            };
+            self.recv = Recv::Discard {
+                id,
+                sink,
+                msg: format!(
+                    "region {:#x} was unregistered during the write",
+                    region.base()
+                ),
+                deadline,
+            };
+        }
+        let mut keep = true;
+        for f in self.out.iter_mut() {
+            let hit = f
+                .body
+                .lease()
+                .is_some_and(|l| Arc::ptr_eq(l.region(), region));
+            if !hit {
+                continue;
+            }
+            if f.started() {
+                keep = false;
+                break;
+            }
+            let id = Header::decode(&f.head, u64::MAX).map_or(0, |h| h.request_id);
+            *f = error_frame(
+                id,
+                Status::OutOfRange,
+                &format!("region {:#x} was unregistered", region.base()),
+            );
+        }
+        if !keep {
+            self.out.clear();
+        }
+        self.out_bytes = self.out.iter().map(|f| f.total() - f.written).sum();
+        keep
+    }
+
+    pub(crate) fn on_close(self, cx: &mut Cx<'_>) {
+        if let Some((key, _)) = &self.fence
+            && let Some(f) = cx.fences.get_mut(key)
+        {
+            let me = cx.current;
+            f.conns.retain(|&(t, _)| t != me);
+        }
+        // An initiator's highest epoch is kept after its connections close (a late hello
+        // with an older epoch is still refused); initiators with no connection left are
+        // forgotten only when the table grows large.
+        if cx.fences.len() > MAX_FENCES {
+            cx.fences.retain(|_, f| !f.conns.is_empty());
+        }
+        sys::abort(&self.sock);
+        self.shared.conns.fetch_sub(1, Ordering::AcqRel);
+        // Dropping `self` drops every lease it holds, on this loop thread.
+    }
+}
+
+enum Step {
+    Continue,
+    Blocked,
+    Move(Arc<crate::reactor::LoopHandle>),
+    Close,
 }

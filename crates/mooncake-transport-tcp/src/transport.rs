@@ -1,22 +1,21 @@
-//! [`TcpTransport`]: the [`Transport`] implementation that ties the server and the
-//! connection pools together.
+//! [`TcpTransport`]: the [`Transport`] implementation that ties listeners, target
+//! connections and initiator connection pools to the process-wide I/O loops.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use mooncake_core::{
-    EngineContext, Error, ErrorKind, RemoteSegment, Result, SegmentDescriptor, TransferTask,
-    Transport, TransportCapabilities,
+    EngineContext, Error, ErrorKind, Region, RemoteSegment, Result, SegmentDescriptor,
+    TransferTask, Transport, TransportCapabilities,
 };
 use tracing::info;
 
 use crate::client::{ClientShared, Peer, Slice, Stats};
 use crate::config::TcpConfig;
-use crate::server::{ServerShared, accept_loop};
+use crate::reactor::{Entry, Reactor};
+use crate::server::{ListenerIo, ServerShared};
 
 /// The protocol name published in descriptors.
 pub const TCP_SCHEME: &str = "tcp";
@@ -36,16 +35,20 @@ pub struct TcpStats {
     pub conn_failures: u64,
     /// Payload bytes moved per path index (in the order of the peer's published addresses).
     pub bytes_per_path: Vec<u64>,
+    /// Initiator connections open now.
+    pub open_connections: usize,
+    /// Target connections open now.
+    pub open_server_connections: usize,
 }
 
 /// Moves bytes over TCP: range-checked on the target, pooled and striped on the initiator,
-/// acknowledged after the bytes are applied.
+/// acknowledged after the bytes are applied, driven by a fixed set of I/O threads shared by
+/// every transport of the process.
 pub struct TcpTransport {
     cfg: TcpConfig,
     server: Arc<ServerShared>,
     client: Arc<ClientShared>,
     listen_addrs: Vec<SocketAddr>,
-    listener_fds: Vec<TcpListener>,
     peers: Mutex<HashMap<String, Arc<Peer>>>,
 }
 
@@ -57,18 +60,21 @@ impl std::fmt::Debug for TcpTransport {
     }
 }
 
-pub(crate) fn apply_socket_buffer(stream: &TcpStream, size: Option<usize>) {
-    if let Some(size) = size {
-        let s = socket2::SockRef::from(stream);
-        let _ = s.set_send_buffer_size(size);
-        let _ = s.set_recv_buffer_size(size);
-    }
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl TcpTransport {
-    /// Binds the listeners and starts the accept threads.
+    /// Binds the listeners and hands them to the I/O loops.
     pub fn start(cfg: TcpConfig, ctx: &EngineContext) -> Result<Self> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         cfg.validate()?;
+        let reactor = Reactor::global().map_err(|e| {
+            Error::new(
+                ErrorKind::Io,
+                format!("cannot start the tcp I/O threads: {e}"),
+            )
+        })?;
         let timeout = cfg.timeout.unwrap_or(ctx.timeout);
         let mut ips = cfg.listen.clone();
         if ips.is_empty() {
@@ -78,18 +84,22 @@ impl TcpTransport {
                     .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             );
         }
-        let max_data = cfg.max_slice;
         let server = Arc::new(ServerShared {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry: ctx.registry.clone(),
             local_name: ctx.local_name.clone(),
             generation: ctx.generation,
             timeout,
-            max_data,
+            min_rate: cfg.min_rate,
+            idle_timeout: cfg.idle_timeout * 2,
+            max_data: cfg.max_slice,
+            max_conns: cfg.max_server_connections,
+            conns: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             socket_buffer: cfg.socket_buffer,
         });
         let mut listen_addrs = Vec::new();
-        let mut listener_fds = Vec::new();
+        let mut listeners = Vec::new();
         for (i, ip) in ips.iter().enumerate() {
             let port = if i == 0 { cfg.port } else { 0 };
             let l = TcpListener::bind((*ip, port)).map_err(|e| {
@@ -98,34 +108,37 @@ impl TcpTransport {
                     format!("tcp transport cannot listen on {ip}:{port}: {e}"),
                 )
             })?;
+            l.set_nonblocking(true)
+                .map_err(|e| Error::io("listener", &e))?;
             let addr = l
                 .local_addr()
                 .map_err(|e| Error::io("listener address", &e))?;
-            let keep = l.try_clone().map_err(|e| Error::io("listener clone", &e))?;
-            let s = server.clone();
-            std::thread::Builder::new()
-                .name(format!("mooncake-tcp-accept-{}", addr.port()))
-                .spawn(move || accept_loop(l, s))
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::Io,
-                        format!("cannot spawn the accept thread: {e}"),
-                    )
-                })?;
             info!(segment = %ctx.local_name, %addr, "tcp transport listening");
             listen_addrs.push(addr);
-            listener_fds.push(keep);
+            listeners.push(l);
+        }
+        for (i, l) in listeners.into_iter().enumerate() {
+            let io = ListenerIo::new(l, server.clone());
+            reactor.at(server.id as usize + i).post(move |cx| {
+                if let Err(e) = cx.add(Entry::Listener(io), false) {
+                    tracing::error!("tcp transport cannot watch its listener: {e}");
+                }
+            });
         }
         let client = Arc::new(ClientShared {
+            local_name: ctx.local_name.clone(),
+            generation: ctx.generation,
             conns_per_path: cfg.conns_per_path,
+            max_conns: cfg.max_connections,
             timeout,
+            min_rate: cfg.min_rate,
+            idle_timeout: cfg.idle_timeout,
             path_pause: cfg.path_pause,
             inline_send_max: cfg.inline_send_max,
-            max_data,
+            max_data: cfg.max_slice,
             socket_buffer: cfg.socket_buffer,
             closed: AtomicBool::new(false),
-            epoch: Instant::now(),
-            next_conn: AtomicU64::new(0),
+            conns: AtomicUsize::new(0),
             stats: Stats::default(),
         });
         Ok(Self {
@@ -133,7 +146,6 @@ impl TcpTransport {
             server,
             client,
             listen_addrs,
-            listener_fds,
             peers: Mutex::new(HashMap::new()),
         })
     }
@@ -150,21 +162,15 @@ impl TcpTransport {
             connects: s.connects.load(Ordering::Relaxed),
             retries: s.retries.load(Ordering::Relaxed),
             conn_failures: s.conn_failures.load(Ordering::Relaxed),
-            bytes_per_path: s
-                .bytes_per_path
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            bytes_per_path: lock(&s.bytes_per_path).clone(),
+            open_connections: self.client.conns.load(Ordering::Relaxed),
+            open_server_connections: self.server.conns.load(Ordering::Relaxed),
         }
     }
 
     /// Open connections to `segment` (0 if none).
     pub fn connections_to(&self, segment: &str) -> usize {
-        self.peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(segment)
-            .map_or(0, |p| p.conn_count())
+        lock(&self.peers).get(segment).map_or(0, |p| p.conn_count())
     }
 
     fn paths_of(remote: &RemoteSegment) -> Vec<SocketAddr> {
@@ -178,7 +184,7 @@ impl TcpTransport {
 
     fn peer(&self, remote: &RemoteSegment) -> Result<Arc<Peer>> {
         let d = remote.descriptor();
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = lock(&self.peers);
         if let Some(p) = peers.get(&d.name) {
             if p.generation == d.generation {
                 return Ok(p.clone());
@@ -211,6 +217,18 @@ impl TcpTransport {
         };
         by_stripe.max(len.div_ceil(self.cfg.max_slice)).max(1)
     }
+
+    /// Runs `f` on every I/O loop for each of this transport's entries there, and waits.
+    fn on_every_loop(&self, f: impl Fn(&mut crate::reactor::Cx<'_>) + Send + Sync + 'static) {
+        let Ok(reactor) = Reactor::global() else {
+            return;
+        };
+        let f = Arc::new(f);
+        for lp in reactor.all() {
+            let f = f.clone();
+            lp.post_and_wait(move |cx| f(cx));
+        }
+    }
 }
 
 impl Transport for TcpTransport {
@@ -234,8 +252,7 @@ impl Transport for TcpTransport {
 
     fn submit(&self, tasks: Vec<TransferTask>) {
         // A batch with at least one task per connection already spreads over all of them:
-        // slicing its tasks further only adds frames. A lone small task is written by the
-        // submitting thread when its connection is idle.
+        // slicing its tasks further only adds frames.
         let count = tasks.len();
         let mut per_peer: Vec<(Arc<Peer>, Vec<Slice>)> = Vec::new();
         for task in tasks {
@@ -279,12 +296,12 @@ impl Transport for TcpTransport {
                 match task.local.slice(off, this) {
                     Ok(local) => slices.push(Slice {
                         op: task.opcode,
-                        local,
+                        local: Some(local),
+                        len: this,
                         remote_addr: task.remote_addr + off,
                         done,
                         attempts: 0,
                         failed_paths: 0,
-                        inline_ok: count == 1,
                     }),
                     Err(e) => done.complete(Err(e)),
                 }
@@ -292,12 +309,49 @@ impl Transport for TcpTransport {
             }
         }
         for (peer, slices) in per_peer {
-            peer.dispatch_many(slices);
+            peer.dispatch(slices);
+        }
+    }
+
+    fn on_unregister(&self, region: &Arc<Region>) {
+        // Slices queued or in flight from this engine drop their hold on the region; target
+        // connections stop writing into it (the rest of a write's payload is discarded) and
+        // stop reading from it. Leases go on the loop threads, which the engine then waits for.
+        let peers: Vec<Arc<Peer>> = lock(&self.peers).values().cloned().collect();
+        for p in &peers {
+            p.revoke(region);
+        }
+        let (id, client) = (self.server.id, self.client.clone());
+        let region = region.clone();
+        let Ok(reactor) = Reactor::global() else {
+            return;
+        };
+        for lp in reactor.all() {
+            let (region, client) = (region.clone(), client.clone());
+            lp.post(move |cx| {
+                let mut close = Vec::new();
+                for (t, e) in cx.entries() {
+                    let keep = match e {
+                        Entry::Server(s) if s.shared().id == id => s.revoke(&region),
+                        Entry::Client(c) if Arc::ptr_eq(c.shared(), &client) => {
+                            c.revoke(&region);
+                            true
+                        }
+                        _ => true,
+                    };
+                    if !keep {
+                        close.push(t);
+                    }
+                }
+                for t in close {
+                    cx.close_now(t);
+                }
+            });
         }
     }
 
     fn forget_peer(&self, segment: &str, generation: Option<u64>) {
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = lock(&self.peers);
         let matches = peers
             .get(segment)
             .is_some_and(|p| generation.is_none_or(|g| p.generation == g));
@@ -308,22 +362,31 @@ impl Transport for TcpTransport {
     }
 
     fn shutdown(&self) {
-        self.server.closed.store(true, Ordering::Release);
-        self.client.closed.store(true, Ordering::Release);
-        for l in &self.listener_fds {
-            // SAFETY: shutting down a listening socket we own wakes its blocked `accept`.
-            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        if self.server.closed.swap(true, Ordering::AcqRel) {
+            return;
         }
-        let peers: Vec<_> = self
-            .peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .map(|(_, p)| p)
-            .collect();
+        self.client.closed.store(true, Ordering::Release);
+        let peers: Vec<_> = lock(&self.peers).drain().map(|(_, p)| p).collect();
         for p in peers {
             p.close();
         }
+        // Close every listener and connection of this transport on every loop, and wait:
+        // once this returns no loop touches this transport's memory any more.
+        let (id, client) = (self.server.id, self.client.clone());
+        self.on_every_loop(move |cx| {
+            let mine: Vec<_> = cx
+                .entries()
+                .filter(|(_, e)| match e {
+                    Entry::Server(s) => s.shared().id == id,
+                    Entry::Listener(l) => l.shared().id == id,
+                    Entry::Client(c) => Arc::ptr_eq(c.shared(), &client),
+                })
+                .map(|(t, _)| t)
+                .collect();
+            for t in mine {
+                cx.close_now(t);
+            }
+        });
     }
 }
 

@@ -12,8 +12,8 @@ use std::fmt;
 
 /// `"MCRS"` in little-endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MCRS");
-/// The wire version this build speaks.
-pub const VERSION: u8 = 1;
+/// The wire version this build speaks (2: the hello names the initiator and its epoch).
+pub const VERSION: u8 = 2;
 /// Length of every header.
 pub const HEADER_LEN: usize = 32;
 /// Largest payload of a control frame (hello, error message).
@@ -23,8 +23,8 @@ pub const MAX_CONTROL_PAYLOAD: u64 = 4096;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum FrameKind {
-    /// Client → server, first frame: payload is the target segment name; `addr` is the
-    /// generation the client expects (0 = any).
+    /// Client → server, first frame: the payload is a [`Hello`]; `addr` is the generation
+    /// of the target the client expects (0 = any).
     Hello = 1,
     /// Server → client: the hello was accepted; `addr` is the server's generation.
     HelloAck = 2,
@@ -65,7 +65,8 @@ pub enum Status {
     OutOfRange = 1,
     /// The request was malformed.
     BadRequest = 2,
-    /// The hello named another segment or generation.
+    /// The hello named another segment or generation, or an epoch older than one this
+    /// initiator already used.
     WrongSegment = 3,
     /// The server failed internally.
     Internal = 4,
@@ -123,6 +124,8 @@ pub enum WireError {
     },
     /// A data request of zero bytes.
     Empty,
+    /// A hello payload that does not parse.
+    BadHello(&'static str),
 }
 
 impl fmt::Display for WireError {
@@ -141,6 +144,7 @@ impl fmt::Display for WireError {
                 "{kind:?} frame of {len} bytes exceeds the limit of {max}"
             ),
             Self::Empty => f.write_str("zero-length data request"),
+            Self::BadHello(why) => write!(f, "malformed hello: {why}"),
         }
     }
 }
@@ -222,6 +226,74 @@ impl Header {
     }
 }
 
+/// The payload of a [`FrameKind::Hello`]: who connects to whom, and under which epoch.
+///
+/// ```text
+/// u16 target length | target name | u16 initiator length | initiator name |
+/// u64 initiator generation | u64 epoch
+/// ```
+/// The epoch fences retried writes: an initiator that retries after a failed connection
+/// connects with a higher epoch, and the target closes every older-epoch connection of that
+/// initiator before it acknowledges the new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The segment the initiator means to reach.
+    pub target: String,
+    /// The initiator's segment name.
+    pub initiator: String,
+    /// The initiator engine's generation.
+    pub initiator_generation: u64,
+    /// The initiator's connection epoch towards this target.
+    pub epoch: u64,
+}
+
+impl Hello {
+    /// Encodes the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(20 + self.target.len() + self.initiator.len());
+        for s in [&self.target, &self.initiator] {
+            v.extend_from_slice(&(s.len() as u16).to_le_bytes());
+            v.extend_from_slice(s.as_bytes());
+        }
+        v.extend_from_slice(&self.initiator_generation.to_le_bytes());
+        v.extend_from_slice(&self.epoch.to_le_bytes());
+        v
+    }
+
+    /// Decodes a payload; refuses truncated, oversized or non-UTF-8 input.
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        fn name(b: &[u8], at: &mut usize) -> Result<String, WireError> {
+            let len = b
+                .get(*at..*at + 2)
+                .map(|x| u16::from_le_bytes([x[0], x[1]]) as usize)
+                .ok_or(WireError::BadHello("truncated name length"))?;
+            let bytes = b
+                .get(*at + 2..*at + 2 + len)
+                .ok_or(WireError::BadHello("truncated name"))?;
+            *at += 2 + len;
+            String::from_utf8(bytes.to_vec()).map_err(|_| WireError::BadHello("name is not UTF-8"))
+        }
+        if b.len() as u64 > MAX_CONTROL_PAYLOAD {
+            return Err(WireError::BadHello("too long"));
+        }
+        let mut at = 0;
+        let target = name(b, &mut at)?;
+        let initiator = name(b, &mut at)?;
+        let tail = b
+            .get(at..at + 16)
+            .ok_or(WireError::BadHello("truncated generation or epoch"))?;
+        if b.len() != at + 16 {
+            return Err(WireError::BadHello("trailing bytes"));
+        }
+        Ok(Self {
+            target,
+            initiator,
+            initiator_generation: u64::from_le_bytes(tail[..8].try_into().expect("8 bytes")),
+            epoch: u64::from_le_bytes(tail[8..].try_into().expect("8 bytes")),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +314,17 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = Header::decode(&bytes, 1 << 20);
+        }
+
+        #[test]
+        fn hello_round_trip(target in ".{0,40}", initiator in ".{0,40}", generation: u64, epoch: u64) {
+            let h = Hello { target, initiator, initiator_generation: generation, epoch };
+            prop_assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+        }
+
+        #[test]
+        fn hello_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Hello::decode(&bytes);
         }
 
         #[test]

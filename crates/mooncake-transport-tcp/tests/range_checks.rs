@@ -13,7 +13,7 @@ use common::{buffer, engine, pattern, store};
 use mooncake_core::{Access, ErrorKind, ForeignMemory, LocalBuffer, Location, MemorySegment};
 use mooncake_engine::TransferEngine;
 use mooncake_transport_tcp::TcpConfig;
-use mooncake_transport_tcp::wire::{FrameKind, HEADER_LEN, Header, Status};
+use mooncake_transport_tcp::wire::{FrameKind, HEADER_LEN, Header, Hello, Status};
 
 const GUARD: usize = 64 << 10;
 
@@ -90,10 +90,23 @@ fn after_unregister_the_target_refuses() {
     assert_eq!(other.to_vec()[..4096], pattern(GUARD, 8)[..4096]);
 }
 
+fn hello_bytes(target: &str) -> Vec<u8> {
+    let payload = Hello {
+        target: target.to_string(),
+        initiator: "raw-client".to_string(),
+        initiator_generation: 1,
+        epoch: 1,
+    }
+    .encode();
+    let mut v = Header::new(FrameKind::Hello, 1, 0, payload.len() as u64)
+        .encode()
+        .to_vec();
+    v.extend_from_slice(&payload);
+    v
+}
+
 fn hello(s: &mut TcpStream, name: &str) -> Header {
-    s.write_all(&Header::new(FrameKind::Hello, 1, 0, name.len() as u64).encode())
-        .unwrap();
-    s.write_all(name.as_bytes()).unwrap();
+    s.write_all(&hello_bytes(name)).unwrap();
     read_header(s)
 }
 
@@ -121,10 +134,14 @@ fn forged_frames_are_refused_by_the_target() {
 
     // Wrong segment name: refused at hello.
     let mut w = TcpStream::connect(t.addr()).unwrap();
-    w.write_all(&Header::new(FrameKind::Hello, 1, 0, 5).encode())
-        .unwrap();
-    w.write_all(b"other").unwrap();
+    w.write_all(&hello_bytes("other")).unwrap();
     assert_eq!(read_error(&mut w).0, Status::WrongSegment);
+    // A hello whose payload does not parse.
+    let mut m = TcpStream::connect(t.addr()).unwrap();
+    m.write_all(&Header::new(FrameKind::Hello, 1, 0, 5).encode())
+        .unwrap();
+    m.write_all(b"other").unwrap();
+    assert_eq!(read_error(&mut m).0, Status::BadRequest);
 
     assert_eq!(hello(&mut s, "fg-target").kind, FrameKind::HelloAck);
     // A write into the guard below the region: the payload is swallowed, an error comes back.
