@@ -97,7 +97,7 @@ pub(crate) struct TransferArgs {
     out: std::path::PathBuf,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
     let t = t.trim_end_matches("ib").trim_end_matches('b');
     let (num, mul) = match t.chars().last() {
@@ -369,8 +369,28 @@ fn run_target(args: &TransferArgs, region: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes (`write`) or checks the stamp of pass `pass` at the start of every 4 KiB page of
+/// `range` in `buf`.
+fn stamp_pages(buf: &LocalBuffer, range: std::ops::Range<u64>, pass: u64, write: bool) -> anyhow::Result<()> {
+    for page in range.step_by(4096) {
+        let want = (pass.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ page).to_le_bytes();
+        let n = want.len().min((buf.len() as u64 - page) as usize);
+        if write {
+            buf.write_at(page as usize, &want[..n])?;
+        } else {
+            let mut got = [0u8; 8];
+            buf.read_at(page as usize, &mut got[..n])?;
+            ensure!(
+                got[..n] == want[..n],
+                "verification failed in pass {pass}: the page at offset {page} holds stale bytes"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs the initiator threads against `segment`; `target_buf` (role both) lets the run
-/// verify every byte at the end.
+/// verify every pass (a new stamp in every page) and every byte at the end.
 fn drive(
     args: &TransferArgs,
     init: &TransferEngine,
@@ -438,13 +458,31 @@ fn drive(
             .map(|t| {
                 let reqs = requests(t);
                 let (bytes, stop, barrier) = (bytes.clone(), stop.clone(), barrier.clone());
+                let (local, target) = (&local, target_buf);
                 s.spawn(move || -> anyhow::Result<Vec<f64>> {
                     let mut lat = Vec::new();
+                    // Every pass writes a new stamp into each 4 KiB page of the source and
+                    // checks it at the destination once the batch completed, so a stale or
+                    // dropped slice is caught in the pass it happens.
+                    let (src, dst) = match (verify, opcode) {
+                        (true, Opcode::Write) => (Some(local), target),
+                        (true, Opcode::Read) => (target, Some(local)),
+                        _ => (None, None),
+                    };
+                    let range = t as u64 * per_thread..(t as u64 + 1) * per_thread;
                     barrier.wait();
+                    let mut pass = 0u64;
                     while !stop.load(Ordering::Relaxed) {
+                        pass += 1;
+                        if let Some(src) = src {
+                            stamp_pages(src, range.clone(), pass, true)?;
+                        }
                         let t0 = Instant::now();
                         init.submit_batch(&reqs)?.wait_blocking(None)?;
                         lat.push(t0.elapsed().as_secs_f64() * 1e6);
+                        if let Some(dst) = dst {
+                            stamp_pages(dst, range.clone(), pass, false)?;
+                        }
                         bytes.fetch_add(per_thread, Ordering::Relaxed);
                     }
                     Ok(lat)

@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -70,10 +70,23 @@ struct TaskSlot {
 
 struct BatchState {
     tasks: Box<[TaskSlot]>,
-    submitted: AtomicUsize,
-    pending: AtomicUsize,
+    /// Submitted tasks (high 32 bits) and pending ones (low 32 bits), changed together so a
+    /// waiter never sees tasks submitted but not pending, and no reservation is rolled back.
+    counts: AtomicU64,
     failed: AtomicUsize,
     done: Event,
+}
+
+const PENDING_MASK: u64 = 0xffff_ffff;
+
+impl BatchState {
+    fn submitted(&self) -> usize {
+        (self.counts.load(Ordering::Acquire) >> 32) as usize
+    }
+
+    fn pending(&self) -> usize {
+        (self.counts.load(Ordering::Acquire) & PENDING_MASK) as usize
+    }
 }
 
 /// A batch of up to `capacity` transfer tasks. Cloning shares the same batch.
@@ -87,14 +100,15 @@ impl std::fmt::Debug for Batch {
         f.debug_struct("Batch")
             .field("capacity", &self.capacity())
             .field("submitted", &self.len())
-            .field("pending", &self.state.pending.load(Ordering::Relaxed))
+            .field("pending", &self.state.pending())
             .finish()
     }
 }
 
 impl Batch {
-    /// A new batch with room for `capacity` tasks.
+    /// A new batch with room for `capacity` tasks (at most `u32::MAX`).
     pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.min(u32::MAX as usize);
         let tasks = (0..capacity)
             .map(|_| TaskSlot {
                 status: AtomicU8::new(TransferStatus::Waiting as u8),
@@ -104,8 +118,7 @@ impl Batch {
         Self {
             state: Arc::new(BatchState {
                 tasks,
-                submitted: AtomicUsize::new(0),
-                pending: AtomicUsize::new(0),
+                counts: AtomicU64::new(0),
                 failed: AtomicUsize::new(0),
                 done: Event::new(),
             }),
@@ -119,7 +132,7 @@ impl Batch {
 
     /// How many tasks were submitted.
     pub fn len(&self) -> usize {
-        self.state.submitted.load(Ordering::Acquire)
+        self.state.submitted()
     }
 
     /// True when nothing was submitted.
@@ -132,8 +145,9 @@ impl Batch {
     /// Fails with [`ErrorKind::InvalidArgument`] if the batch would exceed its capacity.
     pub fn add_tasks(&self, n: usize) -> Result<Vec<TaskCompleter>> {
         let s = &self.state;
-        let mut start = s.submitted.load(Ordering::Acquire);
-        loop {
+        let mut cur = s.counts.load(Ordering::Acquire);
+        let start = loop {
+            let start = (cur >> 32) as usize;
             let end = start
                 .checked_add(n)
                 .filter(|&e| e <= s.tasks.len())
@@ -143,20 +157,16 @@ impl Batch {
                         s.tasks.len()
                     ))
                 })?;
-            // Count the tasks as pending before they become visible as submitted, so a
-            // waiter never sees `submitted` grow while `pending` is still zero.
-            s.pending.fetch_add(n, Ordering::AcqRel);
+            // Both counts move in one step: submitted to `end`, pending up by `n`.
+            let next = ((end as u64) << 32) | ((cur & PENDING_MASK) + n as u64);
             match s
-                .submitted
-                .compare_exchange(start, end, Ordering::AcqRel, Ordering::Acquire)
+                .counts
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => break,
-                Err(now) => {
-                    s.pending.fetch_sub(n, Ordering::AcqRel);
-                    start = now;
-                }
+                Ok(_) => break start,
+                Err(now) => cur = now,
             }
-        }
+        };
         Ok((start..start + n)
             .map(|i| {
                 s.tasks[i]
@@ -190,7 +200,7 @@ impl Batch {
 
     /// True when every submitted task has finished.
     pub fn is_done(&self) -> bool {
-        self.state.pending.load(Ordering::Acquire) == 0
+        self.state.pending() == 0
     }
 
     /// Number of tasks that failed so far.
@@ -338,7 +348,8 @@ impl TaskCompleter {
             }
         };
         slot.status.store(status as u8, Ordering::Release);
-        if state.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // Pending is > 0 here (this task is counted), so the low half never borrows.
+        if state.counts.fetch_sub(1, Ordering::AcqRel) & PENDING_MASK == 1 {
             state.done.notify(usize::MAX);
         }
     }
@@ -484,6 +495,39 @@ mod tests {
             .complete(Err(Error::new(ErrorKind::Io, "second")));
         assert_eq!(batch.status(0), TransferStatus::Timeout);
         assert_eq!(batch.error(0).unwrap().message(), "slow");
+    }
+
+    /// Reservations that race (one succeeds, another is refused for capacity) and tasks that
+    /// complete meanwhile never leave a waiter asleep with every task done. The counts move
+    /// in one atomic step, so there is no rollback that could swallow the last wake-up.
+    #[test]
+    fn racing_reservations_never_lose_the_last_wake_up() {
+        for _ in 0..2_000 {
+            let batch = Batch::new(2);
+            let first = batch.add_tasks(1).unwrap().pop().unwrap();
+            let (b1, b2) = (batch.clone(), batch.clone());
+            let grab = std::thread::spawn(move || b1.add_tasks(1).ok());
+            let refuse = std::thread::spawn(move || b2.add_tasks(2).is_err());
+            let waiter = {
+                let b = batch.clone();
+                std::thread::spawn(move || {
+                    b.wait_blocking(Some(Instant::now() + Duration::from_secs(10)))
+                })
+            };
+            first.complete(Ok(()));
+            assert!(
+                refuse.join().unwrap(),
+                "two more tasks never fit a batch of two"
+            );
+            if let Some(t) = grab.join().unwrap() {
+                t.into_iter().for_each(|t| t.complete(Ok(())));
+            }
+            waiter
+                .join()
+                .unwrap()
+                .expect("the waiter saw every task finish");
+            assert!(batch.is_done());
+        }
     }
 
     #[test]

@@ -7,20 +7,26 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 
-use event_listener::Event;
-use std::sync::{Arc, Mutex, RwLock};
+use event_listener::{Event, EventListener};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mooncake_core::{
     Access, Batch, BufferDesc, BufferRegistry, EmbeddedMetadataStore, EngineContext, Error,
     ErrorKind, ForeignMemory, Location, MemorySegment, MetadataKeys, MetadataStore, Opcode,
     RegionLease, RemoteSegment, Requester, Result, RpcMeta, SegmentDescriptor, SegmentHandle,
-    TransferRequest, TransferStatus, TransferTask, Transport, TransportBuilder,
-    TransportCapabilities, WatchEvent, block_on,
+    TaskCompleter, TransferRequest, TransferStatus, TransferTask, Transport, TransportBuilder,
+    TransportCapabilities, WatchEvent, WatchStream, block_on,
 };
+
+use crate::background;
 
 /// Default time a peer may make no progress before its tasks fail.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A request whose target range failed the cached descriptor's check: it waits for the
+/// descriptor to be read again (with the error to report if it still fails).
+type Deferred = (TransferRequest, RegionLease, TaskCompleter, Error);
 
 /// An id of a batch allocated with [`TransferEngine::allocate_batch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -248,44 +254,17 @@ impl TransferEngine {
     /// Follows descriptor changes of other segments: a peer that re-publishes with a new
     /// generation (it restarted) or disappears gets its cached descriptor replaced and its
     /// connections dropped, so no transfer uses stale state.
+    ///
+    /// The watch runs on the process-wide background thread. If the backend ends it (a
+    /// restarted service, a compacted log, a lost connection), it is re-created with
+    /// backoff and every cached descriptor is read again, so no change is missed.
     fn start_watcher(&self) -> Result<()> {
         let prefix = self.inner.keys.segment_prefix();
-        let mut stream = block_on(self.inner.metadata.watch(&prefix))?;
+        // Subscribe before `build` returns, so no change after it is missed.
+        let first = block_on(self.inner.metadata.watch(&prefix))?;
         let weak = Arc::downgrade(&self.inner);
-        let mut closed = self.inner.closed.listen();
-        std::thread::Builder::new()
-            .name("mooncake-meta-watch".into())
-            .spawn(move || {
-                loop {
-                    if weak
-                        .upgrade()
-                        .is_none_or(|i| i.closing.load(Ordering::Acquire))
-                    {
-                        return;
-                    }
-                    // Wait for the next event or for the engine to close, whichever first.
-                    let next = block_on(std::future::poll_fn(|cx| {
-                        if Pin::new(&mut closed).poll(cx).is_ready() {
-                            return Poll::Ready(None);
-                        }
-                        match futures_core::Stream::poll_next(Pin::new(&mut stream), cx) {
-                            Poll::Ready(Some(ev)) => Poll::Ready(Some(ev)),
-                            Poll::Ready(None) => Poll::Ready(None),
-                            Poll::Pending => Poll::Pending,
-                        }
-                    }));
-                    let (Some(ev), Some(inner)) = (next, weak.upgrade()) else {
-                        return;
-                    };
-                    TransferEngine { inner }.on_segment_event(&prefix, ev);
-                }
-            })
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Io,
-                    format!("cannot spawn the metadata watcher: {e}"),
-                )
-            })?;
+        let closed = self.inner.closed.listen();
+        background::spawn(watch_segments(weak, prefix, first, closed));
         Ok(())
     }
 
@@ -335,6 +314,30 @@ impl TransferEngine {
                     t.forget_peer(name, Some(old_gen));
                 }
             }
+        }
+    }
+
+    /// Reads every cached descriptor again and applies what changed, as the watch would have.
+    async fn relist(&self) {
+        let cached: Vec<(String, SegmentHandle)> = self
+            .inner
+            .segments()
+            .by_name
+            .iter()
+            .map(|(n, h)| (n.clone(), *h))
+            .collect();
+        let prefix = self.inner.keys.segment_prefix();
+        for (name, _) in cached {
+            let key = self.inner.keys.segment(&name);
+            let ev = match self.inner.metadata.get(&key).await {
+                Ok(Some(value)) => WatchEvent::Put { key, value },
+                Ok(None) => WatchEvent::Delete { key },
+                Err(e) => {
+                    tracing::warn!(segment = name, "re-reading a descriptor failed: {e}");
+                    continue;
+                }
+            };
+            self.on_segment_event(&prefix, ev);
         }
     }
 
@@ -557,6 +560,7 @@ impl TransferEngine {
         let mut per_transport: Vec<Vec<TransferTask>> = (0..self.inner.transports.len())
             .map(|_| Vec::new())
             .collect();
+        let mut deferred: Vec<Deferred> = Vec::new();
         for (req, completer) in requests.iter().zip(completers) {
             let local = match self
                 .registry()
@@ -572,7 +576,7 @@ impl TransferEngine {
                 completer.complete(self.local_copy(req.opcode, &local, req.target_offset));
                 continue;
             }
-            let mut remote = match self.segment(req.target_id) {
+            let remote = match self.segment(req.target_id) {
                 Ok(r) => r,
                 Err(e) => {
                     completer.complete(Err(e));
@@ -581,38 +585,71 @@ impl TransferEngine {
             };
             if let Err(e) = remote.check_range(req.target_offset, req.length) {
                 // The cached descriptor may be stale (the peer registered more memory, or
-                // restarted): read it again once before refusing.
-                let fresh = block_on(self.refresh_segment(req.target_id))
-                    .and_then(|()| self.segment(req.target_id));
-                match fresh {
-                    Ok(r) if r.check_range(req.target_offset, req.length).is_ok() => remote = r,
-                    _ => {
-                        completer.complete(Err(e));
-                        continue;
-                    }
-                }
+                // restarted): it is read again in the background, without blocking this call.
+                deferred.push((*req, local, completer, e));
+                continue;
             }
-            let ti = match self.route(&local, &remote, req) {
-                Ok(ti) => ti,
-                Err(e) => {
-                    completer.complete(Err(e));
-                    continue;
-                }
-            };
-            per_transport[ti].push(TransferTask {
-                opcode: req.opcode,
-                local,
-                remote,
-                remote_addr: req.target_offset,
-                completer,
-            });
+            match self.route(&local, &remote, req) {
+                Ok(ti) => per_transport[ti].push(TransferTask {
+                    opcode: req.opcode,
+                    local,
+                    remote,
+                    remote_addr: req.target_offset,
+                    completer,
+                }),
+                Err(e) => completer.complete(Err(e)),
+            }
         }
         for (t, tasks) in self.inner.transports.iter().zip(per_transport) {
             if !tasks.is_empty() {
                 t.submit(tasks);
             }
         }
+        if !deferred.is_empty() {
+            let engine = self.clone();
+            background::spawn(async move { engine.submit_after_refresh(deferred).await });
+        }
         Ok(())
+    }
+
+    /// Reads the descriptors of `deferred`'s targets again (once each), then submits the
+    /// requests that fit the fresh descriptor and fails the others with their first error.
+    async fn submit_after_refresh(&self, deferred: Vec<Deferred>) {
+        let mut handles: Vec<SegmentHandle> = deferred.iter().map(|d| d.0.target_id).collect();
+        handles.sort_unstable();
+        handles.dedup();
+        for h in handles {
+            if let Err(e) = self.refresh_segment(h).await {
+                tracing::debug!(segment = h.0, "refreshing a descriptor failed: {e}");
+            }
+        }
+        let mut per_transport: Vec<Vec<TransferTask>> = (0..self.inner.transports.len())
+            .map(|_| Vec::new())
+            .collect();
+        for (req, local, completer, first_error) in deferred {
+            let remote = match self.segment(req.target_id) {
+                Ok(r) if r.check_range(req.target_offset, req.length).is_ok() => r,
+                _ => {
+                    completer.complete(Err(first_error));
+                    continue;
+                }
+            };
+            match self.route(&local, &remote, &req) {
+                Ok(ti) => per_transport[ti].push(TransferTask {
+                    opcode: req.opcode,
+                    local,
+                    remote,
+                    remote_addr: req.target_offset,
+                    completer,
+                }),
+                Err(e) => completer.complete(Err(e)),
+            }
+        }
+        for (t, tasks) in self.inner.transports.iter().zip(per_transport) {
+            if !tasks.is_empty() {
+                t.submit(tasks);
+            }
+        }
     }
 
     /// The transport that moves `req`: the first installed one that can reach `remote` and,
@@ -825,11 +862,16 @@ impl TransferEngine {
         let r = batch.wait_blocking(None);
         if r.as_ref().is_err_and(|e| {
             e.kind() == ErrorKind::PeerUnreachable || e.kind() == ErrorKind::Timeout
-        }) {
-            // The peer may have restarted elsewhere: the next call re-reads its descriptor.
-            if let Ok(h) = self.open_segment_blocking(target) {
-                let _ = self.close_segment(h);
-            }
+        }) && let Some(h) = self.inner.cached_handle(target)
+        {
+            // The peer may have restarted elsewhere: read its descriptor again in the
+            // background. Connections other threads use are left alone.
+            let engine = self.clone();
+            background::spawn(async move {
+                if let Err(e) = engine.refresh_segment(h).await {
+                    tracing::debug!(segment = h.0, "refreshing a descriptor failed: {e}");
+                }
+            });
         }
         r
     }
@@ -866,4 +908,85 @@ impl TransferEngine {
             .collect();
         self.submit_batch(&reqs)
     }
+}
+
+/// The engine's metadata watch (see `TransferEngine::start_watcher`).
+async fn watch_segments(
+    weak: Weak<Inner>,
+    prefix: String,
+    first: WatchStream,
+    mut closed: EventListener,
+) {
+    let mut stream = Some(first);
+    let mut backoff = WATCH_BACKOFF_MIN;
+    loop {
+        let mut s = match stream.take() {
+            Some(s) => s,
+            None => {
+                // Re-subscribe, then read every cached descriptor again: changes made while
+                // the watch was down are not replayed by the backend.
+                let Some(inner) = weak.upgrade() else { return };
+                match inner.metadata.watch(&prefix).await {
+                    Ok(s) => {
+                        backoff = WATCH_BACKOFF_MIN;
+                        let engine = TransferEngine { inner };
+                        engine.relist().await;
+                        s
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "metadata watch of {prefix} failed: {e}; retrying in {backoff:?}"
+                        );
+                        drop(inner);
+                        let slept = poll_either(&mut closed, background::sleep(backoff)).await;
+                        if slept.is_none() {
+                            return;
+                        }
+                        backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+                        continue;
+                    }
+                }
+            }
+        };
+        loop {
+            let next = poll_either(&mut closed, s.next()).await;
+            let Some(next) = next else { return };
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.closing.load(Ordering::Acquire) {
+                return;
+            }
+            match next {
+                Some(ev) => TransferEngine { inner }.on_segment_event(&prefix, ev),
+                None => {
+                    tracing::warn!("metadata watch of {prefix} ended; re-subscribing");
+                    break;
+                }
+            }
+        }
+        // The stream ended: wait a little before re-subscribing (a restarting service).
+        if poll_either(&mut closed, background::sleep(backoff))
+            .await
+            .is_none()
+        {
+            return;
+        }
+        backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+    }
+}
+
+/// First wait between re-subscriptions of a metadata watch.
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between re-subscriptions.
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Waits for `f`, or for the engine to close (`None`).
+async fn poll_either<F: Future>(closed: &mut EventListener, f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| {
+        if Pin::new(&mut *closed).poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        f.as_mut().poll(cx).map(Some)
+    })
+    .await
 }

@@ -180,3 +180,49 @@ fn restart_is_seen_as_a_new_generation() {
         b2.generation()
     );
 }
+
+/// The HTTP metadata server restarts (losing its state and its revision counter): the
+/// engine's watch ends, is re-created, and the engine re-reads what it caches — so a peer
+/// that restarts afterwards is still followed, without any transfer to trigger a refresh.
+#[cfg(all(feature = "http", feature = "http-server"))]
+#[test]
+fn the_watch_survives_a_metadata_server_restart() {
+    use mooncake_metadata::http::{HttpMetadataServer, HttpServerConfig};
+    let server = HttpMetadataServer::bind("127.0.0.1:0", HttpServerConfig::default()).unwrap();
+    let url = server.url();
+    let addr = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let build = |name: &str| {
+        TransferEngine::builder(name)
+            .with_metadata(mooncake_metadata::connect(&url).unwrap())
+            .with_transport(TcpConfig::new())
+            .build()
+            .unwrap()
+    };
+    let a = build("restart-a");
+    let b = build("restart-b");
+    let h = a.open_segment_blocking("restart-b").unwrap();
+    assert_eq!(
+        a.segment(h).unwrap().descriptor().generation,
+        b.generation()
+    );
+    drop(server);
+    let server = HttpMetadataServer::bind(addr.as_str(), HttpServerConfig::default()).unwrap();
+    // The peer restarts after the metadata service did.
+    std::thread::sleep(Duration::from_millis(300));
+    drop(b);
+    let b2 = build("restart-b");
+    let t0 = std::time::Instant::now();
+    while a.segment(h).unwrap().descriptor().generation != b2.generation() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the engine never saw the restarted peer's descriptor"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(server);
+}

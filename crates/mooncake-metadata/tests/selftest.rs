@@ -115,7 +115,7 @@ fn a_store_without_expiry_fails_the_liveness_case() {
 }
 
 #[test]
-#[should_panic]
+#[should_panic(expected = "watch event 1 (the first put) missing or out of order")]
 fn a_lossy_watch_fails_the_watch_case() {
     broken(Defect::LosesFirstEvent, "watch_in_order");
 }

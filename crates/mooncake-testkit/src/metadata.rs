@@ -231,7 +231,7 @@ pub async fn watch_in_order(h: &dyn Harness) {
             key: key.clone(),
             value: d1
         },
-        "{name}"
+        "{name}: watch event 1 (the first put) missing or out of order"
     );
     assert_eq!(
         next_event(&mut w, &name).await,
@@ -239,12 +239,12 @@ pub async fn watch_in_order(h: &dyn Harness) {
             key: key.clone(),
             value: d2
         },
-        "{name}"
+        "{name}: watch event 2 (the second put) missing or out of order"
     );
     assert_eq!(
         next_event(&mut w, &name).await,
         WatchEvent::Delete { key: key.clone() },
-        "{name}"
+        "{name}: watch event 3 (the delete) missing or out of order"
     );
     a.store.delete(&k.rpc_meta(&a.segment)).await.unwrap();
 }

@@ -51,6 +51,12 @@ pub trait TransportHarness: Send + Sync {
     fn timeout(&self) -> Duration {
         Duration::from_secs(1)
     }
+    /// Whether moving bytes needs the peer's CPU (TCP: yes; one-sided RDMA: no — a frozen
+    /// peer's NIC still serves it). When it does, a request to a frozen or killed peer must
+    /// fail; otherwise it must only finish within the deadline.
+    fn needs_peer_cpu(&self) -> bool {
+        true
+    }
 }
 
 /// An engine named `name` on `store` with the harness's transport.
@@ -590,37 +596,61 @@ pub fn dead_peer_fails_within_deadline(h: &dyn TransportHarness, module_path: &s
             .unwrap()
             .wait_blocking(None)
             .unwrap_or_else(|e| panic!("{}: healthy round: {e}", h.name()));
-        let batch = init
-            .submit_batch(&big_batch(seg, &local, child.base(), 64))
-            .unwrap();
-        child.signal(sig);
         let limit = 3 * h.timeout();
-        assert_done_within(h, &batch, limit, &format!("signal {sig}"));
-        if batch.failed() > 0 {
-            let kinds: Vec<ErrorKind> = (0..64)
-                .filter_map(|i| batch.error(i))
-                .map(|e| e.kind())
-                .collect();
-            assert!(
-                kinds
-                    .iter()
-                    .all(|k| matches!(k, ErrorKind::PeerUnreachable | ErrorKind::Timeout)),
-                "{}: signal {sig}: unexpected error kinds {kinds:?}",
+        let what = if sig == libc::SIGKILL {
+            "killed"
+        } else {
+            "frozen"
+        };
+        let batch = if h.needs_peer_cpu() {
+            // Freeze first, so the whole batch is surely in flight when the peer dies (or
+            // stays frozen): every task must fail.
+            child.signal(libc::SIGSTOP);
+            let b = init
+                .submit_batch(&big_batch(seg, &local, child.base(), 64))
+                .unwrap();
+            if sig == libc::SIGKILL {
+                child.signal(libc::SIGKILL);
+            }
+            b
+        } else {
+            let b = init
+                .submit_batch(&big_batch(seg, &local, child.base(), 64))
+                .unwrap();
+            child.signal(sig);
+            b
+        };
+        assert_done_within(h, &batch, limit, &format!("{what} peer"));
+        if h.needs_peer_cpu() {
+            assert_eq!(
+                batch.failed(),
+                64,
+                "{}: requests to a {what} peer completed",
                 h.name()
             );
         }
-        // A new request finishes within the limit; to a killed peer, it fails. A frozen
-        // peer may still be served by its NIC (one-sided RDMA needs no CPU), so for it only
-        // the deadline is checked.
+        let kinds: Vec<ErrorKind> = (0..64)
+            .filter_map(|i| batch.error(i))
+            .map(|e| e.kind())
+            .collect();
+        assert!(
+            kinds
+                .iter()
+                .all(|k| matches!(k, ErrorKind::PeerUnreachable | ErrorKind::Timeout)),
+            "{}: {what} peer: unexpected error kinds {kinds:?}",
+            h.name()
+        );
+        // A new request finishes within the limit; to a killed peer (or a frozen one, when
+        // moving bytes needs its CPU) it fails.
         let again = init
             .submit_batch(&big_batch(seg, &local, child.base(), 1))
             .unwrap();
-        assert_done_within(h, &again, limit, &format!("new request after signal {sig}"));
-        if sig == libc::SIGKILL {
+        assert_done_within(h, &again, limit, &format!("new request to a {what} peer"));
+        if sig == libc::SIGKILL || h.needs_peer_cpu() {
             assert_eq!(
                 again.failed(),
                 1,
-                "{}: a write to a killed peer succeeded",
+                "{}: a write to a {what} peer succeeded",
                 h.name()
             );
         }

@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_net::TcpStream;
-use futures_channel::mpsc;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use mooncake_core::{BoxFuture, Error, ErrorKind, MetadataStore, Result, WatchEvent, WatchStream};
 
@@ -513,44 +512,54 @@ impl MetadataStore for HttpMetadataStore {
 
     fn watch<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<WatchStream>> {
         Box::pin(async move {
-            let (mut rev, _) = self.inner.watch_poll(prefix, None).await?;
-            let (tx, rx) = mpsc::unbounded();
-            let inner = self.inner.clone();
-            let prefix = prefix.to_string();
-            std::thread::Builder::new()
-                .name("mooncake-http-watch".into())
-                .spawn(move || {
-                    let mut backoff = Duration::from_millis(50);
-                    while !tx.is_closed() {
-                        match futures_lite::future::block_on(inner.watch_poll(&prefix, Some(rev))) {
-                            Ok((next, events)) => {
-                                backoff = Duration::from_millis(50);
-                                for e in events {
-                                    rev = rev.max(e.revision);
-                                    let ev = match e.value {
-                                        Some(value) => WatchEvent::Put { key: e.key, value },
-                                        None => WatchEvent::Delete { key: e.key },
-                                    };
-                                    if tx.unbounded_send(ev).is_err() {
-                                        return;
-                                    }
-                                }
-                                rev = rev.max(next);
+            let (rev, _) = self.inner.watch_poll(prefix, None).await?;
+            // A stream of long polls, driven by whoever polls it (no thread of its own).
+            struct State {
+                inner: Arc<Inner>,
+                prefix: String,
+                rev: u64,
+                pending: std::collections::VecDeque<WatchEvent>,
+                backoff: Duration,
+            }
+            let state = State {
+                inner: self.inner.clone(),
+                prefix: prefix.to_string(),
+                rev,
+                pending: Default::default(),
+                backoff: Duration::from_millis(50),
+            };
+            let stream = futures_lite::stream::unfold(state, |mut st| async move {
+                loop {
+                    if let Some(ev) = st.pending.pop_front() {
+                        return Some((ev, st));
+                    }
+                    match st.inner.watch_poll(&st.prefix, Some(st.rev)).await {
+                        Ok((next, events)) => {
+                            st.backoff = Duration::from_millis(50);
+                            for e in events {
+                                st.rev = st.rev.max(e.revision);
+                                st.pending.push_back(match e.value {
+                                    Some(value) => WatchEvent::Put { key: e.key, value },
+                                    None => WatchEvent::Delete { key: e.key },
+                                });
                             }
-                            Err(e) if e.kind() == ErrorKind::Metadata => {
-                                tracing::error!(%prefix, "watch ended: {e}");
-                                return;
-                            }
-                            Err(e) => {
-                                tracing::warn!(%prefix, "watch poll failed, retrying: {e}");
-                                std::thread::sleep(backoff);
-                                backoff = (backoff * 2).min(Duration::from_secs(2));
-                            }
+                            st.rev = st.rev.max(next);
+                        }
+                        Err(e) if e.kind() == ErrorKind::Metadata => {
+                            // 410: changes were lost (the log moved on, or the server
+                            // restarted). End the stream: the owner re-subscribes and re-reads.
+                            tracing::warn!(prefix = %st.prefix, "watch ended: {e}");
+                            return None;
+                        }
+                        Err(e) => {
+                            tracing::warn!(prefix = %st.prefix, "watch poll failed, retrying: {e}");
+                            async_io::Timer::after(st.backoff).await;
+                            st.backoff = (st.backoff * 2).min(Duration::from_secs(2));
                         }
                     }
-                })
-                .map_err(|e| Error::io("spawning the watch thread", &e))?;
-            Ok(WatchStream::new(rx))
+                }
+            });
+            Ok(WatchStream::new(stream))
         })
     }
 }

@@ -17,7 +17,8 @@
 //! under `P` with a revision above `R` exists (or after `timeout_ms`, with an empty body), the
 //! body holding every such change in order ([`super::wire::encode_events`]) and the header
 //! the revision to poll after next. The server keeps the last 65 536 changes; a poll for an
-//! older revision gets 410 Gone.
+//! older revision gets 410 Gone, and so does a poll for a revision it never issued (the
+//! server restarted since): the client's watch then ends and its owner re-reads.
 //!
 //! **Liveness**: a key `PUT` with `lease=L` is deleted (and watchers see a delete) when lease
 //! `L` is not kept alive for its TTL — the HTTP equivalent of an etcd lease. Keys put without
@@ -558,6 +559,17 @@ fn watch(shared: &Shared, head: &RequestHead) -> Reply {
     loop {
         if after < st.evicted_upto {
             return text(410, format!("revision {after} is no longer retained"));
+        }
+        if after > st.revision {
+            // A revision this server never issued: the client watched a previous instance
+            // (the server restarted). It must re-read what it watches.
+            return text(
+                410,
+                format!(
+                    "revision {after} is ahead of this server ({}): it restarted",
+                    st.revision
+                ),
+            );
         }
         let events: Vec<WireEvent> = st
             .log
