@@ -115,6 +115,8 @@ fail=0
 echo "MOONCAKE-RXE-STEP kernel $(uname -r), $(nproc) cpus"
 modprobe rdma_rxe || { echo "MOONCAKE-RXE-ERROR cannot load rdma_rxe"; exit 90; }
 ip link set lo up
+# The minbase image has no /etc/hosts: name lookups of localhost must work.
+[ -s /etc/hosts ] || printf '127.0.0.1 localhost\n::1 localhost\n' > /etc/hosts
 i=0
 for dev in mc0 mc1; do
   ip link add $dev type dummy || exit 91
@@ -131,7 +133,7 @@ if [ "$RUN_TESTS" = 1 ]; then
   for t in /work/bin/test-*; do
     echo "MOONCAKE-RXE-STEP test $t"
     start=$(date +%s)
-    if ! timeout -k 10 600 "$t" --test-threads=1 $NOCAPTURE $FILTER; then
+    if ! timeout -k 10 600 "$t" --test-threads=1 --color never $NOCAPTURE $FILTER; then
       echo "MOONCAKE-RXE-FAILED $t"
       fail=1
     fi
@@ -593,6 +595,101 @@ fn bench_report(lines: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// What the guest's libtest output says about the test binaries it ran.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TestReport {
+    /// Binaries started (`MOONCAKE-RXE-STEP test …`).
+    binaries: usize,
+    /// Binaries that printed a `test result:` summary.
+    summaries: usize,
+    /// Tests passed in the device-test binaries (`tests/*.rs`: conformance, rxe).
+    device_passed: usize,
+    /// Tests passed in the other binaries (the crate's unit tests).
+    other_passed: usize,
+    failed: usize,
+    /// Tests reported as ignored because they need RDMA devices: compiled without
+    /// `MOONCAKE_TEST_RDMA=1`, they never ran.
+    compiled_out: Vec<String>,
+}
+
+/// Removes ANSI colour escapes (`ESC [ … m`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' && it.peek() == Some(&'[') {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn count_before(s: &str, word: &str) -> usize {
+    s.split(';')
+        .find_map(|part| {
+            let part = part.trim().trim_start_matches("test result:").trim();
+            let part = part.split_once('.').map_or(part, |(_, rest)| rest).trim();
+            part.strip_suffix(word).and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Parses the libtest output of every test binary run in the guest.
+fn test_report(lines: &[String]) -> TestReport {
+    let mut r = TestReport::default();
+    let mut device_binary = false;
+    for raw in lines {
+        let l = strip_ansi(raw);
+        let l = l.trim();
+        if let Some(path) = l.strip_prefix("MOONCAKE-RXE-STEP test ") {
+            r.binaries += 1;
+            let name = path.rsplit('/').next().unwrap_or(path);
+            device_binary = name.starts_with("test-conformance") || name.starts_with("test-rxe");
+        } else if l.starts_with("test result:") {
+            r.summaries += 1;
+            let passed = count_before(l, "passed");
+            if device_binary {
+                r.device_passed += passed;
+            } else {
+                r.other_passed += passed;
+            }
+            r.failed += count_before(l, "failed");
+        } else if let Some(rest) = l.strip_prefix("test ")
+            && let Some((name, verdict)) = rest.split_once(" ... ")
+            && verdict.starts_with("ignored, needs RDMA devices")
+        {
+            r.compiled_out.push(name.to_string());
+        }
+    }
+    r
+}
+
+/// Fails unless device tests really ran: at least one passed, none was compiled out.
+fn check_tests_ran(r: &TestReport) -> anyhow::Result<()> {
+    ensure!(
+        r.compiled_out.is_empty(),
+        "device tests were ignored in the VM (built without MOONCAKE_TEST_RDMA=1?): {:?}",
+        r.compiled_out
+    );
+    ensure!(
+        r.summaries == r.binaries,
+        "{} test binaries started but {} reported a result",
+        r.binaries,
+        r.summaries
+    );
+    ensure!(
+        r.device_passed > 0,
+        "no device test passed in the VM (filter matched none, or none was built)"
+    );
+    Ok(())
+}
+
 /// Runs the soft-RoCE VM: builds the image if needed, builds and runs the RDMA tests (and the
 /// benchmarks with `--bench`), and fails unless the guest reports success.
 pub fn run(args: &RxeArgs) -> anyhow::Result<()> {
@@ -619,6 +716,16 @@ pub fn run(args: &RxeArgs) -> anyhow::Result<()> {
             }) {
                 eprintln!("rxe: {l}");
             }
+            let tests = if args.bench_only {
+                None
+            } else {
+                let r = test_report(&out.lines);
+                eprintln!(
+                    "rxe: {} device tests passed, {} unit tests passed, {} failed ({} binaries)",
+                    r.device_passed, r.other_passed, r.failed, r.binaries
+                );
+                Some(r)
+            };
             let rows = bench_report(&out.lines);
             if !rows.is_empty() {
                 println!("rxe: bandwidth over soft-RoCE (same VM, same device rxe0):");
@@ -627,11 +734,66 @@ pub fn run(args: &RxeArgs) -> anyhow::Result<()> {
                 }
             }
             match out.exit {
-                Some(0) => Ok(()),
+                Some(0) => tests.as_ref().map_or(Ok(()), check_tests_ran),
                 Some(c) => bail!("RDMA tests failed in the VM (guest exit status {c})"),
                 None => bail!("the VM reported no result"),
             }
         })();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(s: &str) -> Vec<String> {
+        s.lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn a_run_where_device_tests_passed_is_accepted() {
+        let out = lines(
+            "MOONCAKE-RXE-STEP test /work/bin/test-conformance-abc
+test rdma::child_peer ... ignored, helper process of the conformance suite
+test rdma::random_batches ... ok
+test result: \u{1b}[32mok\u{1b}[m. 7 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1s
+MOONCAKE-RXE-STEP test /work/bin/test-mooncake_transport_rdma-abc
+test result: ok. 18 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s",
+        );
+        let r = test_report(&out);
+        assert_eq!(r.device_passed, 7);
+        assert_eq!(r.other_passed, 18);
+        assert_eq!((r.binaries, r.summaries, r.failed), (2, 2, 0));
+        check_tests_ran(&r).unwrap();
+    }
+
+    #[test]
+    fn a_run_without_device_tests_is_refused() {
+        // Built without the cfg: every device test is ignored, the run "passes".
+        let out = lines(
+            "MOONCAKE-RXE-STEP test /work/bin/test-rxe-abc
+test random_batches_round_trip ... ignored, needs RDMA devices: run `cargo xtask rxe`
+test result: ok. 0 passed; 0 failed; 6 ignored; 0 measured; 0 filtered out; finished in 0s",
+        );
+        let r = test_report(&out);
+        assert_eq!(
+            r.compiled_out,
+            vec!["random_batches_round_trip".to_string()]
+        );
+        assert!(check_tests_ran(&r).is_err());
+        // A filter that matches nothing.
+        let out = lines(
+            "MOONCAKE-RXE-STEP test /work/bin/test-rxe-abc
+test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 6 filtered out; finished in 0s",
+        );
+        assert!(check_tests_ran(&test_report(&out)).is_err());
+        // A binary that died without a summary.
+        let out = lines(
+            "MOONCAKE-RXE-STEP test /work/bin/test-rxe-abc
+test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0s
+MOONCAKE-RXE-STEP test /work/bin/test-conformance-abc",
+        );
+        assert!(check_tests_ran(&test_report(&out)).is_err());
+    }
 }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mooncake_core::{EngineContext, Error, ErrorKind, Result, Transport, TransportBuilder};
+use mooncake_core::{Error, ErrorKind, Result};
 
 use crate::stats::RdmaStats;
 
@@ -42,8 +42,23 @@ pub struct RdmaConfig {
     /// Active endpoints (QPs) per NIC before the least recently used idle one is evicted
     /// (default 256). `MC_MAX_EP_PER_CTX`.
     pub max_endpoints: usize,
-    /// Passive (peer-initiated) QPs kept per engine before the oldest is dropped (default 1024).
+    /// Passive (peer-initiated) QPs kept per engine (default 1024). When full, a new peer's
+    /// QP replaces a stale never-used one or the least recently used idle one, never one in
+    /// use; with none, the handshake is refused as busy.
     pub max_passive: usize,
+    /// Never-used passive QPs kept per source address (default 256): one host cannot churn
+    /// the QPs of others.
+    pub max_pending_per_ip: usize,
+    /// A passive QP that saw no request for this long may be evicted when room is needed
+    /// (default 30 s).
+    pub passive_idle: Duration,
+    /// Handshake connections the listener serves at once (default 64); one more closes the
+    /// oldest.
+    pub max_handshake_conns: usize,
+    /// How long a handshake may take, both as client (connect, hello, request, reply) and as
+    /// server (the whole request and reply of an accepted connection). Default: half the
+    /// engine timeout, at most 2 s. `MC_RDMA_HANDSHAKE_TIMEOUT` (seconds).
+    pub handshake_timeout: Option<Duration>,
     /// Path policy (default [`PathPolicy::PreferSameRail`]).
     pub path_policy: PathPolicy,
     /// How long a failing (local NIC, remote NIC) rail is avoided before one probe slice may
@@ -83,6 +98,10 @@ impl Default for RdmaConfig {
             cqe: 4096,
             max_endpoints: 256,
             max_passive: 1024,
+            max_pending_per_ip: 256,
+            passive_idle: Duration::from_secs(30),
+            max_handshake_conns: 64,
+            handshake_timeout: None,
             path_policy: PathPolicy::default(),
             rail_pause: Duration::from_secs(30),
             max_attempts: 8,
@@ -149,6 +168,9 @@ impl RdmaConfig {
         }
         if let Some(v) = env::<f64>("MC_SLICE_TIMEOUT")? {
             c.slice_timeout = Some(Duration::from_secs_f64(v));
+        }
+        if let Some(v) = env::<f64>("MC_RDMA_HANDSHAKE_TIMEOUT")? {
+            c.handshake_timeout = Some(Duration::from_secs_f64(v));
         }
         if let Some(path) = env::<String>("MC_CUSTOM_TOPO_JSON")? {
             let json = std::fs::read_to_string(&path).map_err(|e| {
@@ -240,6 +262,24 @@ impl RdmaConfig {
         self
     }
 
+    /// Sets the handshake timeout.
+    pub fn with_handshake_timeout(mut self, d: Duration) -> Self {
+        self.handshake_timeout = Some(d);
+        self
+    }
+
+    /// Sets how many passive QPs are kept.
+    pub fn with_max_passive(mut self, n: usize) -> Self {
+        self.max_passive = n;
+        self
+    }
+
+    /// Sets the CQ entries per NIC (at least `max_wr`).
+    pub fn with_cqe(mut self, n: u32) -> Self {
+        self.cqe = n;
+        self
+    }
+
     /// Sets the handshake listen address.
     pub fn with_listen(mut self, addr: SocketAddr) -> Self {
         self.listen = addr;
@@ -280,12 +320,11 @@ impl RdmaConfig {
         if self.max_endpoints == 0 || self.max_attempts == 0 {
             return bad("max_endpoints and max_attempts must be ≥ 1".into());
         }
+        if self.max_passive == 0 || self.max_pending_per_ip == 0 || self.max_handshake_conns == 0 {
+            return bad(
+                "max_passive, max_pending_per_ip and max_handshake_conns must be ≥ 1".into(),
+            );
+        }
         Ok(())
-    }
-}
-
-impl TransportBuilder for RdmaConfig {
-    fn build(self: Box<Self>, ctx: &EngineContext) -> Result<Arc<dyn Transport>> {
-        Ok(crate::transport::RdmaTransport::start(*self, ctx)?)
     }
 }

@@ -20,15 +20,35 @@
 //! `rdma-sys` was rejected: it is unmaintained since 2023 and links libibverbs at load time.
 //! The two must never be linked into one binary (the stubs capture rdma-sys's symbols).
 //!
+//! # Threads
+//! One worker per NIC (`mooncake-rdma-cq-<nic>`) posts and polls; one handshake thread
+//! (`mooncake-rdma-handshake`) runs every handshake, as client and server, on non-blocking
+//! sockets with a deadline each, so a slow or blackholed peer never stalls a NIC. WRs in
+//! flight are bounded per QP and per NIC (the CQ cannot overrun); endpoints, passive QPs and
+//! handshake connections are bounded too.
+//!
+//! # Unregister and shutdown
+//! `on_unregister` deregisters the region's MRs on every NIC before it returns (no peer can
+//! reach the memory through a key afterwards) and has the workers fail every slice using it at
+//! once. `shutdown` destroys every QP, joins the threads and deregisters every MR before it
+//! releases the leases it still held.
+//!
 //! # Security
 //! Each registered region is its own MR; `ReadOnly` regions get no remote-write right and
 //! `LocalOnly` regions no remote rights, so the NIC enforces bounds and rights. Remote keys are
-//! never published: the handshake hands them to the peer that connects a QP to that NIC.
-//! The handshake is not authenticated (as in Mooncake); see `docs/rdma.md`.
+//! never published: the handshake hands them only to a peer that set up a QP on that NIC
+//! (later key requests must name the QP and present its token). Requests answer a per-connection
+//! challenge and are checked before any state changes; peers are not authenticated yet (as in
+//! Mooncake); see `docs/rdma.md`.
 //!
 //! See `docs/rdma.md` for deployment, tuning knobs and the GPUDirect plan.
 
 mod config;
+mod handshake;
+mod passive;
+mod rail;
+mod shared;
+mod slice;
 mod stats;
 mod sys;
 mod topology;
@@ -39,10 +59,8 @@ mod worker;
 pub use config::{PathPolicy, RdmaConfig};
 pub use stats::{NicStats, RdmaStats};
 pub use sys::device_names;
-pub use transport::{HANDSHAKE_KEY, RdmaTransport};
-
-/// The protocol name published in segment descriptors.
-pub const RDMA_SCHEME: &str = "rdma";
+pub use transport::{RDMA_SCHEME, RdmaTransport};
+pub use wire::HANDSHAKE_KEY;
 
 /// True when the tests that need RDMA devices should run (`MOONCAKE_TEST_RDMA=1`).
 pub fn rdma_tests_enabled() -> bool {

@@ -18,6 +18,8 @@ pub(crate) struct NicCounters {
 pub struct RdmaStats {
     nics: OnceLock<Vec<NicCounters>>,
     retries: AtomicU64,
+    handshakes_refused: AtomicU64,
+    passive_evictions: AtomicU64,
 }
 
 /// A snapshot of one NIC's counters.
@@ -72,6 +74,24 @@ impl RdmaStats {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    pub(crate) fn handshake_refused(&self) {
+        self.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn passive_evicted(&self) {
+        self.passive_evictions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Handshake requests this transport's listener refused.
+    pub fn handshakes_refused(&self) -> u64 {
+        self.handshakes_refused.load(Ordering::Relaxed)
+    }
+
+    /// Passive (peer-initiated) QPs evicted to make room for others.
+    pub fn passive_evictions(&self) -> u64 {
+        self.passive_evictions.load(Ordering::Relaxed)
     }
 
     /// Slices re-dispatched to another path after a failure.

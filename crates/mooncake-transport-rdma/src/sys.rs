@@ -3,24 +3,19 @@
 //!
 //! Every `unsafe` block of the crate lives here.
 
-use std::net::Ipv6Addr;
+use std::net::{Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use mooncake_core::{Error, ErrorKind, Result};
 use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid, GidType};
-use sideway::ibverbs::completion::{
-    BasicCompletionQueue, CompletionChannel, CompletionQueue, WorkCompletionStatus,
-};
+use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionChannel, CompletionQueue};
 use sideway::ibverbs::device::{DeviceInfo, DeviceList};
 use sideway::ibverbs::device_context::{DeviceContext, LinkLayer, Mtu, PortState};
 use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
-use sideway::ibverbs::queue_pair::{
-    BasicQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState,
-    SetScatterGatherEntry, WorkRequestFlags,
-};
+use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair, QueuePairAttribute, QueuePairState};
 
 /// Names of the RDMA devices on this host, as rdma-core lists them (empty without rdma-core or
 /// without devices).
@@ -242,8 +237,8 @@ impl Nic {
         }
     }
 
-    /// Polls up to 32 completions into `out` as `(wr_id, status)`.
-    pub fn poll(&self, out: &mut Vec<(u64, WorkCompletionStatus)>) -> Result<()> {
+    /// Polls up to 32 completions into `out`.
+    pub fn poll(&self, out: &mut Vec<Wc>) -> Result<()> {
         const N: usize = 32;
         let mut wcs = [std::mem::MaybeUninit::<rdma_mummy_sys::ibv_wc>::uninit(); N];
         // SAFETY: the CQ is alive; `wcs` has room for `N` entries, of which the first `n`
@@ -261,7 +256,11 @@ impl Nic {
         for wc in &wcs[..n as usize] {
             // SAFETY: initialised by `ibv_poll_cq` (index < n).
             let wc = unsafe { wc.assume_init_ref() };
-            out.push((wc.wr_id, WorkCompletionStatus::from(wc.status)));
+            out.push(Wc {
+                wr_id: wc.wr_id,
+                status: WcStatus::from_raw(wc.status),
+                vendor_err: wc.vendor_err,
+            });
         }
         Ok(())
     }
@@ -319,14 +318,7 @@ impl Nic {
 }
 
 fn rand_psn() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-    );
-    (h.finish() as u32) & 0xff_ffff
+    u32::from_le_bytes(random_bytes::<4>()) & 0xff_ffff
 }
 
 /// The other end of a QP, as exchanged in the handshake.
@@ -439,26 +431,202 @@ impl Qp {
     }
 
     /// Posts `wrs` (all signaled) in one doorbell.
-    pub fn post(&mut self, wrs: &[Wr]) -> Result<()> {
-        let mut guard = self.qp.start_post_send();
-        for w in wrs {
-            let h = guard.construct_wr(w.wr_id, WorkRequestFlags::Signaled);
-            let h = if w.write {
-                h.setup_write(w.rkey, w.raddr)
-            } else {
-                h.setup_read(w.rkey, w.raddr)
-            };
-            // SAFETY: `laddr..laddr+len` lies in a leased, registered region (lkey from its MR);
-            // the lease is held until this WR's completion is polled.
-            unsafe { h.setup_sge(w.lkey, w.laddr, w.len) };
+    ///
+    /// On failure the provider names the first WR it did not take: the WRs before it are on
+    /// the send queue (they will complete or be flushed), the rest are not.
+    pub fn post(&mut self, wrs: &[Wr], buf: &mut PostBuf) -> std::result::Result<(), PostError> {
+        if wrs.is_empty() {
+            return Ok(());
         }
-        guard.post().map_err(|e| {
-            Error::new(
+        buf.wrs.clear();
+        buf.sges.clear();
+        for w in wrs {
+            buf.sges.push(rdma_mummy_sys::ibv_sge {
+                addr: w.laddr,
+                length: w.len,
+                lkey: w.lkey,
+            });
+        }
+        for w in wrs {
+            // SAFETY: `ibv_send_wr` is a plain C struct (integers, raw pointers and unions of
+            // them) for which all-zero bytes are a valid value, as in rdma-core's own code.
+            let mut wr: rdma_mummy_sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+            wr.wr_id = w.wr_id;
+            wr.num_sge = 1;
+            wr.opcode = if w.write {
+                rdma_mummy_sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE
+            } else {
+                rdma_mummy_sys::ibv_wr_opcode::IBV_WR_RDMA_READ
+            };
+            wr.send_flags = rdma_mummy_sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
+            wr.wr.rdma = rdma_mummy_sys::rdma_t {
+                remote_addr: w.raddr,
+                rkey: w.rkey,
+            };
+            buf.wrs.push(wr);
+        }
+        // Link the list only now: the vectors no longer move.
+        let n = buf.wrs.len();
+        let sges = buf.sges.as_mut_ptr();
+        let base = buf.wrs.as_mut_ptr();
+        for i in 0..n {
+            // SAFETY: `i < n` indexes both vectors, which have `n` elements each and are not
+            // resized until the next call.
+            unsafe {
+                let wr = &mut *base.add(i);
+                wr.sg_list = sges.add(i);
+                wr.next = if i + 1 < n {
+                    base.add(i + 1)
+                } else {
+                    std::ptr::null_mut()
+                };
+            }
+        }
+        let mut bad: *mut rdma_mummy_sys::ibv_send_wr = std::ptr::null_mut();
+        // SAFETY: the QP is alive (owned by `self`); the WR list and its SGEs are valid for the
+        // call. Every SGE names a leased range of a registered region with that region's lkey;
+        // the lease is held until this WR's completion is polled (or the region's MRs are
+        // deregistered first), so the NIC never touches freed memory.
+        let rc = unsafe { rdma_mummy_sys::ibv_post_send(self.qp.qp().as_ptr(), base, &mut bad) };
+        if rc == 0 {
+            return Ok(());
+        }
+        // The provider points `bad` at the first WR it did not post; anything else (null, or
+        // outside our list) means nothing is known to be posted.
+        let posted = if bad.is_null() {
+            0
+        } else {
+            (bad as usize)
+                .checked_sub(base as usize)
+                .map(|d| d / std::mem::size_of::<rdma_mummy_sys::ibv_send_wr>())
+                .filter(|&i| i < n)
+                .unwrap_or(0)
+        };
+        Err(PostError {
+            posted,
+            error: Error::new(
                 ErrorKind::PeerUnreachable,
-                format!("post_send on {}: {e}", self.nic),
+                format!(
+                    "post_send on {}: {}",
+                    self.nic,
+                    std::io::Error::from_raw_os_error(rc)
+                ),
             )
-            .with_context("nic", &self.nic)
+            .with_context("nic", &self.nic),
         })
+    }
+
+    /// The responder's next expected PSN: it advances with every request the peer sends on
+    /// this QP, so two different samples mean the QP was used in between.
+    pub fn rq_psn(&self) -> Option<u32> {
+        // SAFETY: plain C structs for which all-zero bytes are valid values.
+        let mut attr: rdma_mummy_sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut init: rdma_mummy_sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: the QP is alive; the out-pointers are valid locals for the call.
+        let rc = unsafe {
+            rdma_mummy_sys::ibv_query_qp(
+                self.qp.qp().as_ptr(),
+                &mut attr,
+                rdma_mummy_sys::ibv_qp_attr_mask::IBV_QP_RQ_PSN.0 as i32,
+                &mut init,
+            )
+        };
+        (rc == 0).then_some(attr.rq_psn)
+    }
+}
+
+/// Scratch space for [`Qp::post`], reused across calls.
+#[derive(Default)]
+pub(crate) struct PostBuf {
+    wrs: Vec<rdma_mummy_sys::ibv_send_wr>,
+    sges: Vec<rdma_mummy_sys::ibv_sge>,
+}
+
+// SAFETY: the raw pointers inside are only set and used during one `Qp::post` call on the
+// owning thread; between calls they are stale values nobody reads.
+unsafe impl Send for PostBuf {}
+
+/// A failed [`Qp::post`].
+#[derive(Debug)]
+pub(crate) struct PostError {
+    /// How many WRs, from the start, the QP took (they complete or are flushed as usual).
+    pub posted: usize,
+    /// Why the rest were refused.
+    pub error: Error,
+}
+
+/// One polled completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Wc {
+    pub wr_id: u64,
+    pub status: WcStatus,
+    pub vendor_err: u32,
+}
+
+/// A work completion status (`enum ibv_wc_status`), total over every value a provider may
+/// return: unknown values are kept, never a panic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WcStatus {
+    Success,
+    LocalLength,
+    LocalQpOperation,
+    LocalEecOperation,
+    LocalProtection,
+    WrFlush,
+    MemoryWindowBind,
+    BadResponse,
+    LocalAccess,
+    RemoteInvalidRequest,
+    RemoteAccess,
+    RemoteOperation,
+    RetryExceeded,
+    RnrRetryExceeded,
+    LocalRddViolation,
+    RemoteInvalidRdRequest,
+    RemoteAborted,
+    InvalidEecn,
+    InvalidEecState,
+    Fatal,
+    ResponseTimeout,
+    General,
+    TagMatching,
+    TagMatchingRndv,
+    /// A value this build does not know.
+    Unknown(u32),
+}
+
+impl WcStatus {
+    /// Maps the raw `ibv_wc_status` value.
+    pub fn from_raw(v: u32) -> Self {
+        use WcStatus::*;
+        match v {
+            0 => Success,
+            1 => LocalLength,
+            2 => LocalQpOperation,
+            3 => LocalEecOperation,
+            4 => LocalProtection,
+            5 => WrFlush,
+            6 => MemoryWindowBind,
+            7 => BadResponse,
+            8 => LocalAccess,
+            9 => RemoteInvalidRequest,
+            10 => RemoteAccess,
+            11 => RemoteOperation,
+            12 => RetryExceeded,
+            13 => RnrRetryExceeded,
+            14 => LocalRddViolation,
+            15 => RemoteInvalidRdRequest,
+            16 => RemoteAborted,
+            17 => InvalidEecn,
+            18 => InvalidEecState,
+            19 => Fatal,
+            20 => ResponseTimeout,
+            21 => General,
+            22 => TagMatching,
+            23 => TagMatchingRndv,
+            other => Unknown(other),
+        }
     }
 }
 
@@ -502,14 +670,246 @@ impl EventFd {
 
 /// Waits until one of `fds` is readable or `timeout_ms` passes.
 pub(crate) fn wait_readable(fds: &[RawFd], timeout_ms: i32) {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
+    let mut p: Vec<PollFd> = fds.iter().map(|&fd| PollFd::new(fd, true, false)).collect();
+    poll_fds(&mut p, timeout_ms);
+}
+
+/// One entry of [`poll_fds`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PollFd(libc::pollfd);
+
+impl PollFd {
+    /// Watches `fd` for reading and/or writing.
+    pub fn new(fd: RawFd, read: bool, write: bool) -> Self {
+        let mut events = 0;
+        if read {
+            events |= libc::POLLIN;
+        }
+        if write {
+            events |= libc::POLLOUT;
+        }
+        Self(libc::pollfd {
             fd,
-            events: libc::POLLIN,
+            events,
             revents: 0,
         })
-        .collect();
-    // SAFETY: `p` is a valid array of `p.len()` pollfd structs for the duration of the call.
-    unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+    }
+
+    /// Readable, or closed or failed (a read will say which).
+    pub fn readable(&self) -> bool {
+        self.0.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
+    /// Writable, or failed (a write or `take_error` will say).
+    pub fn writable(&self) -> bool {
+        self.0.revents & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0
+    }
+}
+
+/// `poll(2)` over `fds` for up to `timeout_ms`; each entry's result is read back with
+/// [`PollFd::readable`] / [`PollFd::writable`].
+pub(crate) fn poll_fds(fds: &mut [PollFd], timeout_ms: i32) {
+    let mut raw: Vec<libc::pollfd> = fds.iter().map(|p| p.0).collect();
+    // SAFETY: `raw` is a valid array of `raw.len()` pollfd structs for the duration of the call.
+    unsafe { libc::poll(raw.as_mut_ptr(), raw.len() as libc::nfds_t, timeout_ms) };
+    for (p, r) in fds.iter_mut().zip(raw) {
+        p.0.revents = r.revents;
+    }
+}
+
+/// Starts a non-blocking TCP connect to `addr`: the stream becomes writable when the connect
+/// finished (check [`std::net::TcpStream::take_error`]).
+pub(crate) fn connect_nonblocking(addr: &SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let (domain, storage, len) = sockaddr(addr);
+    // SAFETY: plain syscall; the returned descriptor (if valid) is owned below.
+    let fd = unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nobody else owns; the stream closes it on drop.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    // SAFETY: `storage` holds a sockaddr of `len` bytes for the socket's family.
+    let rc = unsafe { libc::connect(fd, (&storage as *const libc::sockaddr_storage).cast(), len) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+    }
+    Ok(stream)
+}
+
+fn sockaddr(addr: &SocketAddr) -> (libc::c_int, libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero bytes are a valid `sockaddr_storage`.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: `sockaddr_storage` is larger than and aligned for `sockaddr_in`.
+            unsafe {
+                std::ptr::write(
+                    (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>(),
+                    sin,
+                )
+            };
+            (
+                libc::AF_INET,
+                storage,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: `sockaddr_storage` is larger than and aligned for `sockaddr_in6`.
+            unsafe {
+                std::ptr::write(
+                    (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>(),
+                    sin6,
+                )
+            };
+            (
+                libc::AF_INET6,
+                storage,
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
+        }
+    }
+}
+
+/// `N` bytes from the kernel's random generator (handshake nonces, QP tokens).
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        // SAFETY: writes at most `N - filled` bytes into the valid tail of `out`.
+        let n = unsafe { libc::getrandom(out[filled..].as_mut_ptr().cast(), N - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // No getrandom (very old kernel): fall back to hashing time and address noise.
+            return fallback_random();
+        }
+    }
+    out
+}
+
+fn fallback_random<const N: usize>() -> [u8; N] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = [0u8; N];
+    for (i, chunk) in out.chunks_mut(8).enumerate() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(i);
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        chunk.copy_from_slice(&h.finish().to_le_bytes()[..chunk.len()]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_completion_status_maps_without_panicking() {
+        // sideway's `WorkCompletionStatus::from` panics on a value it does not know, which
+        // would kill a NIC worker; ours keeps it.
+        assert_eq!(WcStatus::from_raw(0), WcStatus::Success);
+        assert_eq!(WcStatus::from_raw(5), WcStatus::WrFlush);
+        assert_eq!(WcStatus::from_raw(10), WcStatus::RemoteAccess);
+        for v in [24, 99, 0x7fff_ffff, u32::MAX] {
+            assert_eq!(WcStatus::from_raw(v), WcStatus::Unknown(v));
+        }
+    }
+
+    /// A post that the provider takes only in part reports how many WRs it took, and exactly
+    /// those complete.
+    #[test]
+    #[cfg_attr(
+        not(mooncake_rdma_tests),
+        ignore = "needs RDMA devices: run `cargo xtask rxe` (MOONCAKE_TEST_RDMA=1)"
+    )]
+    fn a_partial_post_reports_what_was_posted() {
+        let names = device_names();
+        let nics = open_nics(&names[..1], 1, None, 1024).expect("open a device");
+        let nic = &nics[0];
+        let mut qp = nic.create_qp(4).unwrap();
+        // Connected to itself: WRITEs go from one half of the buffer to the other.
+        let me = QpPeer {
+            qpn: qp.qpn,
+            psn: qp.psn,
+            gid: nic.gid,
+            lid: nic.lid,
+            mtu: nic.mtu,
+        };
+        qp.connect(
+            nic,
+            &me,
+            QpTiming {
+                timeout: 14,
+                retry_cnt: 7,
+                rnr_retry: 7,
+                max_rd_atomic: 16,
+            },
+        )
+        .unwrap();
+        let mem = vec![7u8; 1 << 20].into_boxed_slice();
+        let base = mem.as_ptr() as u64;
+        let mr = nic.reg_mr(base, mem.len() as u64, true, true).unwrap();
+        let wrs: Vec<Wr> = (0..64u64)
+            .map(|i| Wr {
+                wr_id: 100 + i,
+                write: true,
+                lkey: mr.lkey(),
+                laddr: base + i * 4096,
+                len: 4096,
+                rkey: mr.rkey(),
+                raddr: base + (512 << 10) + i * 4096,
+            })
+            .collect();
+        let mut buf = PostBuf::default();
+        let err = qp
+            .post(&wrs, &mut buf)
+            .expect_err("64 WRs do not fit a send queue of 4");
+        let posted = err.posted;
+        assert!((1..64).contains(&posted), "posted {posted}");
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while got.len() < posted && std::time::Instant::now() < deadline {
+            nic.poll(&mut got).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        nic.poll(&mut got).unwrap();
+        let ids: Vec<u64> = got.iter().map(|w| w.wr_id).collect();
+        assert_eq!(ids, (100..100 + posted as u64).collect::<Vec<_>>());
+        assert!(got.iter().all(|w| w.status == WcStatus::Success), "{got:?}");
+        drop(qp);
+        drop(mr);
+        drop(mem);
+    }
 }

@@ -1,21 +1,30 @@
 //! End-to-end tests over real verbs devices (soft-RoCE in `cargo xtask rxe`).
 //!
-//! They need RDMA devices and run only with `MOONCAKE_TEST_RDMA=1`; without it each prints
-//! why it was skipped. With it set they must pass: a missing device is a failure. The
-//! transport conformance suite (`tests/conformance.rs`) covers dead and restarted peers.
+//! They need RDMA devices and run only when built with `MOONCAKE_TEST_RDMA=1` (otherwise
+//! they are ignored with the reason); then they must pass: a missing device is a failure.
+//! The transport conformance suite (`tests/conformance.rs`) covers dead and restarted peers.
 //!
 //! The VM's rxe devices loop back only to themselves, so engines use
-//! [`PathPolicy::SameRailOnly`] (rxe0 ↔ rxe0, rxe1 ↔ rxe1).
+//! [`PathPolicy::SameRailOnly`] (rxe0 ↔ rxe0, rxe1 ↔ rxe1). Tests that need a single rail
+//! (so that a failure cannot hide behind a failover) use only `rxe0`.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mooncake_core::{
-    Access, ErrorKind, LocalBuffer, MemorySegment, Opcode, SegmentHandle, TransferRequest,
+    Access, EmbeddedMetadataStore, ErrorKind, LocalBuffer, MemorySegment, MetadataKeys,
+    MetadataStore, Opcode, SegmentDescriptor, SegmentHandle, TransferRequest, TransferStatus,
+    block_on,
 };
 use mooncake_engine::TransferEngine;
-use mooncake_transport_rdma::{PathPolicy, RdmaConfig, device_names, rdma_tests_enabled};
+use mooncake_testkit::{pattern, unique};
+use mooncake_transport_rdma::{
+    HANDSHAKE_KEY, PathPolicy, RdmaConfig, RdmaStats, device_names, rdma_tests_enabled,
+};
 use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
 
 /// Device tests are compiled in as `#[ignore]`d unless built with `MOONCAKE_TEST_RDMA=1`;
@@ -65,9 +74,16 @@ fn seed() -> u64 {
 }
 
 #[test]
+#[cfg_attr(
+    mooncake_rdma_tests,
+    ignore = "for hosts without RDMA devices (this build runs the device tests)"
+)]
 fn no_devices_is_reported_on_hosts_without_rdma() {
     if !device_names().is_empty() {
-        eprintln!("SKIPPED: this host has RDMA devices {:?}", device_names());
+        eprintln!(
+            "this host has RDMA devices {:?} but the device tests are not built: run `cargo xtask rxe`",
+            device_names()
+        );
         return;
     }
     let err = TransferEngine::builder("no-rdma")
@@ -168,12 +184,11 @@ fn random_batches_round_trip() {
     }
     let nics = stats.nics();
     eprintln!("per-NIC stats: {nics:?}");
-    if nics.len() >= 2 {
-        assert!(
-            nics.iter().all(|n| n.bytes > 0),
-            "traffic must be spread over every NIC: {nics:?}"
-        );
-    }
+    assert!(nics.len() >= 2, "the VM has two RDMA devices: {nics:?}");
+    assert!(
+        nics.iter().all(|n| n.bytes > 0),
+        "traffic must be spread over every NIC: {nics:?}"
+    );
 }
 
 /// Waits with the runtime-free future, polled by a small executor.
@@ -463,5 +478,648 @@ fn endpoint_pool_is_bounded() {
         created > 3,
         "evicted endpoints are re-created: {:?}",
         stats.nics()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Soundness and isolation (issue 11): unregister, blackholed peers, bad completions, the CQ
+// bound, the handshake listener.
+// ---------------------------------------------------------------------------------------
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn store() -> Arc<dyn MetadataStore> {
+    Arc::new(EmbeddedMetadataStore::new())
+}
+
+fn engine_md(name: &str, cfg: RdmaConfig, md: &Arc<dyn MetadataStore>) -> TransferEngine {
+    TransferEngine::builder(name)
+        .with_metadata(md.clone())
+        .with_timeout(TIMEOUT)
+        .with_transport(cfg)
+        .build()
+        .expect("engine with RDMA transport")
+}
+
+fn patterned(e: &TransferEngine, len: usize, seed: u64) -> Arc<LocalBuffer> {
+    let b = Arc::new(LocalBuffer::new(len).unwrap());
+    b.write_at(0, &pattern(len, seed)).unwrap();
+    e.register(b.clone()).unwrap();
+    b
+}
+
+fn publish(md: &Arc<dyn MetadataStore>, d: &SegmentDescriptor) {
+    block_on(md.put(&MetadataKeys::from_env().segment(&d.name), d.to_json())).unwrap();
+}
+
+fn handshake_addr(e: &TransferEngine) -> String {
+    e.local_descriptor().extra[HANDSHAKE_KEY]
+        .as_str()
+        .expect("the handshake address is published")
+        .to_string()
+}
+
+fn endpoints_created(stats: &RdmaStats) -> u64 {
+    stats.nics().iter().map(|n| n.endpoints_created).sum()
+}
+
+fn failed_slices(stats: &RdmaStats) -> u64 {
+    stats.nics().iter().map(|n| n.failed_slices).sum()
+}
+
+fn req(op: Opcode, local: u64, h: SegmentHandle, remote: u64, len: u64) -> TransferRequest {
+    TransferRequest {
+        opcode: op,
+        source: local,
+        target_id: h,
+        target_offset: remote,
+        length: len,
+    }
+}
+
+/// Drops every packet to a TCP port on `lo` (`tc` u32 filter) while it lives.
+struct Blackhole;
+
+impl Blackhole {
+    fn tcp_port(port: u16) -> Self {
+        let tc = |args: &str| {
+            let st = Command::new("tc")
+                .args(args.split_whitespace())
+                .status()
+                .expect("run tc");
+            assert!(st.success(), "tc {args}");
+        };
+        // A leftover from an earlier failed run (none normally: the guest starts clean).
+        let _ = Command::new("tc")
+            .args(["qdisc", "del", "dev", "lo", "root"])
+            .stderr(std::process::Stdio::null())
+            .status();
+        tc("qdisc add dev lo root handle 1: prio");
+        tc(&format!(
+            "filter add dev lo parent 1: protocol ip prio 1 u32 match ip dport {port} 0xffff action drop"
+        ));
+        Self
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        let _ = Command::new("tc")
+            .args(["qdisc", "del", "dev", "lo", "root"])
+            .status();
+    }
+}
+
+/// Target-side unregister racing in-flight READs and WRITEs into the region, on one rail:
+/// once `unregister_memory` returns no byte lands in the region, later accesses through the
+/// stale descriptor fail with `RemoteAccess`, and the requests of the same batch to another
+/// region (on the same QPs, flushed when the NIC refused a slice) all complete.
+#[test]
+#[cfg_attr(
+    not(mooncake_rdma_tests),
+    ignore = "needs RDMA devices: run `cargo xtask rxe` (MOONCAKE_TEST_RDMA=1)"
+)]
+fn unregister_races_remote_reads_and_writes() {
+    require_devices();
+    init_tracing();
+    const LEN: u64 = 4 << 20;
+    const N: u64 = 32;
+    const BLOCK: u64 = LEN / N;
+    let md = store();
+    let tname = unique("ur-t");
+    let t = engine_md(&tname, config().with_nics(["rxe0"]), &md);
+    let i = engine_md(
+        &unique("ur-i"),
+        config().with_nics(["rxe0"]).with_slice_size(16 << 10),
+        &md,
+    );
+    let lbuf = patterned(&i, 2 * LEN as usize, 1);
+    for round in 0..4u64 {
+        lbuf.write_at(0, &pattern(2 * LEN as usize, 1)).unwrap();
+        let gone = patterned(&t, LEN as usize, 10 + round);
+        let kept = patterned(&t, LEN as usize, 20 + round);
+        let h = i.open_segment_blocking(&tname).unwrap();
+        block_on(i.refresh_segment(h)).unwrap();
+        // Interleaved: request 2k goes to `gone`, 2k+1 to `kept`; even blocks write, odd read.
+        let mut reqs = Vec::new();
+        for k in 0..N {
+            let op = if k % 2 == 0 {
+                Opcode::Write
+            } else {
+                Opcode::Read
+            };
+            reqs.push(req(
+                op,
+                lbuf.base() + k * BLOCK,
+                h,
+                gone.base() + k * BLOCK,
+                BLOCK,
+            ));
+            reqs.push(req(
+                op,
+                lbuf.base() + LEN + k * BLOCK,
+                h,
+                kept.base() + k * BLOCK,
+                BLOCK,
+            ));
+        }
+        let batch = i.submit_batch(&reqs).unwrap();
+        std::thread::sleep(Duration::from_millis(2 * round));
+        t.unregister_memory(gone.base()).unwrap();
+        let after = gone.to_vec();
+        let _ = batch.wait_blocking(Some(Instant::now() + 3 * TIMEOUT));
+        assert!(batch.is_done(), "round {round}: tasks still pending");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            gone.to_vec() == after,
+            "round {round}: bytes landed after unregister_memory returned"
+        );
+        let mut refused = 0;
+        for (j, _) in reqs.iter().enumerate() {
+            let st = batch.status(j);
+            if j % 2 == 1 {
+                assert_eq!(
+                    st,
+                    TransferStatus::Completed,
+                    "round {round}: request {j} to the kept region failed: {:?}",
+                    batch.error(j)
+                );
+            } else if st != TransferStatus::Completed {
+                refused += 1;
+                let e = batch.error(j).expect("a failed task has an error");
+                assert_eq!(e.kind(), ErrorKind::RemoteAccess, "round {round}: {e}");
+            }
+        }
+        eprintln!("round {round}: {refused} of {N} requests to the unregistered region refused");
+        // The kept region's bytes: writes landed, reads brought its bytes.
+        let kept_now = kept.to_vec();
+        let kept_was = pattern(LEN as usize, 20 + round);
+        let local = lbuf.to_vec();
+        let local_was = pattern(2 * LEN as usize, 1);
+        for k in 0..N as usize {
+            let r = k * BLOCK as usize..(k + 1) * BLOCK as usize;
+            let l = LEN as usize + r.start..LEN as usize + r.end;
+            if k % 2 == 0 {
+                assert!(
+                    kept_now[r.clone()] == local_was[l],
+                    "round {round}: write {k}"
+                );
+            } else {
+                assert!(local[l] == kept_was[r.clone()], "round {round}: read {k}");
+            }
+        }
+        // Later accesses through the stale descriptor fail; the kept region still works.
+        for op in [Opcode::Write, Opcode::Read] {
+            let e = i
+                .submit_batch(&[req(op, lbuf.base(), h, gone.base(), 4096)])
+                .unwrap()
+                .wait_blocking(Some(Instant::now() + 3 * TIMEOUT))
+                .unwrap_err();
+            assert_eq!(
+                e.kind(),
+                ErrorKind::RemoteAccess,
+                "round {round}: {op:?}: {e}"
+            );
+        }
+        assert!(
+            gone.to_vec() == after,
+            "round {round}: a later write landed"
+        );
+        i.submit_batch(&[req(Opcode::Write, lbuf.base(), h, kept.base(), 4096)])
+            .unwrap()
+            .wait_blocking(None)
+            .unwrap();
+        t.unregister_memory(kept.base()).unwrap();
+    }
+}
+
+/// A peer whose packets are all dropped (its QPs are gone and its handshake port is
+/// blackholed with `tc`): its tasks fail within the deadline, transfers to another peer on
+/// the same NIC keep completing meanwhile, and unregistering the local source of the stuck
+/// tasks returns at once.
+#[test]
+#[cfg_attr(
+    not(mooncake_rdma_tests),
+    ignore = "needs RDMA devices: run `cargo xtask rxe` (MOONCAKE_TEST_RDMA=1)"
+)]
+fn blackholed_peer_fails_within_deadline_without_stalling_others() {
+    require_devices();
+    init_tracing();
+    let md = store();
+    let a = engine_md(&unique("bh-a"), config().with_nics(["rxe0"]), &md);
+    let hname = unique("bh-h");
+    let h = engine_md(&hname, config(), &md);
+    // The victim uses its own metadata store: when it goes away, `a` is not told.
+    let vname = unique("bh-v");
+    let v = engine_md(&vname, config(), &store());
+    let abuf = patterned(&a, 8 << 20, 1);
+    let hbuf = patterned(&h, 1 << 20, 2);
+    let vbuf = patterned(&v, 8 << 20, 3);
+    publish(&md, &v.local_descriptor());
+    let hv = a.open_segment_blocking(&vname).unwrap();
+    let hh = a.open_segment_blocking(&hname).unwrap();
+    a.submit_batch(&[req(Opcode::Write, abuf.base(), hv, vbuf.base(), 1 << 20)])
+        .unwrap()
+        .wait_blocking(None)
+        .expect("the victim works before the blackhole");
+    let port: u16 = handshake_addr(&v)
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("host:port");
+    let _bh = Blackhole::tcp_port(port);
+    // Its QPs go away with it; RDMA packets to them are now silently dropped.
+    drop(v);
+    drop(vbuf);
+
+    // Small transfers to the healthy peer, on the same NIC, all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let worst_us = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let pump = {
+        let (a, stop, worst_us, done) = (a.clone(), stop.clone(), worst_us.clone(), done.clone());
+        let (src, dst) = (abuf.base() + (7 << 20), hbuf.base());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                a.submit_batch(&[req(Opcode::Write, src, hh, dst, 64 << 10)])
+                    .unwrap()
+                    .wait_blocking(Some(t0 + 3 * TIMEOUT))
+                    .expect("transfers to the healthy peer keep working");
+                worst_us.fetch_max(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                done.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let check_failed = |what: &str, batch: &mooncake_core::Batch, t0: Instant, n: usize| {
+        let _ = batch.wait_blocking(Some(t0 + 3 * TIMEOUT));
+        let took = t0.elapsed();
+        assert!(
+            batch.is_done(),
+            "{what}: tasks still pending after {took:?}"
+        );
+        assert!(
+            took <= TIMEOUT + Duration::from_secs(1),
+            "{what}: took {took:?} (deadline {TIMEOUT:?})"
+        );
+        assert_eq!(
+            batch.failed(),
+            n,
+            "{what}: a task to a blackholed peer succeeded"
+        );
+        for j in 0..n {
+            let e = batch.error(j).unwrap();
+            assert!(
+                matches!(e.kind(), ErrorKind::PeerUnreachable | ErrorKind::Timeout),
+                "{what}: {e}"
+            );
+        }
+        eprintln!("{what}: failed in {took:?}");
+    };
+    // 1. Posted on the connected QP: the NIC's retries run out.
+    let vbase = a.segment(hv).unwrap().descriptor().buffers[0].addr;
+    let reqs: Vec<_> = (0..32)
+        .map(|k| {
+            req(
+                Opcode::Write,
+                abuf.base() + (k << 16),
+                hv,
+                vbase + (k << 16),
+                64 << 10,
+            )
+        })
+        .collect();
+    let t0 = Instant::now();
+    let batch = a.submit_batch(&reqs).unwrap();
+    check_failed("posted to a vanished QP", &batch, t0, reqs.len());
+    // 2. A new connection: the handshake's packets are dropped.
+    let src2 = patterned(&a, 2 << 20, 4);
+    let reqs2: Vec<_> = (0..32)
+        .map(|k| {
+            req(
+                Opcode::Write,
+                src2.base() + (k << 16),
+                hv,
+                vbase + (k << 16),
+                64 << 10,
+            )
+        })
+        .collect();
+    let t0 = Instant::now();
+    let batch = a.submit_batch(&reqs2).unwrap();
+    check_failed("handshake blackholed", &batch, t0, reqs2.len());
+    // 3. Unregistering the source of tasks stuck behind the blackholed handshake is prompt.
+    let t0 = Instant::now();
+    let batch = a.submit_batch(&reqs2).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    a.unregister_memory(src2.base()).unwrap();
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "unregister waited {took:?} for tasks stuck behind a blackholed handshake"
+    );
+    let _ = batch.wait_blocking(Some(Instant::now() + 3 * TIMEOUT));
+    assert_eq!(batch.failed(), reqs2.len());
+    stop.store(true, Ordering::Relaxed);
+    pump.join().unwrap();
+    let worst = Duration::from_micros(worst_us.load(Ordering::Relaxed));
+    let n = done.load(Ordering::Relaxed);
+    eprintln!("healthy peer: {n} transfers, worst {worst:?}");
+    assert!(n >= 20, "only {n} transfers to the healthy peer completed");
+    assert!(
+        worst < Duration::from_secs(1),
+        "a transfer to the healthy peer took {worst:?} while another peer was blackholed"
+    );
+}
+
+/// Many clients that open handshake connections and trickle a huge frame byte by byte do
+/// not keep a legitimate peer from connecting.
+#[test]
+#[cfg_attr(
+    not(mooncake_rdma_tests),
+    ignore = "needs RDMA devices: run `cargo xtask rxe` (MOONCAKE_TEST_RDMA=1)"
+)]
+fn slow_handshake_clients_do_not_stall_the_listener() {
+    require_devices();
+    init_tracing();
+    let md = store();
+    let tname = unique("sl-t");
+    let t = engine_md(&tname, config(), &md);
+    let tbuf = patterned(&t, 1 << 20, 1);
+    let addr = handshake_addr(&t);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut slow: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            // A 16 MiB frame, announced but never delivered.
+            s.write_all(&(16u32 << 20).to_le_bytes()).unwrap();
+            s
+        })
+        .collect();
+    let trickle = {
+        let stop = stop.clone();
+        let mut socks: Vec<TcpStream> = slow.iter().map(|s| s.try_clone().unwrap()).collect();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for s in &mut socks {
+                    let _ = s.write(b"{");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let i = engine_md(&unique("sl-i"), config(), &md);
+    let ibuf = patterned(&i, 1 << 20, 2);
+    let t0 = Instant::now();
+    i.transfer_sync_write(&tname, ibuf.base(), tbuf.base(), 1 << 20)
+        .expect("a legitimate peer connects while others trickle");
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(2), "connecting took {took:?}");
+    assert!(tbuf.to_vec() == pattern(1 << 20, 2));
+    stop.store(true, Ordering::Relaxed);
+    trickle.join().unwrap();
+    slow.clear();
+}
+
+fn frame(v: &serde_json::Value) -> Vec<u8> {
+    let body = serde_json::to_vec(v).unwrap();
+    let mut out = (body.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+fn read_frame(s: &mut TcpStream) -> serde_json::Value {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// One raw handshake exchange: hello, `request` (with the nonce filled in unless `nonce`
+/// overrides it), reply.
+fn exchange(addr: &str, mut request: serde_json::Value, nonce: Option<&str>) -> serde_json::Value {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello = read_frame(&mut s);
+    let n = nonce.map_or_else(
+        || hello["nonce"].as_str().unwrap().to_string(),
+        str::to_string,
+    );
+    request["nonce"] = serde_json::Value::String(n);
+    s.write_all(&frame(&request)).unwrap();
+    read_frame(&mut s)
+}
+
+/// `Keys` is answered only for a QP the caller set up (and with its token); a request that
+/// does not answer the connection's challenge is refused; a flood of `Connect` requests
+/// does not evict a QP in use (the peer keeps working without reconnecting).
+#[test]
+#[cfg_attr(
+    not(mooncake_rdma_tests),
+    ignore = "needs RDMA devices: run `cargo xtask rxe` (MOONCAKE_TEST_RDMA=1)"
+)]
+fn handshake_hands_keys_only_to_qp_owners_and_floods_keep_active_qps() {
+    require_devices();
+    init_tracing();
+    let md = store();
+    let tname = unique("kq-t");
+    let tcfg = config().with_max_passive(8);
+    let tstats = tcfg.stats();
+    let t = engine_md(&tname, tcfg, &md);
+    let tbuf = patterned(&t, 1 << 20, 1);
+    let icfg = config();
+    let istats = icfg.stats();
+    let i = engine_md(&unique("kq-i"), icfg, &md);
+    let ibuf = patterned(&i, 1 << 20, 2);
+    let h = i.open_segment_blocking(&tname).unwrap();
+    let round = |seed: u64| {
+        ibuf.write_at(0, &pattern(1 << 20, seed)).unwrap();
+        let reqs: Vec<_> = (0..16u64)
+            .map(|k| {
+                req(
+                    Opcode::Write,
+                    ibuf.base() + (k << 16),
+                    h,
+                    tbuf.base() + (k << 16),
+                    64 << 10,
+                )
+            })
+            .collect();
+        i.submit_batch(&reqs).unwrap().wait_blocking(None).unwrap();
+        assert!(tbuf.to_vec() == pattern(1 << 20, seed));
+    };
+    round(3);
+    let created = endpoints_created(&istats);
+    let failed = failed_slices(&istats);
+    assert!(created >= 2, "both rails connected: {:?}", istats.nics());
+    let addr = handshake_addr(&t);
+    let nic = t.local_descriptor().devices[0].clone();
+    let gid = nic.gid.replace(':', "");
+    // Keys for a QP we never set up, with a guessed token: refused, no keys.
+    let r = exchange(
+        &addr,
+        serde_json::json!({"op": "keys", "version": 2, "from": "mallory", "peer_nic": nic.name,
+            "qpn": 1, "token": "00000000000000000000000000000000"}),
+        None,
+    );
+    assert_eq!(r["status"], "refused", "{r}");
+    assert!(r.get("keys").is_none(), "{r}");
+    // A request that does not answer the connection's challenge: refused.
+    let qp =
+        |qpn: u32| serde_json::json!({"qpn": qpn, "psn": 1, "gid": gid, "lid": 0, "mtu": 1024});
+    let r = exchange(
+        &addr,
+        serde_json::json!({"op": "connect", "version": 2, "from": "mallory", "generation": 1,
+            "local_nic": nic.name, "peer_nic": nic.name, "qp": qp(77)}),
+        Some("not-the-nonce"),
+    );
+    assert_eq!(r["status"], "refused", "{r}");
+    // A flood of connects from ever new names.
+    let mut accepted = 0;
+    let mut busy = 0;
+    for k in 0..40u32 {
+        let r = exchange(
+            &addr,
+            serde_json::json!({"op": "connect", "version": 2, "from": format!("mallory{k}"),
+                "generation": k, "local_nic": nic.name, "peer_nic": nic.name, "qp": qp(1000 + k)}),
+            None,
+        );
+        if r["status"] == "ok" {
+            accepted += 1;
+            // A QP owner may list the keys again with its token.
+            let again = exchange(
+                &addr,
+                serde_json::json!({"op": "keys", "version": 2, "from": format!("mallory{k}"),
+                    "peer_nic": nic.name, "qpn": r["qp"]["qpn"], "token": r["token"]}),
+                None,
+            );
+            assert_eq!(again["status"], "ok", "{again}");
+        } else if r["busy"] == true {
+            busy += 1;
+        }
+    }
+    eprintln!(
+        "flood: {accepted} accepted, {busy} refused as busy; target refused {} in all, evicted {}",
+        tstats.handshakes_refused(),
+        tstats.passive_evictions()
+    );
+    assert!(
+        busy > 0,
+        "a full table refuses new peers rather than evicting active QPs"
+    );
+    // The legitimate peer's QPs survived: no reconnect, no failed slice.
+    round(4);
+    assert_eq!(endpoints_created(&istats), created, "{:?}", istats.nics());
+    assert_eq!(failed_slices(&istats), failed, "{:?}", istats.nics());
+}
+
+/// One NIC, a CQ of 32 entries and 4 peers with 32 WRs in flight each: completions never
+/// overrun the CQ and every byte arrives.
+#[test]
+#[cfg_attr(
+    not(mooncake_rdma_tests),
+    ignore = "needs RDMA devices: run `cargo xtask rxe` (MOONCAKE_TEST_RDMA=1)"
+)]
+fn the_cq_is_never_overrun() {
+    require_devices();
+    init_tracing();
+    const PER: u64 = 512 << 10;
+    let md = store();
+    let cfg = config()
+        .with_nics(["rxe0"])
+        .with_cqe(32)
+        .with_max_wr(32)
+        .with_slice_size(4096);
+    let stats = cfg.stats();
+    let a = engine_md(&unique("cq-a"), cfg, &md);
+    let abuf = patterned(&a, 4 * PER as usize, 1);
+    let peers: Vec<(String, TransferEngine, Arc<LocalBuffer>)> = (0..4)
+        .map(|k| {
+            let name = unique("cq-p");
+            let e = engine_md(&name, config(), &md);
+            let b = patterned(&e, PER as usize, 10 + k);
+            (name, e, b)
+        })
+        .collect();
+    let handles: Vec<SegmentHandle> = peers
+        .iter()
+        .map(|(n, _, _)| a.open_segment_blocking(n).unwrap())
+        .collect();
+    for round in 0..3u64 {
+        abuf.write_at(0, &pattern(4 * PER as usize, 100 + round))
+            .unwrap();
+        let mut reqs = Vec::new();
+        for (k, (_, _, b)) in peers.iter().enumerate() {
+            let l = abuf.base() + k as u64 * PER;
+            reqs.push(req(Opcode::Write, l, handles[k], b.base(), PER / 2));
+            reqs.push(req(
+                Opcode::Read,
+                l + PER / 2,
+                handles[k],
+                b.base() + PER / 2,
+                PER / 2,
+            ));
+        }
+        a.submit_batch(&reqs)
+            .unwrap()
+            .wait_blocking(Some(Instant::now() + 3 * TIMEOUT))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let local = abuf.to_vec();
+        let sent = pattern(4 * PER as usize, 100 + round);
+        for (k, (_, _, b)) in peers.iter().enumerate() {
+            let off = k * PER as usize;
+            let remote = b.to_vec();
+            let half = PER as usize / 2;
+            assert!(
+                remote[..half] == sent[off..off + half],
+                "round {round}: write to peer {k}"
+            );
+            assert!(
+                local[off + half..off + 2 * half] == remote[half..],
+                "round {round}: read from peer {k}"
+            );
+        }
+    }
+    assert_eq!(failed_slices(&stats), 0, "{:?}", stats.nics());
+}
+
+/// `forget_peer` with a generation drops only the endpoints of that generation.
+#[test]
+#[cfg_attr(
+    not(mooncake_rdma_tests),
+    ignore = "needs RDMA devices: run `cargo xtask rxe` (MOONCAKE_TEST_RDMA=1)"
+)]
+fn forget_peer_honours_the_generation() {
+    require_devices();
+    init_tracing();
+    let md = store();
+    let cfg = config();
+    let stats = cfg.stats();
+    let a = engine_md(&unique("fg-a"), cfg, &md);
+    let pname = unique("fg-p");
+    let p = engine_md(&pname, config(), &md);
+    let abuf = patterned(&a, 1 << 20, 1);
+    let pbuf = patterned(&p, 1 << 20, 2);
+    let write = || {
+        a.transfer_sync_write(&pname, abuf.base(), pbuf.base(), 1 << 20)
+            .unwrap();
+    };
+    write();
+    let created = endpoints_created(&stats);
+    let t = a.transports()[0].clone();
+    t.forget_peer(&pname, Some(p.generation().wrapping_add(1)));
+    write();
+    assert_eq!(
+        endpoints_created(&stats),
+        created,
+        "forgetting another generation dropped the endpoints"
+    );
+    t.forget_peer(&pname, Some(p.generation()));
+    write();
+    assert!(
+        endpoints_created(&stats) > created,
+        "forgetting this generation drops its endpoints"
     );
 }
