@@ -371,7 +371,12 @@ fn run_target(args: &TransferArgs, region: u64) -> anyhow::Result<()> {
 
 /// Writes (`write`) or checks the stamp of pass `pass` at the start of every 4 KiB page of
 /// `range` in `buf`.
-fn stamp_pages(buf: &LocalBuffer, range: std::ops::Range<u64>, pass: u64, write: bool) -> anyhow::Result<()> {
+fn stamp_pages(
+    buf: &LocalBuffer,
+    range: std::ops::Range<u64>,
+    pass: u64,
+    write: bool,
+) -> anyhow::Result<()> {
     for page in range.step_by(4096) {
         let want = (pass.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ page).to_le_bytes();
         let n = want.len().min((buf.len() as u64 - page) as usize);

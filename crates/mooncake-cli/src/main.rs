@@ -2,9 +2,12 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_scale;
+mod bench_store;
 mod bench_transfer;
 mod metadata;
 mod simulate;
+mod store;
 mod trace;
 
 /// mooncake-rs: KVCache-centric disaggregated infrastructure for LLM serving.
@@ -28,6 +31,11 @@ enum Command {
     Trace(trace::TraceCommand),
     /// Trace-driven simulation of the Conductor and the paper's experiments.
     Simulate(Box<simulate::SimulateArgs>),
+    /// The Mooncake Store master (accepts the reference `mooncake_master` flags).
+    Master(store::MasterArgs),
+    /// A standalone storage node: contributes memory to the pool and shares it with
+    /// same-host clients over a Unix socket.
+    StoreNode(store::StoreNodeArgs),
 }
 
 /// `mooncake bench …`.
@@ -37,6 +45,12 @@ enum BenchCommand {
     Transfer(bench_transfer::TransferArgs),
     /// Metadata lookups per second and latency of a backend.
     Metadata(metadata::MetadataBenchArgs),
+    /// Mooncake Store put/get throughput and latency, with a same-run redis baseline.
+    Store(Box<bench_store::StoreBenchArgs>),
+    /// Mooncake Store master: metadata operations alone, and memory per object.
+    Master(bench_store::MasterBenchArgs),
+    /// One engine and many peers in other processes: threads, descriptors and memory per peer.
+    Scale(bench_scale::ScaleArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,7 +65,12 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(b) => match b {
             BenchCommand::Transfer(a) => bench_transfer::run(a),
             BenchCommand::Metadata(a) => metadata::run_bench(a),
+            BenchCommand::Store(a) => bench_store::run(*a),
+            BenchCommand::Master(a) => bench_store::run_master_bench(a),
+            BenchCommand::Scale(a) => bench_scale::run(a),
         },
+        Command::Master(a) => store::run_master(a),
+        Command::StoreNode(a) => store::run_store_node(a),
         Command::MetadataServer(a) => metadata::run_server(a),
         Command::Trace(t) => trace::run(t),
         Command::Simulate(a) => simulate::run(*a),

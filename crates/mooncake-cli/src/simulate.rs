@@ -10,7 +10,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mooncake_scheduler::{Admission, Conductor, Policy};
 use mooncake_sim::experiments::{
-    Chart, ChartKind, Experiment, ExperimentOptions, Series, Workload, run_experiment,
+    Chart, ChartKind, Experiment, ExperimentOptions, ExperimentReport, Series, Workload,
+    run_experiment, run_on_variants, variants_markdown,
 };
 use mooncake_sim::sim::{CoupledConfig, SimConfig, SimResult, Simulator};
 use mooncake_sim::{Trace, plot};
@@ -67,6 +68,10 @@ pub(crate) struct SimulateArgs {
     /// Override every request's output length.
     #[arg(long)]
     force_output: Option<u32>,
+    /// Override a cost-model constant, e.g. `--cost decode_c1=4e-3` (repeatable; names as in
+    /// `mooncake_scheduler::CostModel`).
+    #[arg(long, value_name = "NAME=VALUE")]
+    cost: Vec<String>,
     /// vllm: number of coupled instances (default: prefill + decode).
     #[arg(long)]
     instances: Option<u32>,
@@ -82,24 +87,39 @@ pub(crate) struct SimulateArgs {
     /// Write per-request CSV, summary JSON and PNG plots (or experiment results) here.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Run one of the paper's experiments instead of a single replay.
+    /// Run the paper's experiments instead of a single replay: fig5, fig9, fig10, fig11,
+    /// fig13, fig15, overload, comma-separated, or `all`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_experiment)]
+    experiment: Vec<Vec<Experiment>>,
+    /// Experiments: also run them on every standard variant of the trace (`mooncake trace
+    /// transform --standard-variants`) and write variants.md / variants.json.
     #[arg(long)]
-    experiment: Option<Experiment>,
+    variants: bool,
+    /// Experiments: seed of the variants.
+    #[arg(long, default_value_t = 1)]
+    variant_seed: u64,
     /// Whose paper numbers to compare with (default: guessed from the trace file name).
     #[arg(long)]
     workload: Option<Workload>,
-    /// Experiments: replay speed of fig5 (default 0.6).
+    /// Experiments: replay speed of fig5 (default: the speed at which the trace offers the
+    /// conversation trace's prefill work at 1×).
     #[arg(long)]
     fig5_speed: Option<f64>,
-    /// Experiments: prefill instances of fig5 (of 16; default 8).
+    /// Experiments: prefill instances of fig5, fig11 and fig13 (of 16; default 8).
     #[arg(long)]
     fig5_prefill: Option<u32>,
-    /// Experiments: replay speed of fig15 (default 1).
+    /// Experiments: replay speed of fig11, fig13 and fig15 (default 1).
     #[arg(long)]
     fig15_speed: Option<f64>,
     /// Experiments: replay speed of the overload experiment (default 2).
     #[arg(long)]
     overload_speed: Option<f64>,
+    /// Experiments: prefill instances of the overload experiment (of 16; default 8).
+    #[arg(long)]
+    overload_prefill: Option<u32>,
+    /// Experiments: NIC speeds of the fig13 sweep, Gbit/s (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    fig13_gbps: Vec<f64>,
 }
 
 fn base_config(a: &SimulateArgs) -> anyhow::Result<SimConfig> {
@@ -117,6 +137,7 @@ fn base_config(a: &SimulateArgs) -> anyhow::Result<SimConfig> {
     c.tbt_slo_s = a.tbt_slo / 1000.0;
     c.balancing_threshold = a.balancing_threshold;
     c.cost = c.cost.clone().with_nic_gbps(a.nic_gbps, a.nic_efficiency);
+    c.cost = override_cost(&c.cost, &a.cost)?;
     if a.policy == "vllm" {
         let mut v = CoupledConfig::default();
         v.instances = a.instances.unwrap_or(a.prefill + a.decode);
@@ -132,11 +153,39 @@ fn base_config(a: &SimulateArgs) -> anyhow::Result<SimConfig> {
     Ok(cfg)
 }
 
+/// Applies `NAME=VALUE` overrides to a cost model (through its serde form, so every field is
+/// reachable and unknown names are refused).
+fn override_cost(
+    cost: &mooncake_scheduler::CostModel,
+    overrides: &[String],
+) -> anyhow::Result<mooncake_scheduler::CostModel> {
+    let mut v = serde_json::to_value(cost)?;
+    for o in overrides {
+        let Some((k, val)) = o.split_once('=') else {
+            bail!("--cost expects NAME=VALUE, got `{o}`");
+        };
+        let map = v.as_object_mut().context("cost model is an object")?;
+        let Some(slot) = map.get_mut(k.trim()) else {
+            bail!(
+                "unknown cost constant `{k}` (expected one of: {})",
+                map.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        };
+        *slot = serde_json::from_str(val.trim())
+            .with_context(|| format!("--cost {k}: `{val}` is not a number"))?;
+    }
+    Ok(serde_json::from_value(v)?)
+}
+
 /// Runs `mooncake simulate`.
 pub(crate) fn run(a: SimulateArgs) -> anyhow::Result<()> {
     let trace = Trace::from_path(&a.trace)?;
-    if let Some(e) = a.experiment {
-        return experiment(&a, e, &trace);
+    if !a.experiment.is_empty() {
+        let list: Vec<Experiment> = a.experiment.iter().flatten().copied().collect();
+        return experiments(&a, &list, &trace);
+    }
+    if a.variants {
+        bail!("--variants needs --experiment");
     }
     let cfg = base_config(&a)?;
     let mut cfg = cfg;
@@ -220,12 +269,13 @@ fn write_outputs(dir: &Path, cfg: &SimConfig, r: &SimResult) -> anyhow::Result<(
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut csv = String::from(
         "id,arrival_s,input_tokens,output_tokens,prefill,decode,rejected,prefill_start_s,\
-         prefill_end_s,prefill_gpu_s,reused_tokens,fetched_tokens,ttft_s,tbt_s,end_s\n",
+         prefill_end_s,prefill_gpu_s,reused_tokens,fetched_tokens,kv_transfer_s,ttft_s,tbt_s,\
+         end_s\n",
     );
     for x in &r.records {
         let _ = writeln!(
             csv,
-            "{},{:.6},{},{},{},{},{},{},{},{:.6},{},{},{},{},{}",
+            "{},{:.6},{},{},{},{},{},{},{},{:.6},{},{},{},{},{},{}",
             x.id,
             x.arrival_s,
             x.input_tokens,
@@ -242,6 +292,7 @@ fn write_outputs(dir: &Path, cfg: &SimConfig, r: &SimResult) -> anyhow::Result<(
             x.prefill_gpu_s,
             x.reused_tokens,
             x.fetched_tokens,
+            opt(x.kv_transfer_s),
             opt(x.ttft_s),
             opt(x.tbt_s),
             opt(x.end_s),
@@ -337,17 +388,24 @@ fn render(chart: &Chart, path: &Path) -> anyhow::Result<()> {
     plot::render(chart, path).with_context(|| format!("plotting {}", path.display()))
 }
 
-fn experiment(a: &SimulateArgs, e: Experiment, trace: &Trace) -> anyhow::Result<()> {
-    let Some(dir) = &a.out else {
-        bail!("--experiment needs --out DIR");
-    };
+/// `fig5`, …, or `all`.
+fn parse_experiment(s: &str) -> Result<Vec<Experiment>, String> {
+    if s == "all" {
+        return Ok(Experiment::ALL.to_vec());
+    }
+    s.parse::<Experiment>()
+        .map(|e| vec![e])
+        .map_err(|e| e.to_string())
+}
+
+fn experiment_options(a: &SimulateArgs) -> anyhow::Result<ExperimentOptions> {
     let mut opts = ExperimentOptions::default();
     opts.workload = a.workload.unwrap_or_else(|| {
         Workload::from_file_name(&a.trace.file_name().unwrap_or_default().to_string_lossy())
     });
     opts.base = base_config(a)?;
-    if let Some(v) = a.fig5_speed {
-        opts.fig5_speed = v;
+    if a.fig5_speed.is_some() {
+        opts.fig5_speed = a.fig5_speed;
     }
     if let Some(v) = a.fig5_prefill {
         opts.fig5_prefill = v;
@@ -358,9 +416,18 @@ fn experiment(a: &SimulateArgs, e: Experiment, trace: &Trace) -> anyhow::Result<
     if let Some(v) = a.overload_speed {
         opts.overload_speed = v;
     }
-    let start = Instant::now();
-    let report = run_experiment(e, trace, &opts)?;
-    tracing::info!(elapsed = ?start.elapsed(), experiment = e.name(), "experiment done");
+    if let Some(v) = a.overload_prefill {
+        opts.overload_prefill = v;
+    }
+    if !a.fig13_gbps.is_empty() {
+        opts.fig13_gbps = a.fig13_gbps.clone();
+    }
+    Ok(opts)
+}
+
+/// Writes NAME.md, NAME.json and NAME[-k].png of a report into `dir`.
+fn write_report(dir: &Path, report: &ExperimentReport) -> anyhow::Result<()> {
+    let e = report.experiment;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     write(
         &dir.join(format!("{}.md", e.name())),
@@ -378,6 +445,45 @@ fn experiment(a: &SimulateArgs, e: Experiment, trace: &Trace) -> anyhow::Result<
         };
         render(chart, &dir.join(name))?;
     }
-    print!("{}", report.markdown);
+    Ok(())
+}
+
+fn experiments(a: &SimulateArgs, list: &[Experiment], trace: &Trace) -> anyhow::Result<()> {
+    let Some(dir) = &a.out else {
+        bail!("--experiment needs --out DIR");
+    };
+    let opts = experiment_options(a)?;
+    let start = Instant::now();
+    if a.variants {
+        let name = a
+            .trace
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let results = run_on_variants(trace, &name, &opts, list, a.variant_seed, &mut |n| {
+            eprintln!("running on {n} ({:.0} s)", start.elapsed().as_secs_f64());
+        })?;
+        for t in &results {
+            for r in &t.reports {
+                write_report(&dir.join(&t.name), r)?;
+            }
+        }
+        let md = variants_markdown(&results);
+        write(&dir.join("variants.md"), md.as_bytes())?;
+        write(
+            &dir.join("variants.json"),
+            serde_json::to_string_pretty(&results)?.as_bytes(),
+        )?;
+        print!("{md}");
+        return Ok(());
+    }
+    for &e in list {
+        let t0 = Instant::now();
+        let report = run_experiment(e, trace, &opts)?;
+        tracing::info!(elapsed = ?t0.elapsed(), experiment = e.name(), "experiment done");
+        write_report(dir, &report)?;
+        print!("{}", report.markdown);
+    }
     Ok(())
 }

@@ -1,16 +1,71 @@
-//! `mooncake trace …`: statistics of Mooncake JSONL request traces.
+//! `mooncake trace …`: statistics of Mooncake JSONL request traces, and seeded variants of a
+//! trace (`mooncake trace transform`).
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use mooncake_sim::trace::{Trace, TraceStats, trace_stats};
+use mooncake_sim::transform::{Arrivals, TransformSpec, standard_variants, transform, write_jsonl};
 
 /// `mooncake trace …`.
 #[derive(Debug, Subcommand)]
 pub(crate) enum TraceCommand {
     /// Requests, time span, lengths, unique blocks and prefix-cache hit ratios of a trace.
     Stats(StatsArgs),
+    /// Writes a seeded variant of a trace: re-timed, longer outputs or contexts, system
+    /// prompts, less reuse (or every standard variant with `--standard-variants DIR`).
+    Transform(TransformArgs),
+}
+
+/// `mooncake trace transform IN --out OUT [options]`.
+#[derive(Debug, Args)]
+pub(crate) struct TransformArgs {
+    /// The JSONL trace to transform.
+    file: PathBuf,
+    /// Output JSONL file (`-`: standard output).
+    #[arg(long, default_value = "-")]
+    out: PathBuf,
+    /// Write every standard variant (docs/simulation.md) as DIR/NAME.jsonl instead.
+    #[arg(long, value_name = "DIR", conflicts_with = "out")]
+    standard_variants: Option<PathBuf>,
+    /// Start from this standard variant's settings (poisson, ticks, onoff, rate1.25,
+    /// output2.3, context1.5, sysprompt, lowreuse); other options override them.
+    #[arg(long)]
+    variant: Option<String>,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Arrival process: keep, poisson, ticks:MS, onoff:PERIOD_S:PEAK.
+    #[arg(long)]
+    arrivals: Option<Arrivals>,
+    /// Multiply the arrival rate.
+    #[arg(long)]
+    rate_scale: Option<f64>,
+    /// Multiply output lengths.
+    #[arg(long)]
+    output_scale: Option<f64>,
+    /// Cap output lengths (after scaling).
+    #[arg(long)]
+    output_cap: Option<u32>,
+    /// Multiply prompt lengths (the reuse structure scales with them).
+    #[arg(long)]
+    context_scale: Option<f64>,
+    /// Prepend a system prompt of this many tokens (rounded up to 512-token blocks).
+    #[arg(long)]
+    system_prompt_tokens: Option<u32>,
+    /// Share of sessions that get a system prompt.
+    #[arg(long)]
+    system_prompt_share: Option<f64>,
+    /// Number of distinct system prompts.
+    #[arg(long)]
+    system_prompts: Option<u32>,
+    /// Share of requests made unique (no reuse).
+    #[arg(long)]
+    unique_share: Option<f64>,
+    /// Keep only the first N requests.
+    #[arg(long)]
+    max_requests: Option<usize>,
 }
 
 /// `mooncake trace stats FILE [--cache-tokens 3e6,5e7] [--json]`.
@@ -42,7 +97,94 @@ pub(crate) fn parse_tokens(s: &str) -> Result<u64, String> {
 pub(crate) fn run(cmd: TraceCommand) -> anyhow::Result<()> {
     match cmd {
         TraceCommand::Stats(a) => stats(a),
+        TraceCommand::Transform(a) => transform_cmd(a),
     }
+}
+
+fn spec_of(a: &TransformArgs) -> anyhow::Result<TransformSpec> {
+    let mut spec = match &a.variant {
+        Some(name) => match standard_variants(a.seed)
+            .into_iter()
+            .find(|v| v.name == name)
+        {
+            Some(v) => v.spec,
+            None => bail!(
+                "unknown variant `{name}` (expected one of: {})",
+                standard_variants(0)
+                    .iter()
+                    .map(|v| v.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+        None => TransformSpec::default(),
+    };
+    spec.seed = a.seed;
+    if let Some(v) = a.arrivals {
+        spec.arrivals = v;
+    }
+    if let Some(v) = a.rate_scale {
+        spec.rate_scale = v;
+    }
+    if let Some(v) = a.output_scale {
+        spec.output_scale = v;
+    }
+    if a.output_cap.is_some() {
+        spec.output_cap = a.output_cap;
+    }
+    if let Some(v) = a.context_scale {
+        spec.context_scale = v;
+    }
+    if let Some(v) = a.system_prompt_tokens {
+        spec.system_prompt_tokens = v;
+    }
+    if let Some(v) = a.system_prompt_share {
+        spec.system_prompt_share = v;
+    }
+    if let Some(v) = a.system_prompts {
+        spec.system_prompts = v;
+    }
+    if let Some(v) = a.unique_share {
+        spec.unique_share = v;
+    }
+    if a.max_requests.is_some() {
+        spec.max_requests = a.max_requests;
+    }
+    spec.validate().map_err(anyhow::Error::msg)?;
+    Ok(spec)
+}
+
+fn write_trace(t: &Trace, path: &std::path::Path) -> anyhow::Result<()> {
+    if path.as_os_str() == "-" {
+        let stdout = std::io::stdout();
+        write_jsonl(t, std::io::BufWriter::new(stdout.lock())).context("writing the trace")?;
+        return Ok(());
+    }
+    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    write_jsonl(t, std::io::BufWriter::new(f))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn transform_cmd(a: TransformArgs) -> anyhow::Result<()> {
+    let trace = Trace::from_path(&a.file)?;
+    if let Some(dir) = &a.standard_variants {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for v in standard_variants(a.seed) {
+            let t = transform(&trace, &v.spec).map_err(anyhow::Error::msg)?;
+            let path = dir.join(format!("{}.jsonl", v.name));
+            write_trace(&t, &path)?;
+            eprintln!(
+                "{}: {} ({} requests)",
+                path.display(),
+                v.description,
+                t.requests.len()
+            );
+        }
+        return Ok(());
+    }
+    let spec = spec_of(&a)?;
+    let t = transform(&trace, &spec).map_err(anyhow::Error::msg)?;
+    write_trace(&t, &a.out)
 }
 
 /// The `--json` form: exactly the keys issue 5 lists.

@@ -88,6 +88,10 @@ impl Inner {
 
     /// Writes each job's pieces to all its replicas; a job with any failed transfer gets an
     /// error, and the segments that failed are appended to `failed` (once each).
+    #[expect(
+        clippy::needless_range_loop,
+        reason = "jobs[j] is borrowed anew around each await"
+    )]
     pub(crate) async fn write_objects(
         &self,
         io: Io,
@@ -184,6 +188,10 @@ impl Inner {
 
     /// Reads each job from its replicas in order, failing over to the next one when a read
     /// fails; then refuses every read that finished after its lease (`LEASE_EXPIRED`).
+    #[expect(
+        clippy::needless_range_loop,
+        reason = "jobs[j] is borrowed anew around each await"
+    )]
     pub(crate) async fn read_objects(
         &self,
         io: Io,

@@ -99,3 +99,58 @@ pub fn decode_response(b: &[u8]) -> Result<(FrameHeader, Response, usize), Frame
 
 #[cfg(test)]
 mod tests;
+
+/// A plain blocking RPC connection to a master (benchmarks, tools, tests).
+#[derive(Debug)]
+pub struct RpcClient {
+    stream: std::net::TcpStream,
+    reader: std::io::BufReader<std::net::TcpStream>,
+    buf: Vec<u8>,
+    payload: Vec<u8>,
+    next_id: u64,
+}
+
+impl RpcClient {
+    /// Connects (TCP_NODELAY, `timeout` for connect, reads and writes).
+    pub fn connect(addr: std::net::SocketAddr, timeout: std::time::Duration) -> io::Result<Self> {
+        let stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let reader = std::io::BufReader::with_capacity(64 << 10, stream.try_clone()?);
+        Ok(Self {
+            stream,
+            reader,
+            buf: Vec::new(),
+            payload: Vec::new(),
+            next_id: 1,
+        })
+    }
+
+    /// One request, one response.
+    pub fn call(&mut self, req: &Request) -> io::Result<Response> {
+        self.next_id += 1;
+        let id = self.next_id;
+        write_frame(&mut self.stream, &mut self.buf, FrameKind::Request, id, req)?;
+        loop {
+            let h = read_frame(&mut self.reader, &mut self.payload)?;
+            if h.kind == FrameKind::Response && h.request_id == id {
+                return frame::decode_payload(&self.payload)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
+    }
+
+    /// Writes raw bytes (malformed-input tests).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Reads one response frame (after [`send_raw`](Self::send_raw)).
+    pub fn read_response(&mut self) -> io::Result<(FrameHeader, Response)> {
+        let h = read_frame(&mut self.reader, &mut self.payload)?;
+        let r = frame::decode_payload(&self.payload)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        Ok((h, r))
+    }
+}

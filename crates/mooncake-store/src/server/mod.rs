@@ -421,15 +421,28 @@ fn serve_conn(stream: TcpStream, id: u64, s: Arc<Shared>) {
                 format!("malformed request: {e}"),
             )),
         };
-        if rpc::write_frame(
+        let mut sent = rpc::write_frame(
             &mut writer,
             &mut out,
             FrameKind::Response,
             header.request_id,
             &resp,
-        )
-        .is_err()
-        {
+        );
+        if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::InvalidData) {
+            // The reply does not fit in a frame: say so instead of dropping the connection.
+            let e = Response::Error(StoreError::new(
+                StoreErrorCode::InvalidParams,
+                "the reply exceeds the RPC frame limit; use smaller batches",
+            ));
+            sent = rpc::write_frame(
+                &mut writer,
+                &mut out,
+                FrameKind::Response,
+                header.request_id,
+                &e,
+            );
+        }
+        if sent.is_err() {
             break;
         }
         if out.capacity() > (4 << 20) {

@@ -116,6 +116,16 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// A child process, killed when dropped (so a failing test leaves no orphan).
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Spawns this test binary again running only the test `child_main` with `role` and `args`
 /// in the environment (the child test does nothing without them).
 pub fn spawn_child(role: &str, args: &[(&str, String)]) -> Child {
@@ -142,8 +152,9 @@ pub fn read_line_with(
         line.clear();
         let n = out.read_line(&mut line).expect("child stdout");
         assert!(n > 0, "child exited before printing {prefix:?}");
-        if let Some(rest) = line.trim_end().strip_prefix(prefix) {
-            return rest.to_string();
+        // libtest prints "test child_main ... " before the child's own output, on one line.
+        if let Some(at) = line.find(prefix) {
+            return line.trim_end()[at + prefix.len()..].to_string();
         }
     }
 }
