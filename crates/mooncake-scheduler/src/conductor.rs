@@ -305,7 +305,10 @@ struct Booked {
     decode: u32,
     predicted_prefill_s: f64,
     predicted_ready_s: f64,
+    /// Mean context over the decode (prompt plus half the output): the step-time term.
     context_tokens: u64,
+    /// HBM the decode node reserves (prompt plus output), as its local check counts it.
+    kv_tokens: u64,
     stage: Stage,
     decode_start_s: f64,
 }
@@ -327,16 +330,80 @@ impl PrefillView {
     }
 }
 
+/// Requests, context tokens (step time) and reserved KV tokens (HBM) of a group of requests.
+#[derive(Debug, Clone, Copy, Default)]
+struct Group {
+    n: u64,
+    ctx: u64,
+    kv: u64,
+}
+
+impl Group {
+    fn add(&mut self, b: &Booked) {
+        self.n += 1;
+        self.ctx += b.context_tokens;
+        self.kv += b.kv_tokens;
+    }
+
+    fn sub(&mut self, b: &Booked) {
+        self.n -= 1;
+        self.ctx -= b.context_tokens;
+        self.kv -= b.kv_tokens;
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 struct DecodeView {
-    running: u64,
-    running_tokens: u64,
+    running: Group,
     /// Accepted, not yet decoding (in prefill or waiting at the decode node).
-    incoming: u64,
-    incoming_tokens: u64,
+    incoming: Group,
     /// Of `incoming`, those whose prefill finished (their KV is at the decode node).
-    arrived: u64,
-    arrived_tokens: u64,
+    arrived: Group,
+}
+
+/// Observed decode durations in log-spaced bins (10 per decade, 1 ms to 10⁵ s), for the
+/// survival function the prediction-based admission uses.
+#[derive(Debug, Clone)]
+struct DurationHistogram {
+    bins: [u32; Self::BINS],
+    total: u32,
+}
+
+impl Default for DurationHistogram {
+    fn default() -> Self {
+        Self {
+            bins: [0; Self::BINS],
+            total: 0,
+        }
+    }
+}
+
+impl DurationHistogram {
+    const BINS: usize = 80;
+    const MIN_S: f64 = 1e-3;
+
+    fn bin(x: f64) -> usize {
+        if x <= Self::MIN_S {
+            return 0;
+        }
+        ((x / Self::MIN_S).log10() * 10.0)
+            .floor()
+            .clamp(0.0, (Self::BINS - 1) as f64) as usize
+    }
+
+    fn add(&mut self, x: f64) {
+        self.bins[Self::bin(x)] += 1;
+        self.total += 1;
+    }
+
+    /// Share of observed durations longer than `x` (bins counted whole from `x`'s bin on).
+    fn survival(&self, x: f64) -> f64 {
+        if self.total == 0 {
+            return 1.0;
+        }
+        let above: u32 = self.bins[Self::bin(x)..].iter().sum();
+        f64::from(above) / f64::from(self.total)
+    }
 }
 
 /// Counters of the Conductor's decisions.
@@ -388,6 +455,7 @@ pub struct Conductor {
     scratch: Vec<u32>,
     decode_time_sum: f64,
     decode_time_n: u64,
+    decode_time_hist: DurationHistogram,
     stats: ConductorStats,
 }
 
@@ -432,6 +500,7 @@ impl Conductor {
             scratch: Vec::new(),
             decode_time_sum: 0.0,
             decode_time_n: 0,
+            decode_time_hist: DurationHistogram::default(),
             stats: ConductorStats::default(),
             cfg,
         })
@@ -486,7 +555,14 @@ impl Conductor {
         let cost = &self.cfg.cost;
         let prefill_s = cost.prefill_exec_time(n, p);
         let queue = self.prefill[i as usize].queue_s(now);
-        let ttft = queue.max(fetch_s) + prefill_s + cost.kv_stream_tail(n, prefill_s);
+        // The decode node loads the KV into HBM before the request joins (and delivers its
+        // first token); a one-token request ends when its KV arrives.
+        let join_load = if req.output_tokens > 1 {
+            cost.prefix_load_time(n)
+        } else {
+            0.0
+        };
+        let ttft = queue.max(fetch_s) + prefill_s + cost.kv_stream_tail(n, prefill_s) + join_load;
         Candidate {
             instance: i,
             ttft,
@@ -616,8 +692,11 @@ impl Conductor {
         for k in 0..nd {
             let d = (start + k) % nd;
             let v = &self.decode[d as usize];
-            let kv = v.running_tokens + v.incoming_tokens;
-            let step = cost.decode_step(v.running + v.incoming + 1, kv + ctx);
+            let kv = v.running.kv + v.incoming.kv;
+            let step = cost.decode_step(
+                v.running.n + v.incoming.n + 1,
+                v.running.ctx + v.incoming.ctx + ctx,
+            );
             if kv + need <= cost.vram_tokens && best_fit.is_none_or(|(_, s)| step < s) {
                 best_fit = Some((d, step));
             }
@@ -632,38 +711,56 @@ impl Conductor {
     }
 
     /// Load of decode instance `d` if the request (`ctx` context tokens, `need` KV tokens)
-    /// joined it now: requests decoding plus those whose KV already reached the node.
+    /// joined it now: requests decoding plus those whose KV already reached the node, the
+    /// same requests and HBM reservations the node's local check counts.
     fn decode_load_now(&self, d: u32, ctx: u64, need: u64) -> f64 {
         let v = &self.decode[d as usize];
         let cost = &self.cfg.cost;
-        let tokens = v.running_tokens + v.arrived_tokens;
-        (cost.decode_step(v.running + v.arrived + 1, tokens + ctx) / self.cfg.tbt_slo_s)
-            .max((tokens + need) as f64 / cost.vram_tokens as f64)
+        let step = cost.decode_step(
+            v.running.n + v.arrived.n + 1,
+            v.running.ctx + v.arrived.ctx + ctx,
+        );
+        (step / self.cfg.tbt_slo_s)
+            .max((v.running.kv + v.arrived.kv + need) as f64 / cost.vram_tokens as f64)
     }
 
-    /// Load of decode instance `d` predicted at time `t`, when the request would join it:
-    /// decoding requests that will still run (each decodes for the uniform `t_d`), plus the
-    /// requests whose prefill will be done by `t` (system-level prediction of arXiv v1 §6).
-    fn decode_load_at(&self, d: u32, t: f64, ctx: u64, need: u64) -> f64 {
+    /// Load of decode instance `d` predicted at time `t`, when the request would join it
+    /// (system-level prediction of arXiv v1 §6: no per-request output length): the requests
+    /// whose prefill will be done by `t`, plus each decoding request weighted by the chance it
+    /// is still decoding at `t`. The paper assumes a uniform decode time `t_d` and drops every
+    /// request older than it; with long-tailed outputs the requests in flight at any moment
+    /// are mostly the long ones, so once decodes have been observed the chance is taken from
+    /// their durations: `S(age at t) / S(age now)`, `S` the share of decodes lasting longer.
+    fn decode_load_at(&self, d: u32, now: f64, t: f64, ctx: u64, need: u64) -> f64 {
         let td = self.decode_time_estimate();
-        let (mut batch, mut tokens) = (1u64, ctx);
+        let hist = &self.decode_time_hist;
+        let (mut batch, mut tokens, mut kv) = (1.0f64, ctx as f64, need as f64);
         for b in self.booked.values() {
             if b.decode != d {
                 continue;
             }
             let present = match b.stage {
-                Stage::Decoding => t - b.decode_start_s < td,
-                Stage::AtDecode => true,
-                Stage::Queued | Stage::Prefilling => b.predicted_ready_s <= t,
+                Stage::Decoding if hist.total == 0 => {
+                    f64::from(u8::from(t - b.decode_start_s < td))
+                }
+                Stage::Decoding => {
+                    let s_now = hist.survival(now - b.decode_start_s);
+                    if s_now <= 0.0 {
+                        1.0
+                    } else {
+                        (hist.survival(t - b.decode_start_s) / s_now).min(1.0)
+                    }
+                }
+                Stage::AtDecode => 1.0,
+                Stage::Queued | Stage::Prefilling => f64::from(u8::from(b.predicted_ready_s <= t)),
             };
-            if present {
-                batch += 1;
-                tokens += b.context_tokens;
-            }
+            batch += present;
+            tokens += present * b.context_tokens as f64;
+            kv += present * b.kv_tokens as f64;
         }
         let cost = &self.cfg.cost;
-        (cost.decode_step(batch, tokens) / self.cfg.tbt_slo_s)
-            .max((tokens - ctx + need) as f64 / cost.vram_tokens as f64)
+        let step = cost.decode_c0 + cost.decode_c1 * batch + cost.decode_c2 * tokens;
+        (step / self.cfg.tbt_slo_s).max(kv / cost.vram_tokens as f64)
     }
 
     fn admit(
@@ -706,7 +803,7 @@ impl Conductor {
                     self.decode_load_now(d, ctx, need)
                 } else {
                     // The request reaches decode after its predicted TTFT.
-                    self.decode_load_at(d, now + c.ttft, ctx, need)
+                    self.decode_load_at(d, now, now + c.ttft, ctx, need)
                 };
                 (decode_load > th).then_some(Rejection::Overloaded {
                     pool: Pool::Decode,
@@ -735,22 +832,18 @@ impl Scheduler for Conductor {
             let src = &mut self.prefill[f.source as usize];
             src.nic_free_s = now_s + c.fetch_s;
         }
-        let ctx = Self::context_tokens(req);
-        let dv = &mut self.decode[d as usize];
-        dv.incoming += 1;
-        dv.incoming_tokens += ctx;
-        self.booked.insert(
-            req.id,
-            Booked {
-                prefill: c.instance,
-                decode: d,
-                predicted_prefill_s: c.prefill_s,
-                predicted_ready_s: now_s + c.ttft,
-                context_tokens: ctx,
-                stage: Stage::Queued,
-                decode_start_s: 0.0,
-            },
-        );
+        let booked = Booked {
+            prefill: c.instance,
+            decode: d,
+            predicted_prefill_s: c.prefill_s,
+            predicted_ready_s: now_s + c.ttft,
+            context_tokens: Self::context_tokens(req),
+            kv_tokens: u64::from(req.input_tokens) + u64::from(req.output_tokens),
+            stage: Stage::Queued,
+            decode_start_s: 0.0,
+        };
+        self.decode[d as usize].incoming.add(&booked);
+        self.booked.insert(req.id, booked);
         tracing::trace!(
             request = req.id,
             prefill = c.instance,
@@ -804,9 +897,7 @@ impl Scheduler for Conductor {
                 {
                     b.stage = Stage::AtDecode;
                     self.prefill[b.prefill as usize].current = None;
-                    let dv = &mut self.decode[b.decode as usize];
-                    dv.arrived += 1;
-                    dv.arrived_tokens += b.context_tokens;
+                    self.decode[b.decode as usize].arrived.add(b);
                 }
             }
             ClusterEvent::DecodeStarted { request, .. } => {
@@ -816,12 +907,9 @@ impl Scheduler for Conductor {
                     b.stage = Stage::Decoding;
                     b.decode_start_s = now_s;
                     let dv = &mut self.decode[b.decode as usize];
-                    dv.arrived -= 1;
-                    dv.arrived_tokens -= b.context_tokens;
-                    dv.incoming -= 1;
-                    dv.incoming_tokens -= b.context_tokens;
-                    dv.running += 1;
-                    dv.running_tokens += b.context_tokens;
+                    dv.arrived.sub(b);
+                    dv.incoming.sub(b);
+                    dv.running.add(b);
                 }
             }
             ClusterEvent::DecodeFinished { request, .. } | ClusterEvent::Dropped { request } => {
@@ -831,26 +919,22 @@ impl Scheduler for Conductor {
                     match b.stage {
                         Stage::Queued => {
                             pv.pending_s -= b.predicted_prefill_s;
-                            dv.incoming -= 1;
-                            dv.incoming_tokens -= b.context_tokens;
+                            dv.incoming.sub(&b);
                         }
                         Stage::Prefilling => {
                             pv.current = None;
-                            dv.incoming -= 1;
-                            dv.incoming_tokens -= b.context_tokens;
+                            dv.incoming.sub(&b);
                         }
                         Stage::AtDecode => {
-                            dv.arrived -= 1;
-                            dv.arrived_tokens -= b.context_tokens;
-                            dv.incoming -= 1;
-                            dv.incoming_tokens -= b.context_tokens;
+                            dv.arrived.sub(&b);
+                            dv.incoming.sub(&b);
                         }
                         Stage::Decoding => {
-                            dv.running -= 1;
-                            dv.running_tokens -= b.context_tokens;
+                            dv.running.sub(&b);
                             if matches!(event, ClusterEvent::DecodeFinished { .. }) {
                                 self.decode_time_sum += now_s - b.decode_start_s;
                                 self.decode_time_n += 1;
+                                self.decode_time_hist.add(now_s - b.decode_start_s);
                             }
                         }
                     }
@@ -1204,9 +1288,15 @@ mod tests {
 
     #[test]
     fn early_rejects_on_current_decode_load_predicted_looks_ahead() {
+        // A decode cost of 4 ms per sequence (an artificial one, to keep the batch small).
+        let cost = CostModel {
+            decode_c1: 4e-3,
+            ..CostModel::default()
+        };
         let base = ConductorConfig {
             tbt_slo_s: 0.108,
             decode_time_s: 0.5,
+            cost,
             ..cfg(Policy::LoadBalance, 4, 1)
         };
         // 20 requests decoding: 26 ms + 4 ms × 20 = 106 ms fits the 108 ms SLO; one more does

@@ -8,20 +8,24 @@
 //!   (if any) has arrived. Execution time is [`CostModel::prefill_exec_time`] of the prompt and
 //!   the reused prefix (local match at start, or the fetched prefix). The request's blocks are
 //!   stored in the cache when the prefill ends.
-//! - **NICs**: every node has a send and a receive side, each a FIFO resource at the effective
-//!   NIC bandwidth. Prefix fetches (source → prefill node) are booked at decision time; the
-//!   prefill→decode KV stream is booked when the prefill starts and overlaps it layer by layer,
-//!   so the visible delay is what the stream has left when the prefill ends, plus one layer.
-//! - **Decode instance**: iteration-level continuous batching. Requests whose KV has arrived
-//!   join at the next iteration boundary if their KV (prompt plus output) fits the HBM, paying a
-//!   join stall (KV load DRAM → HBM). Step time is [`CostModel::decode_step`].
+//! - **Network** ([`crate::net`]): every node has a send and a receive port at the effective
+//!   NIC bandwidth, shared max-min fairly by the transfers in flight. Prefix fetches (source →
+//!   prefill node) start at decision time; the prefill→decode KV stream starts with the
+//!   prefill and overlaps it layer by layer, so the KV is at the decode node when the stream
+//!   has finished and the last layer, computed at the end of the prefill, has been sent.
+//! - **Decode instance**: iteration-level continuous batching. A request whose KV has reached
+//!   the node's DRAM takes HBM for its prompt plus output once that fits (FIFO), is loaded
+//!   DRAM → HBM at the host-to-device bandwidth (one load at a time, overlapped with decoding:
+//!   FAST'25 Fig. 4), and joins at the next iteration boundary. Step time is
+//!   [`CostModel::decode_step`] (plus [`CostModel::join_stall`], 0 by default).
 //! - **Coupled baseline** (vLLM-like): one pool of instances, each running prefill and decode
 //!   with v0.5-style scheduling (a prefill iteration stalls running decodes) or chunked prefill;
 //!   optional HBM prefix cache.
 //!
-//! The first token of a request is the one its prefill computes; TTFT ends when it is delivered
-//! by the decode instance (after the KV stream) or, coupled, when the prefill iteration ends.
-//! TBT of a request is the mean of its longest ⌈10%⌉ inter-token intervals.
+//! The first token of a request is the one its prefill computes; TTFT ends when the decode
+//! instance delivers it, as the request joins its batch (after the KV stream and the load into
+//! HBM), or, coupled, when the prefill iteration ends. TBT of a request is the mean of its
+//! longest ⌈10%⌉ inter-token intervals, all of them decode iterations.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
@@ -29,10 +33,11 @@ use std::collections::{BinaryHeap, VecDeque};
 use mooncake_core::scheduler::{ClusterEvent, Decision, PrefixFetch, ScheduleRequest, Scheduler};
 use serde::{Deserialize, Serialize};
 
+use crate::net::{FlowId, Network};
 use crate::trace::{Trace, percentile};
 use mooncake_scheduler::ConductorConfig;
 use mooncake_scheduler::CostModel;
-use mooncake_scheduler::lru::LruSet;
+use mooncake_scheduler::lru::{BlockMap, LruSet};
 
 /// The coupled (vLLM-like) baseline's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,6 +89,10 @@ pub struct SimConfig {
     pub force_output: Option<u32>,
     /// Sampling period of the pool-load time series, seconds (0: none).
     pub load_sample_s: f64,
+    /// Block keys whose replica counts (prefill instances caching them) are sampled (Fig. 11).
+    pub replica_keys: Vec<u64>,
+    /// Sampling period of the replica counts, seconds (0: none).
+    pub replica_sample_s: f64,
 }
 
 impl Default for SimConfig {
@@ -97,6 +106,8 @@ impl Default for SimConfig {
             decode_check: false,
             force_output: None,
             load_sample_s: 0.0,
+            replica_keys: Vec::new(),
+            replica_sample_s: 0.0,
         }
     }
 }
@@ -138,6 +149,9 @@ pub struct RequestRecord {
     pub reused_tokens: u64,
     /// Of those, tokens fetched from another instance.
     pub fetched_tokens: u64,
+    /// Duration of the prefill→decode KV transfer (from the prefill's start to the last byte),
+    /// seconds.
+    pub kv_transfer_s: Option<f64>,
     /// Time to first token, seconds.
     pub ttft_s: Option<f64>,
     /// Mean of the longest 10% inter-token intervals, seconds (`None` with ≤ 1 output token).
@@ -198,6 +212,15 @@ pub struct LoadSample {
     pub decode_load: f64,
 }
 
+/// Replica counts of the sampled keys at one moment (Fig. 11).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaSample {
+    /// Time, seconds.
+    pub t_s: f64,
+    /// For each of [`SimConfig::replica_keys`], the prefill instances caching it.
+    pub replicas: Vec<u8>,
+}
+
 /// Everything a run produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimResult {
@@ -209,6 +232,8 @@ pub struct SimResult {
     pub effective_attainment: f64,
     /// Pool loads over time (when sampling was on).
     pub load_series: Vec<LoadSample>,
+    /// Replica counts over time (when sampling was on).
+    pub replica_series: Vec<ReplicaSample>,
     /// Events processed.
     pub events: u64,
     /// Whether the virtual clock never went backwards (an internal invariant, checked by tests).
@@ -233,12 +258,25 @@ impl SimResult {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ev {
     Arrival(usize),
-    PrefillReady(u32),
     PrefillDone(u32),
+    /// The network's next transfer completion, valid if the version still matches.
+    Net(u64),
+    /// A prefix fetch's last byte reached the prefill node.
+    FetchArrived(usize),
+    /// The request's KV is in the decode node's DRAM.
     KvArrived(usize),
+    /// The request's KV is in the decode node's HBM.
+    Loaded(usize),
     DecodeStep(u32),
     CoupledStep(u32),
     Sample,
+    ReplicaSample,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum FlowKind {
+    Fetch(usize),
+    Stream(usize),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -281,17 +319,22 @@ struct PrefillNode {
     busy: bool,
     current: Option<usize>,
     cache: LruSet,
-    wake_at: Option<f64>,
     queued_s: f64,
 }
 
 #[derive(Debug, Default)]
 struct DecodeNode {
     running: Vec<Running>,
+    /// KV in DRAM, waiting for HBM.
     waiting: VecDeque<usize>,
+    /// KV in HBM, joining at the next iteration.
+    ready: Vec<usize>,
+    /// HBM taken (running, ready and loading requests), tokens.
     kv_tokens: u64,
     waiting_tokens: u64,
     stepping: bool,
+    /// When the host-to-device link is free of the loads ordered so far.
+    h2d_free: f64,
 }
 
 #[derive(Debug)]
@@ -307,18 +350,15 @@ struct CoupledNode {
     in_prefill: Vec<usize>,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct Nic {
-    tx_free: f64,
-    rx_free: f64,
-}
-
 #[derive(Debug, Clone, Default)]
 struct ReqState {
     fetch: Option<PrefixFetch>,
     booked_s: f64,
-    fetch_done_s: f64,
-    kv_arrival_s: f64,
+    /// A prefix fetch is still in flight.
+    fetch_pending: bool,
+    stream_start_s: f64,
+    stream_end_s: Option<f64>,
+    prefill_end_s: Option<f64>,
 }
 
 /// Mean of the longest ⌈10%⌉ intervals (`None` when there are none).
@@ -350,12 +390,15 @@ pub struct Simulator<'t, S: Scheduler> {
     prefill: Vec<PrefillNode>,
     decode: Vec<DecodeNode>,
     coupled: Vec<CoupledNode>,
-    nics: Vec<Nic>,
+    net: Network,
+    net_version: u64,
+    flows: BlockMap<FlowKind>,
     block: u32,
     arrived: usize,
     done: usize,
     rr: u32,
     load_series: Vec<LoadSample>,
+    replica_series: Vec<ReplicaSample>,
     scratch: Vec<u64>,
 }
 
@@ -375,7 +418,6 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
                         busy: false,
                         current: None,
                         cache: LruSet::new(cache_blocks),
-                        wake_at: None,
                         queued_s: 0.0,
                     })
                     .collect(),
@@ -398,7 +440,7 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
                     .collect(),
             ),
         };
-        let nics = vec![Nic::default(); np + nd];
+        let net = Network::new(np + nd, cost.nic_bytes_per_s);
         let speed = if cfg.speed > 0.0 { cfg.speed } else { 1.0 };
         let t0 = trace.requests.first().map_or(0, |r| r.timestamp);
         let records = trace
@@ -418,6 +460,7 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
                 prefill_gpu_s: 0.0,
                 reused_tokens: 0,
                 fetched_tokens: 0,
+                kv_transfer_s: None,
                 ttft_s: None,
                 tbt_s: None,
                 end_s: None,
@@ -438,12 +481,15 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
             prefill,
             decode,
             coupled,
-            nics,
+            net,
+            net_version: 0,
+            flows: BlockMap::default(),
             block,
             arrived: 0,
             done: 0,
             rr: 0,
             load_series: Vec::new(),
+            replica_series: Vec::new(),
             scratch: Vec::new(),
             cfg,
         }
@@ -463,14 +509,53 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
             .min(u64::from(self.records[r].input_tokens).saturating_sub(1))
     }
 
-    /// Books a transfer of `bytes` from node `src` to node `dst` starting no earlier than `t`;
-    /// returns its end.
-    fn book_transfer(&mut self, src: usize, dst: usize, t: f64, bytes: f64) -> f64 {
-        let start = t.max(self.nics[src].tx_free).max(self.nics[dst].rx_free);
-        let end = start + bytes / self.cost.nic_bytes_per_s + self.cost.nic_latency_s;
-        self.nics[src].tx_free = end;
-        self.nics[dst].rx_free = end;
-        end
+    /// Starts a transfer of `bytes` from node `src` to node `dst` now.
+    fn start_flow(&mut self, src: usize, dst: usize, bytes: f64, kind: FlowKind) {
+        let id: FlowId = self.net.start(self.now, src, dst, bytes);
+        self.flows.insert(id, kind);
+        self.reschedule_net();
+    }
+
+    /// Schedules the network's next completion (older schedules become stale).
+    fn reschedule_net(&mut self) {
+        self.net_version += 1;
+        if let Some(t) = self.net.next_completion() {
+            let v = self.net_version;
+            self.push(t.max(self.now), Ev::Net(v));
+        }
+    }
+
+    fn on_net(&mut self, version: u64) {
+        if version != self.net_version {
+            return;
+        }
+        let done = self.net.finish(self.now);
+        let latency = self.cost.nic_latency_s;
+        for id in done {
+            match self.flows.remove(&id) {
+                Some(FlowKind::Fetch(i)) => self.push(self.now + latency, Ev::FetchArrived(i)),
+                Some(FlowKind::Stream(i)) => {
+                    self.reqs[i].stream_end_s = Some(self.now);
+                    self.records[i].kv_transfer_s = Some(self.now - self.reqs[i].stream_start_s);
+                    self.schedule_kv_arrival(i);
+                }
+                None => {}
+            }
+        }
+        self.reschedule_net();
+    }
+
+    /// Once both the stream and the prefill are done: the KV is at the decode node when the
+    /// stream is through and the last layer (computed at the prefill's end) has been sent.
+    fn schedule_kv_arrival(&mut self, i: usize) {
+        let (Some(stream), Some(pf)) = (self.reqs[i].stream_end_s, self.reqs[i].prefill_end_s)
+        else {
+            return;
+        };
+        let bytes = self.cost.kv_bytes(u64::from(self.records[i].input_tokens));
+        let layer = bytes / self.cost.nic_bytes_per_s / f64::from(self.cost.layers.max(1));
+        let t = stream.max(pf + layer) + self.cost.nic_latency_s;
+        self.push(t, Ev::KvArrived(i));
     }
 
     /// Runs to completion. `progress(done, total)` is called every few hundred finished
@@ -498,6 +583,12 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
         if self.cfg.load_sample_s > 0.0 && self.cfg.coupled.is_none() {
             self.push(0.0, Ev::Sample);
         }
+        if self.cfg.replica_sample_s > 0.0
+            && !self.cfg.replica_keys.is_empty()
+            && self.cfg.coupled.is_none()
+        {
+            self.push(0.0, Ev::ReplicaSample);
+        }
         let mut last_report = 0;
         while let Some(Timed { t, ev, .. }) = self.heap.pop() {
             if t < self.now {
@@ -507,15 +598,20 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
             self.events += 1;
             match ev {
                 Ev::Arrival(i) => self.on_arrival(i),
-                Ev::PrefillReady(p) => {
-                    self.prefill[p as usize].wake_at = None;
-                    self.try_start_prefill(p);
-                }
                 Ev::PrefillDone(p) => self.on_prefill_done(p),
+                Ev::Net(v) => self.on_net(v),
+                Ev::FetchArrived(i) => {
+                    self.reqs[i].fetch_pending = false;
+                    if let Some(p) = self.records[i].prefill {
+                        self.try_start_prefill(p);
+                    }
+                }
                 Ev::KvArrived(i) => self.on_kv_arrived(i),
+                Ev::Loaded(i) => self.on_loaded(i),
                 Ev::DecodeStep(d) => self.on_decode_step_end(d),
                 Ev::CoupledStep(c) => self.on_coupled_step_end(c),
                 Ev::Sample => self.on_sample(),
+                Ev::ReplicaSample => self.on_replica_sample(),
             }
             if self.done >= last_report + 256 {
                 last_report = self.done;
@@ -540,6 +636,7 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
             summary,
             effective_attainment: effective,
             load_series: self.load_series,
+            replica_series: self.replica_series,
             events: self.events,
             clock_monotonic: self.monotonic,
             makespan_s: self.now,
@@ -578,6 +675,22 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
         }
     }
 
+    fn on_replica_sample(&mut self) {
+        let replicas = self
+            .cfg
+            .replica_keys
+            .iter()
+            .map(|&k| self.prefill.iter().filter(|p| p.cache.contains(k)).count() as u8)
+            .collect();
+        self.replica_series.push(ReplicaSample {
+            t_s: self.now,
+            replicas,
+        });
+        if !self.heap.is_empty() {
+            self.push(self.now + self.cfg.replica_sample_s, Ev::ReplicaSample);
+        }
+    }
+
     fn finish_request(&mut self) {
         self.done += 1;
     }
@@ -611,7 +724,6 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
                 );
                 self.records[i].prefill = Some(pl.prefill);
                 self.records[i].decode = Some(pl.decode);
-                let mut fetch_done = self.now;
                 if let Some(f) = pl.fetch
                     && (f.source as usize) < np
                     && f.source != pl.prefill
@@ -620,10 +732,10 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
                         .prefix_tokens(i, f.blocks)
                         .saturating_sub(self.prefix_tokens(i, f.local_blocks));
                     let bytes = self.cost.kv_bytes(tokens);
-                    fetch_done = self.book_transfer(f.source as usize, p, self.now, bytes);
                     self.reqs[i].fetch = Some(f);
+                    self.reqs[i].fetch_pending = true;
+                    self.start_flow(f.source as usize, p, bytes, FlowKind::Fetch(i));
                 }
-                self.reqs[i].fetch_done_s = fetch_done;
                 let predicted = self
                     .cost
                     .prefill_exec_time(u64::from(self.records[i].input_tokens), pl.reused_tokens);
@@ -638,16 +750,14 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
 
     fn try_start_prefill(&mut self, p: u32) {
         let pi = p as usize;
-        if self.prefill[pi].busy || self.prefill[pi].wake_at.is_some() {
+        if self.prefill[pi].busy {
             return;
         }
         let Some(&i) = self.prefill[pi].queue.front() else {
             return;
         };
-        let ready = self.reqs[i].fetch_done_s;
-        if ready > self.now {
-            self.prefill[pi].wake_at = Some(ready);
-            self.push(ready, Ev::PrefillReady(p));
+        if self.reqs[i].fetch_pending {
+            // Starts when the fetch arrives (FetchArrived).
             return;
         }
         self.prefill[pi].queue.pop_front();
@@ -691,12 +801,10 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
         let d = self.records[i].decode.unwrap_or(0) as usize;
         let bytes = self.cost.kv_bytes(n);
         let np = self.prefill.len();
-        let stream_end = self.book_transfer(pi, np + d, now, bytes);
-        let layer = (bytes / self.cost.nic_bytes_per_s) / f64::from(self.cost.layers.max(1));
-        let end = now + dur;
-        self.reqs[i].kv_arrival_s = end.max(stream_end) + layer;
+        self.reqs[i].stream_start_s = now;
         self.hashes[i] = hashes;
-        self.push(end, Ev::PrefillDone(p));
+        self.push(now + dur, Ev::PrefillDone(p));
+        self.start_flow(pi, np + d, bytes, FlowKind::Stream(i));
     }
 
     fn on_prefill_done(&mut self, p: u32) {
@@ -750,8 +858,8 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
             },
             now,
         );
-        let t = self.reqs[i].kv_arrival_s;
-        self.push(t, Ev::KvArrived(i));
+        self.reqs[i].prefill_end_s = Some(now);
+        self.schedule_kv_arrival(i);
         self.try_start_prefill(p);
     }
 
@@ -759,7 +867,6 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
         let now = self.now;
         let d = self.records[i].decode.unwrap_or(0);
         let di = d as usize;
-        self.records[i].ttft_s = Some(now - self.records[i].arrival_s);
         let n = u64::from(self.records[i].input_tokens);
         let out = u64::from(self.records[i].output_tokens);
         if self.cfg.decode_check {
@@ -770,7 +877,6 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
             if !fits || step > self.cfg.conductor.tbt_slo_s {
                 let rec = &mut self.records[i];
                 rec.rejected = Some(RejectStage::Decode);
-                rec.ttft_s = None;
                 self.scheduler
                     .observe(ClusterEvent::Dropped { request: i as u64 }, now);
                 self.finish_request();
@@ -778,6 +884,8 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
             }
         }
         if out <= 1 {
+            // The prefill's token is the whole output: delivered as the KV arrives.
+            self.records[i].ttft_s = Some(now - self.records[i].arrival_s);
             self.scheduler.observe(
                 ClusterEvent::DecodeStarted {
                     request: i as u64,
@@ -799,7 +907,35 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
         let node = &mut self.decode[di];
         node.waiting.push_back(i);
         node.waiting_tokens += n + out;
-        if !node.stepping {
+        self.admit_waiting(d);
+    }
+
+    /// Gives HBM to waiting requests in arrival order while they fit (or the node is empty)
+    /// and starts their loads DRAM → HBM, one after the other on the node's host link.
+    fn admit_waiting(&mut self, d: u32) {
+        let di = d as usize;
+        let vram = self.cost.vram_tokens;
+        while let Some(&i) = self.decode[di].waiting.front() {
+            let n = u64::from(self.records[i].input_tokens);
+            let need = n + u64::from(self.records[i].output_tokens);
+            let node = &mut self.decode[di];
+            if node.kv_tokens + need > vram && node.kv_tokens > 0 {
+                break;
+            }
+            node.waiting.pop_front();
+            node.waiting_tokens -= need;
+            node.kv_tokens += need;
+            let start = node.h2d_free.max(self.now);
+            let end = start + self.cost.prefix_load_time(n);
+            node.h2d_free = end;
+            self.push(end, Ev::Loaded(i));
+        }
+    }
+
+    fn on_loaded(&mut self, i: usize) {
+        let d = self.records[i].decode.unwrap_or(0);
+        self.decode[d as usize].ready.push(i);
+        if !self.decode[d as usize].stepping {
             self.start_decode_step(d);
         }
     }
@@ -807,23 +943,16 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
     fn start_decode_step(&mut self, d: u32) {
         let di = d as usize;
         let now = self.now;
-        let vram = self.cost.vram_tokens;
         let mut joined_tokens = 0u64;
-        while let Some(&i) = self.decode[di].waiting.front() {
+        let ready = std::mem::take(&mut self.decode[di].ready);
+        for &i in &ready {
             let n = u64::from(self.records[i].input_tokens);
-            let need = n + u64::from(self.records[i].output_tokens);
-            let node = &mut self.decode[di];
-            if node.kv_tokens + need > vram && !node.running.is_empty() {
-                break;
-            }
-            node.waiting.pop_front();
-            node.waiting_tokens -= need;
-            node.kv_tokens += need;
             let remaining = self.records[i].output_tokens - 1;
-            node.running.push(Running {
+            self.records[i].ttft_s = Some(now - self.records[i].arrival_s);
+            self.decode[di].running.push(Running {
                 req: i,
                 remaining,
-                last_token_s: self.reqs[i].kv_arrival_s.min(now),
+                last_token_s: now,
                 context: n + 1,
                 intervals: Vec::with_capacity(remaining as usize),
             });
@@ -836,7 +965,10 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
                 now,
             );
         }
+        let mut ready = ready;
+        ready.clear();
         let node = &mut self.decode[di];
+        node.ready = ready;
         if node.running.is_empty() {
             node.stepping = false;
             return;
@@ -881,6 +1013,7 @@ impl<'t, S: Scheduler> Simulator<'t, S> {
             );
             self.finish_request();
         }
+        self.admit_waiting(d);
         self.start_decode_step(d);
     }
 
@@ -1232,9 +1365,13 @@ mod tests {
         let pf = cost.prefill_time(8192, 0);
         let x = cost.transfer_time(8192);
         let layer = (x - cost.nic_latency_s) / 80.0;
-        let ttft = pf.max(x) + layer;
+        // The stream (shorter than the prefill) is done when the last layer has been sent;
+        // then one latency, then the load into the decode node's HBM.
+        let kv_at_decode = pf.max(x) + layer + cost.nic_latency_s;
+        let ttft = kv_at_decode + cost.prefix_load_time(8192);
         let rec = &r.records[0];
         assert!((rec.ttft_s.unwrap() - ttft).abs() < 1e-9, "{rec:?}");
+        assert!((rec.kv_transfer_s.unwrap() - x + cost.nic_latency_s).abs() < 1e-9);
         assert!((rec.prefill_gpu_s - pf).abs() < 1e-12);
         // Four decode steps with batch 1 and context 8193..8196.
         let steps: f64 = (0..4).map(|k| cost.decode_step(1, 8193 + k)).sum();
