@@ -45,8 +45,6 @@ enum BenchCommand {
     Transfer(bench_transfer::TransferArgs),
     /// Metadata lookups per second and latency of a backend.
     Metadata(metadata::MetadataBenchArgs),
-    /// One engine and many peers in other processes: threads, descriptors and memory per peer.
-    Scale(bench_scale::ScaleArgs),
     /// Mooncake Store put/get throughput and latency, with a same-run redis baseline.
     Store(Box<bench_store::StoreBenchArgs>),
     /// Mooncake Store master: metadata operations alone, and memory per object.
@@ -67,7 +65,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(b) => match b {
             BenchCommand::Transfer(a) => bench_transfer::run(a),
             BenchCommand::Metadata(a) => metadata::run_bench(a),
-            BenchCommand::Scale(a) => bench_scale::run(a),
             BenchCommand::Store(a) => bench_store::run(*a),
             BenchCommand::Master(a) => bench_store::run_master_bench(a),
             BenchCommand::Scale(a) => bench_scale::run(a),
