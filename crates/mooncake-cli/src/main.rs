@@ -60,6 +60,11 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Peers cost a descriptor per connection: use the hard limit, not the (often 1,024)
+    // soft one.
+    if let Err(e) = mooncake::tcp::raise_fd_limit() {
+        tracing::warn!("cannot raise the open-file limit: {e}");
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(b) => match b {
