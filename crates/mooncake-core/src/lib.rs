@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod auth;
 pub mod completion;
 pub mod descriptor;
 pub mod error;
@@ -10,6 +11,7 @@ pub mod scheduler;
 pub mod segment;
 pub mod transport;
 
+pub use auth::ClusterSecret;
 pub use completion::{Batch, BatchWait, SliceCompleter, TaskCompleter, TransferStatus};
 pub use descriptor::{
     BufferDesc, DeviceDesc, MetadataKeys, RemoteSegment, RpcMeta, SegmentDescriptor,

@@ -90,6 +90,8 @@ pub struct EngineContext {
     pub generation: u64,
     /// How long a peer may make no progress before its tasks fail.
     pub timeout: Duration,
+    /// The cluster secret peers must prove they hold (None: no authentication).
+    pub secret: Option<crate::auth::ClusterSecret>,
 }
 
 /// A data transport.

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mooncake_core::{
-    Access, Batch, BufferDesc, BufferRegistry, EmbeddedMetadataStore, EngineContext, Error,
-    ErrorKind, ForeignMemory, Location, MemorySegment, MetadataKeys, MetadataStore, Opcode,
+    Access, Batch, BufferDesc, BufferRegistry, ClusterSecret, EmbeddedMetadataStore, EngineContext,
+    Error, ErrorKind, ForeignMemory, Location, MemorySegment, MetadataKeys, MetadataStore, Opcode,
     RegionLease, RemoteSegment, Requester, Result, RpcMeta, SegmentDescriptor, SegmentHandle,
     TaskCompleter, TransferRequest, TransferStatus, TransferTask, Transport, TransportBuilder,
     TransportCapabilities, WatchEvent, WatchStream, block_on,
@@ -41,6 +41,8 @@ pub struct EngineBuilder {
     timeout: Duration,
     keys: MetadataKeys,
     rpc_port: u16,
+    /// `None`: from the environment; `Some(None)`: explicitly none.
+    secret: Option<Option<ClusterSecret>>,
 }
 
 impl std::fmt::Debug for EngineBuilder {
@@ -90,6 +92,13 @@ impl EngineBuilder {
         self
     }
 
+    /// Sets the cluster secret peers must prove they hold (`None`: no authentication).
+    /// Default: `MC_CLUSTER_SECRET_FILE` or `MC_CLUSTER_SECRET` from the environment.
+    pub fn with_cluster_secret(mut self, secret: Option<ClusterSecret>) -> Self {
+        self.secret = Some(secret);
+        self
+    }
+
     /// Sets the RPC port published in `rpc_meta` (the handshake port, if any).
     pub fn with_rpc_port(mut self, port: u16) -> Self {
         self.rpc_port = port;
@@ -108,12 +117,17 @@ impl EngineBuilder {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
+        let secret = match self.secret {
+            Some(s) => s,
+            None => ClusterSecret::from_env()?,
+        };
         let ctx = EngineContext {
             local_name: self.local_name.clone(),
             hostname: self.hostname.clone(),
             registry: Arc::new(BufferRegistry::new()),
             generation,
             timeout: self.timeout,
+            secret,
         };
         let transports = self
             .transports
@@ -248,6 +262,7 @@ impl TransferEngine {
             timeout: DEFAULT_TIMEOUT,
             keys: MetadataKeys::from_env(),
             rpc_port: 0,
+            secret: None,
         }
     }
 

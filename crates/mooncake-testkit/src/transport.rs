@@ -57,6 +57,10 @@ pub trait TransportHarness: Send + Sync {
     fn needs_peer_cpu(&self) -> bool {
         true
     }
+    /// The cluster secret every engine of the suite (and its child peers) uses.
+    fn secret(&self) -> Option<mooncake_core::ClusterSecret> {
+        None
+    }
 }
 
 /// An engine named `name` on `store` with the harness's transport.
@@ -68,6 +72,7 @@ pub fn engine(
     TransferEngine::builder(name)
         .with_metadata(store.clone())
         .with_timeout(h.timeout())
+        .with_cluster_secret(h.secret())
         .with_boxed_transport(h.builder())
         .build()
         .unwrap_or_else(|e| panic!("{}: engine {name} does not start: {e}", h.name()))

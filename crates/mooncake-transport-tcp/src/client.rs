@@ -22,7 +22,7 @@ use crate::io::{
 };
 use crate::reactor::{Cx, Entry, LoopHandle, Next, Reactor, Token};
 use crate::sys::{self, Io};
-use crate::wire::{FrameKind, Header, Hello, Status};
+use crate::wire::{self, FrameKind, Header, Hello, Status};
 
 /// Settings and counters shared by every connection of a transport.
 #[derive(Debug)]
@@ -42,6 +42,8 @@ pub(crate) struct ClientShared {
     pub(crate) closed: AtomicBool,
     pub(crate) conns: AtomicUsize,
     pub(crate) stats: Stats,
+    /// The cluster secret: targets must prove they hold it, and we prove it to them.
+    pub(crate) secret: Option<mooncake_core::ClusterSecret>,
 }
 
 /// Counters of the client side.
@@ -387,6 +389,8 @@ struct ConnSt {
     last_used: Instant,
     /// Why the connection is closing (set once).
     reason: Option<Error>,
+    /// The target proved the cluster secret.
+    proven: bool,
 }
 
 /// One TCP connection to one path of a peer.
@@ -407,6 +411,8 @@ pub(crate) struct ClientConn {
     failed: AtomicBool,
     progress_timeout: Duration,
     connect_deadline: Instant,
+    /// What we said in the hello (the challenge-response covers it).
+    hello: Hello,
 }
 
 impl ClientConn {
@@ -445,12 +451,13 @@ impl ClientConn {
             initiator: peer.shared.local_name.clone(),
             initiator_generation: peer.shared.generation,
             epoch,
-        }
-        .encode();
+            nonce: mooncake_core::auth::nonce(),
+        };
+        let bytes = hello.encode();
         let mut out = VecDeque::new();
         out.push_back(OutFrame::new(
-            Header::new(FrameKind::Hello, 0, peer.generation, hello.len() as u64).encode(),
-            Body::Owned(hello),
+            Header::new(FrameKind::Hello, 0, peer.generation, bytes.len() as u64).encode(),
+            Body::Owned(bytes),
         ));
         let conn = Arc::new(Self {
             path,
@@ -474,6 +481,7 @@ impl ClientConn {
                 last_progress: now,
                 last_used: now,
                 reason: None,
+                proven: false,
             }),
             outstanding: AtomicU64::new(0),
             dead: AtomicBool::new(false),
@@ -481,6 +489,7 @@ impl ClientConn {
             failed: AtomicBool::new(false),
             progress_timeout,
             connect_deadline: now + progress_timeout,
+            hello,
         });
         let c = conn.clone();
         conn.lp.post(move |cx| {
@@ -823,6 +832,12 @@ enum Recv {
     },
     /// The message of an error in reply to the hello.
     HelloErr { buf: Vec<u8>, sink: Sink },
+    /// A target's challenge (its nonce and proof); `generation` is the target's.
+    Challenge {
+        generation: u64,
+        buf: Vec<u8>,
+        sink: Sink,
+    },
 }
 
 /// The loop-owned half of a connection.
@@ -963,6 +978,21 @@ impl ClientIo {
                     );
                     c.finish(f, Err(e));
                 }
+                Recv::Challenge { buf, sink, .. } => {
+                    let p =
+                        recv_payload(fd, &mut self.rb, sink, Dest::Vec(buf), u64::MAX, &mut moved)
+                            .map_err(|e| c.io_error("receive", &e))?;
+                    if p != Progress::Done {
+                        return Ok(Next::Idle);
+                    }
+                    let Recv::Challenge {
+                        generation, buf, ..
+                    } = std::mem::replace(&mut self.recv, Recv::Header)
+                    else {
+                        unreachable!()
+                    };
+                    c.answer_challenge(generation, &buf)?;
+                }
                 Recv::HelloErr { buf, sink } => {
                     let p =
                         recv_payload(fd, &mut self.rb, sink, Dest::Vec(buf), u64::MAX, &mut moved)
@@ -991,10 +1021,21 @@ impl ClientIo {
         st.last_progress = cx.now;
         if st.phase == Phase::Hello {
             return match h.kind {
+                FrameKind::HelloAck if c.shared.secret.is_some() && !st.proven => Err(c.refused(
+                    "it answered without proving the cluster secret (it runs without one)",
+                )),
                 FrameKind::HelloAck => {
                     st.phase = Phase::Ready;
                     drop(st);
                     c.kick_send(LOOP_BUDGET);
+                    Ok(())
+                }
+                FrameKind::Challenge if h.len == 48 => {
+                    self.recv = Recv::Challenge {
+                        generation: h.addr,
+                        buf: Vec::new(),
+                        sink: Sink { got: 0, len: h.len },
+                    };
                     Ok(())
                 }
                 FrameKind::Error => {
@@ -1128,6 +1169,47 @@ impl ClientIo {
 }
 
 impl ClientConn {
+    /// A refusal of the connection by us, not to be retried elsewhere.
+    fn refused(&self, why: &str) -> Error {
+        Error::new(
+            ErrorKind::PeerUnreachable,
+            format!("refused segment {:?}: {why}", self.peer_name()),
+        )
+        .with_context("peer", self.peer_name())
+        .with_temporary(false)
+    }
+
+    /// Checks the target's proof and sends ours (the hello acknowledgement follows).
+    fn answer_challenge(self: &Arc<Self>, generation: u64, payload: &[u8]) -> Result<(), Error> {
+        let Some(secret) = &self.shared.secret else {
+            return Err(self.refused(
+                "it requires the cluster secret (set MC_CLUSTER_SECRET_FILE or MC_CLUSTER_SECRET)",
+            ));
+        };
+        let (nonce, proof) = payload.split_at(mooncake_core::auth::NONCE_LEN);
+        if !wire::verify(
+            secret,
+            wire::TARGET_ROLE,
+            &self.hello,
+            generation,
+            nonce,
+            proof,
+        ) {
+            return Err(self.refused("it did not prove the cluster secret"));
+        }
+        let mine = wire::proof(secret, wire::INITIATOR_ROLE, &self.hello, generation, nonce);
+        {
+            let mut st = self.lock();
+            st.proven = true;
+            st.out.push_back(OutFrame::new(
+                Header::new(FrameKind::Proof, 0, 0, mine.len() as u64).encode(),
+                Body::Owned(mine.to_vec()),
+            ));
+        }
+        self.kick_send(LOOP_BUDGET);
+        Ok(())
+    }
+
     /// Completes an in-flight slice.
     fn finish(&self, f: InFlight, result: Result<(), Error>) {
         self.outstanding.fetch_sub(f.slice.len, Ordering::Relaxed);

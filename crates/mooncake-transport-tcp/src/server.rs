@@ -25,7 +25,7 @@ use crate::io::{
 };
 use crate::reactor::{Cx, Entry, Next, Reactor};
 use crate::sys::{self, Io};
-use crate::wire::{FrameKind, Header, Hello, MAX_CONTROL_PAYLOAD, Status};
+use crate::wire::{self, FrameKind, Header, Hello, MAX_CONTROL_PAYLOAD, Status};
 
 /// Shared state of the target side of one transport.
 pub(crate) struct ServerShared {
@@ -45,6 +45,8 @@ pub(crate) struct ServerShared {
     pub(crate) conns: AtomicUsize,
     pub(crate) closed: AtomicBool,
     pub(crate) socket_buffer: Option<usize>,
+    /// Initiators must prove they hold it before anything else happens.
+    pub(crate) secret: Option<mooncake_core::ClusterSecret>,
 }
 
 impl ServerShared {
@@ -125,7 +127,13 @@ impl ListenerIo {
 enum Phase {
     /// Waiting for the hello (until the deadline).
     Hello { deadline: Instant },
-    /// The hello was read; the connection is moving to its initiator's loop.
+    /// The hello was answered with a challenge; waiting for the initiator's proof.
+    Proving {
+        hello: Hello,
+        nonce: [u8; mooncake_core::auth::NONCE_LEN],
+        deadline: Instant,
+    },
+    /// The hello was read (and proven); the connection is moving to its initiator's loop.
     Moving(Hello),
     /// Serving requests.
     Ready,
@@ -147,6 +155,8 @@ enum Recv {
         sink: Sink,
         deadline: Instant,
     },
+    /// The initiator's proof.
+    Proof { buf: Vec<u8>, sink: Sink },
     /// A refused write's payload, dropped; then `msg` is sent back.
     Discard {
         id: u64,
@@ -351,6 +361,42 @@ impl ServerConn {
                 };
                 self.on_hello(cx, head, &buf)
             }
+            Recv::Proof { buf, sink } => {
+                match recv_payload(fd, &mut self.rb, sink, Dest::Vec(buf), u64::MAX, moved)? {
+                    Progress::Done => {}
+                    _ => return Ok(Step::Blocked),
+                }
+                let Recv::Proof { buf, .. } = std::mem::replace(&mut self.recv, Recv::Header)
+                else {
+                    unreachable!()
+                };
+                let Phase::Proving { hello, nonce, .. } =
+                    std::mem::replace(&mut self.phase, Phase::Ready)
+                else {
+                    unreachable!("a proof is only read while proving")
+                };
+                let secret = self
+                    .shared
+                    .secret
+                    .as_ref()
+                    .expect("proving implies a secret");
+                if !wire::verify(
+                    secret,
+                    wire::INITIATOR_ROLE,
+                    &hello,
+                    self.shared.generation,
+                    &nonce,
+                    &buf,
+                ) {
+                    warn!(
+                        initiator = %hello.initiator,
+                        "tcp target refused an initiator that did not prove the cluster secret"
+                    );
+                    self.push(error_frame(0, Status::WrongSegment, "wrong cluster secret"));
+                    return Ok(Step::Close);
+                }
+                self.proven(cx, hello)
+            }
             Recv::Write { lease, sink, .. } => {
                 let p = recv_payload(fd, &mut self.rb, sink, Dest::Lease(lease), BUDGET, moved)?;
                 self.last_progress = cx.now;
@@ -404,6 +450,23 @@ impl ServerConn {
                     h.request_id,
                     Status::BadRequest,
                     "expected a hello frame first",
+                ));
+                Ok(Step::Close)
+            }
+            (Phase::Proving { .. }, FrameKind::Proof)
+                if h.len == mooncake_core::auth::PROOF_LEN as u64 =>
+            {
+                self.recv = Recv::Proof {
+                    buf: Vec::with_capacity(h.len as usize),
+                    sink: Sink { got: 0, len: h.len },
+                };
+                Ok(Step::Continue)
+            }
+            (Phase::Proving { .. }, _) => {
+                self.push(error_frame(
+                    h.request_id,
+                    Status::BadRequest,
+                    "expected the proof of the cluster secret",
                 ));
                 Ok(Step::Close)
             }
@@ -478,6 +541,45 @@ impl ServerConn {
             self.push(error_frame(head.request_id, Status::WrongSegment, &msg));
             return Ok(Step::Close);
         }
+        if let Some(secret) = &self.shared.secret {
+            // Prove ourselves and ask for the initiator's proof before anything changes.
+            let nonce = mooncake_core::auth::nonce();
+            let proof = wire::proof(
+                secret,
+                wire::TARGET_ROLE,
+                &hello,
+                self.shared.generation,
+                &nonce,
+            );
+            let mut payload = nonce.to_vec();
+            payload.extend_from_slice(&proof);
+            self.push(OutFrame::new(
+                Header::new(
+                    FrameKind::Challenge,
+                    0,
+                    self.shared.generation,
+                    payload.len() as u64,
+                )
+                .encode(),
+                Body::Owned(payload),
+            ));
+            let deadline = match self.phase {
+                Phase::Hello { deadline } => deadline,
+                _ => cx.now + self.shared.timeout,
+            };
+            self.phase = Phase::Proving {
+                hello,
+                nonce,
+                deadline,
+            };
+            return Ok(Step::Continue);
+        }
+        self.proven(cx, hello)
+    }
+
+    /// The initiator is who it says (or no secret is configured): move to its loop, or
+    /// register it here.
+    fn proven(&mut self, cx: &mut Cx<'_>, hello: Hello) -> std::io::Result<Step> {
         let key = (
             self.shared.id,
             hello.initiator.clone(),
@@ -544,7 +646,7 @@ impl ServerConn {
             return Next::Close;
         }
         let late = match (&self.phase, &self.recv) {
-            (Phase::Hello { deadline }, _) => now >= *deadline,
+            (Phase::Hello { deadline } | Phase::Proving { deadline, .. }, _) => now >= *deadline,
             (_, Recv::Write { deadline, .. } | Recv::Discard { deadline, .. }) => now >= *deadline,
             _ => false,
         };

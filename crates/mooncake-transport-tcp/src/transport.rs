@@ -97,6 +97,7 @@ impl TcpTransport {
             conns: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             socket_buffer: cfg.socket_buffer,
+            secret: ctx.secret.clone(),
         });
         let mut listen_addrs = Vec::new();
         let mut listeners = Vec::new();
@@ -114,6 +115,14 @@ impl TcpTransport {
                 .local_addr()
                 .map_err(|e| Error::io("listener address", &e))?;
             info!(segment = %ctx.local_name, %addr, "tcp transport listening");
+            if ctx.secret.is_none() && !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "tcp transport listens beyond loopback without a cluster secret: anyone who \
+                     can reach {addr} can read and write registered memory (set \
+                     MC_CLUSTER_SECRET_FILE)"
+                );
+            }
             listen_addrs.push(addr);
             listeners.push(l);
         }
@@ -140,6 +149,7 @@ impl TcpTransport {
             closed: AtomicBool::new(false),
             conns: AtomicUsize::new(0),
             stats: Stats::default(),
+            secret: ctx.secret.clone(),
         });
         Ok(Self {
             cfg,

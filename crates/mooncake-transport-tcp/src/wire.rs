@@ -10,10 +10,13 @@
 
 use std::fmt;
 
+use mooncake_core::ClusterSecret;
+
 /// `"MCRS"` in little-endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MCRS");
-/// The wire version this build speaks (2: the hello names the initiator and its epoch).
-pub const VERSION: u8 = 2;
+/// The wire version this build speaks (3: the hello names the initiator, its epoch and a
+/// nonce; targets with a cluster secret answer it with a challenge).
+pub const VERSION: u8 = 3;
 /// Length of every header.
 pub const HEADER_LEN: usize = 32;
 /// Largest payload of a control frame (hello, error message).
@@ -38,6 +41,11 @@ pub enum FrameKind {
     WriteAck = 6,
     /// Server → client: the request failed; `status` says why and the payload is a message.
     Error = 7,
+    /// Server → client, in reply to a hello when the target has a cluster secret: the
+    /// payload is the target's nonce and its proof; `addr` is its generation.
+    Challenge = 8,
+    /// Client → server, in reply to a challenge: the payload is the initiator's proof.
+    Proof = 9,
 }
 
 impl FrameKind {
@@ -50,6 +58,8 @@ impl FrameKind {
             5 => Self::ReadData,
             6 => Self::WriteAck,
             7 => Self::Error,
+            8 => Self::Challenge,
+            9 => Self::Proof,
             _ => return None,
         })
     }
@@ -201,7 +211,9 @@ impl Header {
         };
         let max = match kind {
             FrameKind::Read | FrameKind::Write | FrameKind::ReadData => max_data,
-            FrameKind::Hello | FrameKind::Error => MAX_CONTROL_PAYLOAD,
+            FrameKind::Hello | FrameKind::Error | FrameKind::Challenge | FrameKind::Proof => {
+                MAX_CONTROL_PAYLOAD
+            }
             FrameKind::HelloAck | FrameKind::WriteAck => 0,
         };
         if h.len > max {
@@ -230,7 +242,7 @@ impl Header {
 ///
 /// ```text
 /// u16 target length | target name | u16 initiator length | initiator name |
-/// u64 initiator generation | u64 epoch
+/// u64 initiator generation | u64 epoch | 16-byte nonce
 /// ```
 /// The epoch fences retried writes: an initiator that retries after a failed connection
 /// connects with a higher epoch, and the target closes every older-epoch connection of that
@@ -245,6 +257,8 @@ pub struct Hello {
     pub initiator_generation: u64,
     /// The initiator's connection epoch towards this target.
     pub epoch: u64,
+    /// A fresh random nonce (the challenge-response with a cluster secret covers it).
+    pub nonce: [u8; 16],
 }
 
 impl Hello {
@@ -257,6 +271,7 @@ impl Hello {
         }
         v.extend_from_slice(&self.initiator_generation.to_le_bytes());
         v.extend_from_slice(&self.epoch.to_le_bytes());
+        v.extend_from_slice(&self.nonce);
         v
     }
 
@@ -280,19 +295,73 @@ impl Hello {
         let target = name(b, &mut at)?;
         let initiator = name(b, &mut at)?;
         let tail = b
-            .get(at..at + 16)
-            .ok_or(WireError::BadHello("truncated generation or epoch"))?;
-        if b.len() != at + 16 {
+            .get(at..at + 32)
+            .ok_or(WireError::BadHello("truncated generation, epoch or nonce"))?;
+        if b.len() != at + 32 {
             return Err(WireError::BadHello("trailing bytes"));
         }
         Ok(Self {
             target,
             initiator,
             initiator_generation: u64::from_le_bytes(tail[..8].try_into().expect("8 bytes")),
-            epoch: u64::from_le_bytes(tail[8..].try_into().expect("8 bytes")),
+            epoch: u64::from_le_bytes(tail[8..16].try_into().expect("8 bytes")),
+            nonce: tail[16..].try_into().expect("16 bytes"),
         })
     }
 }
+
+/// A proof of `role` for the connection `hello` opened to a target of `target_generation`
+/// that answered with `target_nonce`: it covers who talks to whom, under which generations
+/// and epoch, with both nonces, so it is good for this connection only.
+pub fn proof(
+    secret: &ClusterSecret,
+    role: &[u8],
+    hello: &Hello,
+    target_generation: u64,
+    target_nonce: &[u8],
+) -> [u8; mooncake_core::auth::PROOF_LEN] {
+    secret.prove(
+        role,
+        &transcript(hello, target_generation, target_nonce)
+            .each_ref()
+            .map(|v| v.as_slice()),
+    )
+}
+
+/// Checks a proof made by [`proof`].
+pub fn verify(
+    secret: &ClusterSecret,
+    role: &[u8],
+    hello: &Hello,
+    target_generation: u64,
+    target_nonce: &[u8],
+    proof: &[u8],
+) -> bool {
+    secret.verify(
+        role,
+        &transcript(hello, target_generation, target_nonce)
+            .each_ref()
+            .map(|v| v.as_slice()),
+        proof,
+    )
+}
+
+fn transcript(hello: &Hello, target_generation: u64, target_nonce: &[u8]) -> [Vec<u8>; 7] {
+    [
+        hello.target.as_bytes().to_vec(),
+        target_generation.to_le_bytes().to_vec(),
+        hello.initiator.as_bytes().to_vec(),
+        hello.initiator_generation.to_le_bytes().to_vec(),
+        hello.epoch.to_le_bytes().to_vec(),
+        hello.nonce.to_vec(),
+        target_nonce.to_vec(),
+    ]
+}
+
+/// The role tag of the target's proof.
+pub const TARGET_ROLE: &[u8] = b"mooncake-tcp-target";
+/// The role tag of the initiator's proof.
+pub const INITIATOR_ROLE: &[u8] = b"mooncake-tcp-initiator";
 
 #[cfg(test)]
 mod tests {
@@ -300,7 +369,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn kind() -> impl Strategy<Value = FrameKind> {
-        (1u8..=7).prop_map(|k| FrameKind::from_u8(k).unwrap())
+        (1u8..=9).prop_map(|k| FrameKind::from_u8(k).unwrap())
     }
 
     proptest! {
@@ -317,8 +386,8 @@ mod tests {
         }
 
         #[test]
-        fn hello_round_trip(target in ".{0,40}", initiator in ".{0,40}", generation: u64, epoch: u64) {
-            let h = Hello { target, initiator, initiator_generation: generation, epoch };
+        fn hello_round_trip(target in ".{0,40}", initiator in ".{0,40}", generation: u64, epoch: u64, nonce: [u8; 16]) {
+            let h = Hello { target, initiator, initiator_generation: generation, epoch, nonce };
             prop_assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
         }
 

@@ -22,3 +22,20 @@ impl TransportHarness for Tcp {
 }
 
 transport_suite!(tcp, || Some(Tcp));
+
+/// The same suite with a cluster secret on every engine (the hello's challenge-response).
+struct TcpAuth;
+
+impl TransportHarness for TcpAuth {
+    fn name(&self) -> &str {
+        "tcp+secret"
+    }
+    fn builder(&self) -> Box<dyn TransportBuilder> {
+        Tcp.builder()
+    }
+    fn secret(&self) -> Option<mooncake_core::ClusterSecret> {
+        Some(mooncake_core::ClusterSecret::from_bytes(b"conformance-suite-secret").unwrap())
+    }
+}
+
+transport_suite!(tcp_auth, || Some(TcpAuth));

@@ -96,6 +96,7 @@ fn hello_bytes(target: &str) -> Vec<u8> {
         initiator: "raw-client".to_string(),
         initiator_generation: 1,
         epoch: 1,
+        nonce: [7; 16],
     }
     .encode();
     let mut v = Header::new(FrameKind::Hello, 1, 0, payload.len() as u64)

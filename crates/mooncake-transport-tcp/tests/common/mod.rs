@@ -165,6 +165,7 @@ pub fn raw_client(addr: &str, target: &str) -> TcpStream {
         initiator: "raw-client".to_string(),
         initiator_generation: 7,
         epoch: 1,
+        nonce: [7; 16],
     }
     .encode();
     s.write_all(&Header::new(FrameKind::Hello, 1, 0, payload.len() as u64).encode())
