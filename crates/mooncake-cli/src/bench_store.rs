@@ -428,7 +428,7 @@ pub(crate) fn run(args: StoreBenchArgs) -> anyhow::Result<()> {
     )?;
     let mut cfg = StoreConfig::new(cluster.master_addr.clone()).with_local_buffer_size(0);
     if let Some(s) = &cluster.socket {
-        cfg = cfg.with_local_node(s.clone());
+        cfg = cfg.with_local_node(s.clone()).with_populate(true);
     }
     let client = StoreClient::connect(cfg, engine)?;
     let values = Arc::new(Values::new(args.value_size as usize));

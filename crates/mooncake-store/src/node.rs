@@ -112,7 +112,7 @@ impl Drop for LocalNodeServer {
 }
 
 /// Connects to a store-node's socket and maps its segment.
-pub(crate) fn attach(path: &Path) -> StoreResult<(UnixStream, String, LocalMap)> {
+pub(crate) fn attach(path: &Path, populate: bool) -> StoreResult<(UnixStream, String, LocalMap)> {
     let link = UnixStream::connect(path).map_err(|e| {
         err(format!(
             "cannot attach to the store-node at {}: {e} (is `mooncake store-node --socket {}` \
@@ -142,7 +142,7 @@ pub(crate) fn attach(path: &Path) -> StoreResult<(UnixStream, String, LocalMap)>
             path.display()
         ))
     })?;
-    let mem = SharedMemory::map_fd(fd, hello.size as usize).map_err(|e| {
+    let mem = SharedMemory::map_fd(fd, hello.size as usize, populate).map_err(|e| {
         err(format!(
             "cannot map the store-node's segment {}: {e}",
             hello.segment

@@ -50,8 +50,9 @@ impl SharedMemory {
         Self::map(fd, len, populate)
     }
 
-    /// Maps `len` bytes of a memfd received from a storage node.
-    pub fn map_fd(fd: OwnedFd, len: usize) -> io::Result<Self> {
+    /// Maps `len` bytes of a memfd received from a storage node (`populate`: map every page
+    /// now, so the first copies do not take page faults).
+    pub fn map_fd(fd: OwnedFd, len: usize, populate: bool) -> io::Result<Self> {
         let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
         // SAFETY: `st` is a valid out pointer for one `stat`; the descriptor is ours.
         if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
@@ -65,7 +66,7 @@ impl SharedMemory {
                 format!("the received segment has {size} bytes, {len} announced"),
             ));
         }
-        Self::map(fd, len, false)
+        Self::map(fd, len, populate)
     }
 
     fn map(fd: OwnedFd, len: usize, populate: bool) -> io::Result<Self> {
@@ -348,7 +349,7 @@ mod tests {
         a.write_bytes(100, b"hello").unwrap();
         // SAFETY: test-only dup of a descriptor we own.
         let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(a.fd())) };
-        let b = SharedMemory::map_fd(dup, 1 << 16).unwrap();
+        let b = SharedMemory::map_fd(dup, 1 << 16, false).unwrap();
         let mut out = [0u8; 5];
         b.read_bytes(100, &mut out).unwrap();
         assert_eq!(&out, b"hello");
@@ -364,7 +365,7 @@ mod tests {
         let mut buf = [0u8; 16];
         let (n, fd) = recv_with_fd(&y, &mut buf).unwrap();
         assert_eq!(&buf[..n], b"info");
-        let b = SharedMemory::map_fd(fd.unwrap(), 4096).unwrap();
+        let b = SharedMemory::map_fd(fd.unwrap(), 4096, true).unwrap();
         let mut out = [0u8; 3];
         b.read_bytes(0, &mut out).unwrap();
         assert_eq!(&out, b"xyz");

@@ -125,7 +125,12 @@ fn killed_storage_node_keys_fail_over_leave_and_puts_retry() {
                 if tries > 1 {
                     ftr.fetch_add(1, Ordering::Relaxed);
                 }
-                assert_eq!(check_value(&k, &c.get(&k).unwrap()), Ok(7));
+                // Its only replica may be on the node that just died: an error then, but
+                // never wrong bytes.
+                match c.get(&k) {
+                    Ok(v) => assert_eq!(check_value(&k, &v), Ok(7)),
+                    Err(e) => assert!(matches!(e.code(), -800 | -704), "get {k}: {e}"),
+                }
                 i += 1;
             }
             i

@@ -41,6 +41,13 @@ pub(crate) struct MasterConns {
     next_id: AtomicU64,
 }
 
+/// How long a blocking caller polls for the master's reply before it sleeps in `read`
+/// (`MC_RPC_SPIN_US`, default 0: on a small, busy host polling costs more than it saves).
+fn reply_spin() -> Duration {
+    static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| Duration::from_micros(crate::server::env_us("MC_RPC_SPIN_US", 0)))
+}
+
 pub(crate) fn rpc_err(e: &io::Error) -> StoreError {
     let code = if matches!(
         e.kind(),
@@ -99,6 +106,9 @@ pub(crate) fn call_on(
 ) -> io::Result<Response> {
     rpc::write_frame(stream, buf, FrameKind::Request, id, req)?;
     loop {
+        if reader.buffer().is_empty() {
+            rpc::spin_for_data(stream, reply_spin());
+        }
         let h = rpc::read_frame(reader, payload)?;
         if h.kind != FrameKind::Response {
             return Err(io::Error::new(

@@ -84,7 +84,8 @@ pub struct StoreConfig {
     pub heartbeat_interval: Duration,
     /// Idle master connections kept per pool. Default 64.
     pub max_idle_conns: usize,
-    /// Fault the segment's pages in at start.
+    /// Fault the segment's pages in at start (and, with `local_node_socket`, map every page of
+    /// the node's segment at attach).
     pub populate_segment: bool,
 }
 
@@ -209,6 +210,56 @@ impl PutSession {
             .map(|r| r.as_ref().map(Option::is_some).map_err(Clone::clone))
             .collect()
     }
+
+    /// Moves `keys` out of this session into a new one, so that they can be committed or
+    /// revoked apart from the rest (the Python API ends and revokes sessions key by key).
+    /// Keys that are not in this session are skipped. Segments that failed a write so far are
+    /// reported by both sessions.
+    pub fn split_off(&mut self, keys: &[&str]) -> PutSession {
+        let mut moved = vec![false; self.keys.len()];
+        let mut order = Vec::new();
+        for k in keys {
+            if let Some(&i) = self.index.get(*k)
+                && !moved[i]
+            {
+                moved[i] = true;
+                order.push(i);
+            }
+        }
+        let mut out = PutSession {
+            keys: Vec::with_capacity(order.len()),
+            index: HashMap::with_capacity(order.len()),
+            sizes: Vec::with_capacity(order.len()),
+            started: Vec::with_capacity(order.len()),
+            failed: Vec::with_capacity(order.len()),
+            failed_segments: self.failed_segments.clone(),
+        };
+        for &i in &order {
+            out.index.insert(self.keys[i].clone(), out.keys.len());
+            out.keys.push(self.keys[i].clone());
+            out.sizes.push(self.sizes[i]);
+            out.started.push(self.started[i].clone());
+            out.failed.push(self.failed[i].clone());
+        }
+        let mut kept = PutSession {
+            keys: Vec::new(),
+            index: HashMap::new(),
+            sizes: Vec::new(),
+            started: Vec::new(),
+            failed: Vec::new(),
+            failed_segments: std::mem::take(&mut self.failed_segments),
+        };
+        for i in (0..self.keys.len()).filter(|&i| !moved[i]) {
+            kept.index.insert(self.keys[i].clone(), kept.keys.len());
+            kept.keys.push(std::mem::take(&mut self.keys[i]));
+            kept.sizes.push(self.sizes[i]);
+            kept.started
+                .push(std::mem::replace(&mut self.started[i], Ok(None)));
+            kept.failed.push(self.failed[i].take());
+        }
+        *self = kept;
+        out
+    }
 }
 
 /// A get session: replica lists and leases cached at start. See
@@ -224,6 +275,16 @@ impl GetSession {
     pub fn size(&self, key: &str) -> Option<u64> {
         let i = *self.index.get(key)?;
         self.entries[i].as_ref().ok()?.0.first().map(|r| r.len)
+    }
+
+    /// What the session's start found for `key`: the object size, or why it has none
+    /// (`OBJECT_NOT_FOUND`, …); `None` if `key` is not in the session.
+    pub fn status(&self, key: &str) -> Option<StoreResult<u64>> {
+        let i = *self.index.get(key)?;
+        Some(match &self.entries[i] {
+            Ok((replicas, _)) => Ok(replicas.first().map_or(0, |r| r.len)),
+            Err(e) => Err(e.clone()),
+        })
     }
 }
 
@@ -405,7 +466,7 @@ impl StoreClient {
         };
         let mut node_link = None;
         if let Some(path) = &cfg.local_node_socket {
-            let (link, name, map) = crate::node::attach(path)?;
+            let (link, name, map) = crate::node::attach(path, cfg.populate_segment)?;
             maps.insert(name, Arc::new(map));
             node_link = Some(link);
         }

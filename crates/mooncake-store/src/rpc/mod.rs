@@ -87,6 +87,28 @@ pub async fn read_frame_async<R: futures_lite::AsyncRead + Unpin>(
     Ok(header)
 }
 
+/// Waits up to `spin` for bytes to arrive on `s` without sleeping (yielding the CPU between
+/// polls), so a reply that comes back within microseconds is not delayed by a thread wake-up.
+/// Returns early on data, EOF or an error; the caller then reads as usual.
+pub fn spin_for_data(s: &std::net::TcpStream, spin: std::time::Duration) {
+    if spin.is_zero() {
+        return;
+    }
+    let start = std::time::Instant::now();
+    let sock = socket2::SockRef::from(s);
+    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    loop {
+        match sock.recv_with_flags(&mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            _ => return,
+        }
+        if start.elapsed() >= spin {
+            return;
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// Decodes a request frame from untrusted bytes (what the fuzz target drives).
 pub fn decode_request(b: &[u8]) -> Result<(FrameHeader, Request, usize), FrameError> {
     frame::decode_frame(b, FrameKind::Request)
