@@ -487,3 +487,28 @@ fn experiments(a: &SimulateArgs, list: &[Experiment], trace: &Trace) -> anyhow::
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_overrides_by_name() {
+        let c = mooncake_scheduler::CostModel::default();
+        let o =
+            override_cost(&c, &["decode_c1=4e-3".into(), " vram_tokens = 1000".into()]).unwrap();
+        assert_eq!(o.decode_c1, 4e-3);
+        assert_eq!(o.vram_tokens, 1000);
+        assert_eq!(o.decode_c0, c.decode_c0);
+        assert!(override_cost(&c, &["nope=1".into()]).is_err());
+        assert!(override_cost(&c, &["decode_c1".into()]).is_err());
+        assert!(override_cost(&c, &["decode_c1=x".into()]).is_err());
+    }
+
+    #[test]
+    fn experiment_lists() {
+        assert_eq!(parse_experiment("all").unwrap(), Experiment::ALL.to_vec());
+        assert_eq!(parse_experiment("fig13").unwrap(), vec![Experiment::Fig13]);
+        assert!(parse_experiment("fig12").is_err());
+    }
+}

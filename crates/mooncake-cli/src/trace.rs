@@ -256,6 +256,43 @@ mod tests {
     }
 
     #[test]
+    fn transform_options_start_from_a_variant_and_override_it() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: TransformArgs,
+        }
+        let a = Cli::parse_from(["t", "in.jsonl", "--variant", "convlike", "--seed", "9"]).a;
+        let s = spec_of(&a).unwrap();
+        assert_eq!(s.seed, 9);
+        assert_eq!(s.arrivals, Arrivals::Ticks { period_ms: 3000 });
+        assert!((s.output_scale - 2.3).abs() < 1e-12);
+        let a = Cli::parse_from([
+            "t",
+            "in.jsonl",
+            "--variant",
+            "convlike",
+            "--output-scale",
+            "1.5",
+            "--arrivals",
+            "poisson",
+        ])
+        .a;
+        let s = spec_of(&a).unwrap();
+        assert_eq!((s.output_scale, s.arrivals), (1.5, Arrivals::Poisson));
+        let a = Cli::parse_from(["t", "in.jsonl", "--variant", "nope"]).a;
+        assert!(
+            spec_of(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown variant")
+        );
+        let a = Cli::parse_from(["t", "in.jsonl", "--unique-share", "2"]).a;
+        assert!(spec_of(&a).is_err());
+    }
+
+    #[test]
     fn json_keys_are_the_issues() {
         let text = "{\"timestamp\": 0, \"input_length\": 600, \"output_length\": 2, \"hash_ids\": [1, 2]}\n\
                     {\"timestamp\": 2000, \"input_length\": 600, \"output_length\": 4, \"hash_ids\": [1, 3]}\n";

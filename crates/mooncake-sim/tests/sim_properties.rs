@@ -134,3 +134,65 @@ proptest! {
         prop_assert!(err.to_string().starts_with(&expected), "{}", err);
     }
 }
+
+fn arb_spec() -> impl Strategy<Value = mooncake_sim::transform::TransformSpec> {
+    use mooncake_sim::transform::{Arrivals, TransformSpec};
+    (
+        any::<u64>(),
+        prop::sample::select(vec![0.0f64, 0.3, 1.0]),
+        prop::sample::select(vec![0.5f64, 1.0, 1.5, 3.0]),
+        prop::sample::select(vec![0u32, 100, 1024]),
+        1u32..4,
+        prop::sample::select(vec![0.5f64, 1.0, 2.3]),
+        0usize..4,
+        prop::sample::select(vec![0.5f64, 1.0, 2.0]),
+    )
+        .prop_map(|(seed, unique, ctx, sys, prompts, out, arr, rate)| {
+            let mut s = TransformSpec::default();
+            s.seed = seed;
+            s.unique_share = unique;
+            s.context_scale = ctx;
+            s.system_prompt_tokens = sys;
+            s.system_prompt_share = 0.7;
+            s.system_prompts = prompts;
+            s.output_scale = out;
+            s.output_cap = Some(500);
+            s.arrivals = [
+                Arrivals::Keep,
+                Arrivals::Poisson,
+                Arrivals::Ticks { period_ms: 700 },
+                Arrivals::OnOff {
+                    period_s: 3.0,
+                    peak: 2.5,
+                },
+            ][arr];
+            s.rate_scale = rate;
+            s
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Every variant is a valid trace (the reader accepts it back), deterministic, and keeps
+    /// prefix semantics: two requests sharing a block id at position i share every earlier one.
+    #[test]
+    fn transforms_keep_traces_valid(trace in arb_trace(), spec in arb_spec()) {
+        use mooncake_sim::transform::{transform, write_jsonl};
+        let t = transform(&trace, &spec).unwrap();
+        prop_assert_eq!(&t, &transform(&trace, &spec).unwrap());
+        prop_assert_eq!(t.requests.len(), trace.requests.len());
+        let mut buf = Vec::new();
+        write_jsonl(&t, &mut buf).unwrap();
+        let back = Trace::from_reader(buf.as_slice(), Path::new("v.jsonl")).unwrap();
+        prop_assert_eq!(&back, &t);
+        let mut seen: std::collections::HashMap<(usize, u64), Vec<u64>> = Default::default();
+        for r in &t.requests {
+            for (i, &h) in r.hash_ids.iter().enumerate() {
+                let prefix = r.hash_ids[..i].to_vec();
+                let e = seen.entry((i, h)).or_insert_with(|| prefix.clone());
+                prop_assert_eq!(&*e, &prefix, "block {} at {} has two prefixes", h, i);
+            }
+        }
+    }
+}
