@@ -150,6 +150,9 @@ fn base_config(a: &SimulateArgs) -> anyhow::Result<SimConfig> {
     if a.speed.is_nan() || a.speed <= 0.0 {
         bail!("--speed must be positive");
     }
+    if !(a.nic_gbps > 0.0 && a.nic_efficiency > 0.0) {
+        bail!("--nic-gbps and --nic-efficiency must be positive");
+    }
     Ok(cfg)
 }
 

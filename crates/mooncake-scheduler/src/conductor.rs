@@ -122,7 +122,8 @@ pub enum Admission {
     /// exceeds the threshold.
     Early,
     /// Early rejection based on prediction: the decode load is predicted for the time the
-    /// request would reach decode (system-level, uniform decode time).
+    /// request would reach decode (system-level: requests whose prefill will be done by then,
+    /// plus decoding requests weighted by the observed survival of decode durations).
     Predicted,
 }
 
@@ -194,8 +195,9 @@ pub struct ConductorConfig {
     pub balancing_threshold: Option<f64>,
     /// Load (predicted latency / SLO, or KV / VRAM) above which early rejection refuses.
     pub load_threshold: f64,
-    /// Initial uniform decode duration `t_d` of prediction-based rejection, seconds; refined
-    /// online as the mean of observed decode durations.
+    /// Uniform decode duration `t_d` prediction-based rejection assumes until the first decode
+    /// has finished, seconds; from then on it uses the observed durations (their survival for
+    /// the prediction, their mean for [`Conductor::decode_time_estimate`]).
     pub decode_time_s: f64,
     /// Seed of the random policy.
     pub seed: u64,

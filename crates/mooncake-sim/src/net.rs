@@ -37,10 +37,11 @@ const DONE_BYTES: f64 = 1e-3;
 const DONE_S: f64 = 1e-9;
 
 impl Network {
-    /// A network of `nodes` nodes with `capacity` bytes/s per port and direction.
+    /// A network of `nodes` nodes with `capacity` bytes/s per port and direction (at least
+    /// 1 byte/s, so every transfer ends).
     pub fn new(nodes: usize, capacity: f64) -> Self {
         Self {
-            capacity,
+            capacity: if capacity >= 1.0 { capacity } else { 1.0 },
             nodes,
             flows: Vec::new(),
             now: 0.0,
