@@ -157,9 +157,20 @@ impl Default for ExperimentOptions {
 
 /// The conversation trace (FAST'25 Table 2; design notes §4): 12,031 requests over 3,537 s.
 pub const CONVERSATION_RATE: f64 = 12_031.0 / 3_537.0;
-/// Mean prefill time of a conversation request without any cache under the default cost
-/// model (design notes §6.1, computed on the conversation trace), seconds.
-pub const CONVERSATION_MEAN_PREFILL_S: f64 = 1.73;
+/// The conversation trace's mean prompt, tokens (FAST'25 Table 2).
+pub const CONVERSATION_MEAN_INPUT: f64 = 12_035.0;
+/// The conversation trace's mean squared prompt, tokens²: from design notes §6.1's mean
+/// no-cache prefill of 1.73 s under α = 1.11e-4, β = 7.6e-10 (1.73 = α·E[n] + β·E[n²]), so the
+/// matched speed follows any change of α or β.
+pub const CONVERSATION_MEAN_INPUT_SQ: f64 = 5.18e8;
+
+/// Mean prefill time of a conversation request without any cache under `cost` (1.73 s under
+/// the default cost model, design notes §6.1).
+pub fn conversation_mean_prefill_s(cost: &mooncake_scheduler::CostModel) -> f64 {
+    cost.prefill_alpha * CONVERSATION_MEAN_INPUT
+        + cost.prefill_beta * CONVERSATION_MEAN_INPUT_SQ
+        + cost.prefill_tau0
+}
 
 /// Cache-blind prefill work a trace offers per second at 1×: arrival rate × mean prefill time
 /// of its prompts without any cache, in GPU-seconds per second.
@@ -179,13 +190,13 @@ pub fn prefill_work_rate(trace: &Trace, cost: &mooncake_scheduler::CostModel) ->
 
 /// The replay speed at which `trace` offers the prefill work the conversation trace offers at
 /// 1× (Fig. 5 replays the conversation trace at its own timestamps): the ratio of the two
-/// cache-blind work rates. 0.67 for the synthetic trace.
+/// cache-blind work rates. 0.705 for the synthetic trace.
 pub fn conversation_matched_speed(trace: &Trace, cost: &mooncake_scheduler::CostModel) -> f64 {
     let w = prefill_work_rate(trace, cost);
     if w <= 0.0 {
         1.0
     } else {
-        CONVERSATION_RATE * CONVERSATION_MEAN_PREFILL_S / w
+        CONVERSATION_RATE * conversation_mean_prefill_s(cost) / w
     }
 }
 

@@ -7,7 +7,7 @@
 
 use mooncake_sim::experiments::{
     Check, Experiment, ExperimentOptions, ExperimentReport, conversation_matched_speed,
-    run_experiment,
+    conversation_mean_prefill_s, run_experiment,
 };
 use mooncake_sim::transform::{Variant, standard_variants, transform};
 use mooncake_sim::{SimConfig, Trace};
@@ -68,7 +68,9 @@ fn fig5_ordering_and_conversation_ratios() {
     let opts = ExperimentOptions::default();
     let t = synthetic();
     // The replay speed is derived, not tuned: the conversation trace's prefill work at 1×.
-    let speed = conversation_matched_speed(&t, &opts.base.conductor.cost);
+    let cost = &opts.base.conductor.cost;
+    assert!((conversation_mean_prefill_s(cost) - 1.73).abs() < 0.005);
+    let speed = conversation_matched_speed(&t, cost);
     assert!((0.6..0.8).contains(&speed), "{speed}");
     let r = run(Experiment::Fig5, &t, &opts);
     assert_all(&r, 1);
