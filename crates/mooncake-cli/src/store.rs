@@ -196,7 +196,17 @@ pub(crate) fn run_master(args: MasterArgs) -> anyhow::Result<()> {
         tracing::warn!("{w}");
         eprintln!("warning: {w}");
     }
-    let server = MasterServer::start(flags.server.clone())
+    let secret = mooncake::ClusterSecret::from_env()?;
+    if secret.is_none() && !flags.server.rpc_addr.ip().is_loopback() {
+        let w = format!(
+            "the master listens on {} without a cluster secret: anyone who can reach it can \
+             read and change the pool's metadata (set MC_CLUSTER_SECRET_FILE)",
+            flags.server.rpc_addr
+        );
+        tracing::warn!("{w}");
+        eprintln!("warning: {w}");
+    }
+    let server = MasterServer::start(flags.server.clone().with_cluster_secret(secret))
         .with_context(|| format!("cannot start the master on {}", flags.server.rpc_addr))?;
     println!("master rpc {}", server.rpc_addr());
     if let Some(a) = server.admin_addr() {

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use async_io::{Async, Timer};
 
+use mooncake_core::ClusterSecret;
+
 use crate::rpc::{self, FrameKind, Request, Response};
 use crate::types::{StoreError, StoreErrorCode, StoreResult};
 
@@ -35,6 +37,7 @@ struct AsyncConn {
 pub(crate) struct MasterConns {
     addr: SocketAddr,
     timeout: Duration,
+    secret: Option<ClusterSecret>,
     max_idle: usize,
     blocking: Mutex<Vec<BlockingConn>>,
     asynchronous: Mutex<Vec<AsyncConn>>,
@@ -95,6 +98,47 @@ pub(crate) fn connect_blocking(addr: SocketAddr, timeout: Duration) -> io::Resul
     Ok(s)
 }
 
+/// The client half of the cluster-secret challenge-response on a fresh connection (two
+/// round trips, once per pooled connection): send a nonce, check the master's proof, prove.
+pub(crate) fn authenticate(
+    secret: &ClusterSecret,
+    call: &mut dyn FnMut(&Request) -> io::Result<Response>,
+) -> io::Result<()> {
+    let cn = mooncake_core::auth::nonce();
+    let proof = check_challenge(secret, &cn, call(&Request::Auth { nonce: cn })?)?;
+    check_accepted(call(&Request::Prove { proof })?)
+}
+
+fn denied(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, msg)
+}
+
+/// Checks the master's proof and returns ours.
+fn check_challenge(secret: &ClusterSecret, cn: &[u8; 16], r: Response) -> io::Result<Vec<u8>> {
+    match r {
+        Response::Challenge { nonce, proof }
+            if secret.verify(crate::server::MASTER_ROLE, &[cn, &nonce], &proof) =>
+        {
+            Ok(secret
+                .prove(crate::server::CLIENT_ROLE, &[cn, &nonce])
+                .to_vec())
+        }
+        Response::Challenge { .. } => {
+            Err(denied("the master did not prove the cluster secret".into()))
+        }
+        Response::Error(e) => Err(denied(format!("the master refused authentication: {e}"))),
+        _ => Err(denied("unexpected reply to authentication".into())),
+    }
+}
+
+fn check_accepted(r: Response) -> io::Result<()> {
+    match r {
+        Response::Pong => Ok(()),
+        Response::Error(e) => Err(denied(format!("the master refused our proof: {e}"))),
+        _ => Err(denied("unexpected reply to our proof".into())),
+    }
+}
+
 /// One blocking request/response on `stream` (used by the session thread too).
 pub(crate) fn call_on(
     stream: &mut TcpStream,
@@ -124,10 +168,16 @@ pub(crate) fn call_on(
 }
 
 impl MasterConns {
-    pub(crate) fn new(addr: SocketAddr, timeout: Duration, max_idle: usize) -> Self {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        timeout: Duration,
+        max_idle: usize,
+        secret: Option<ClusterSecret>,
+    ) -> Self {
         Self {
             addr,
             timeout,
+            secret,
             max_idle: max_idle.max(1),
             blocking: Mutex::new(Vec::new()),
             asynchronous: Mutex::new(Vec::new()),
@@ -137,6 +187,10 @@ impl MasterConns {
 
     pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    pub(crate) fn secret(&self) -> Option<&ClusterSecret> {
+        self.secret.as_ref()
     }
 
     fn id(&self) -> u64 {
@@ -181,12 +235,26 @@ impl MasterConns {
         }
         let stream = connect_blocking(self.addr, self.timeout)?;
         let reader = BufReader::with_capacity(64 << 10, stream.try_clone()?);
-        Ok(BlockingConn {
+        let mut c = BlockingConn {
             stream,
             reader,
             buf: Vec::new(),
             payload: Vec::new(),
-        })
+        };
+        if let Some(secret) = &self.secret {
+            let mut call = |req: &Request| {
+                call_on(
+                    &mut c.stream,
+                    &mut c.reader,
+                    &mut c.buf,
+                    &mut c.payload,
+                    self.id(),
+                    req,
+                )
+            };
+            authenticate(secret, &mut call)?;
+        }
+        Ok(c)
     }
 
     fn call_blocking(&self, req: &Request) -> StoreResult<Response> {
@@ -233,11 +301,36 @@ impl MasterConns {
         }
         let stream = Async::<TcpStream>::connect(self.addr).await?;
         stream.get_ref().set_nodelay(true)?;
-        Ok(AsyncConn {
+        let mut c = AsyncConn {
             stream,
             buf: Vec::new(),
             payload: Vec::new(),
-        })
+        };
+        if let Some(secret) = &self.secret {
+            let cn = mooncake_core::auth::nonce();
+            let r = self
+                .exchange_async(&mut c, &Request::Auth { nonce: cn })
+                .await?;
+            let proof = check_challenge(secret, &cn, r)?;
+            let r = self
+                .exchange_async(&mut c, &Request::Prove { proof })
+                .await?;
+            check_accepted(r)?;
+        }
+        Ok(c)
+    }
+
+    /// One request/response on an async connection (no pooling).
+    async fn exchange_async(&self, c: &mut AsyncConn, req: &Request) -> io::Result<Response> {
+        let id = self.id();
+        rpc::write_frame_async(&mut c.stream, &mut c.buf, FrameKind::Request, id, req).await?;
+        loop {
+            let h = rpc::read_frame_async(&mut c.stream, &mut c.payload).await?;
+            if h.kind == FrameKind::Response && h.request_id == id {
+                return rpc::frame::decode_payload(&c.payload)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
     }
 
     async fn call_async(&self, req: &Request) -> StoreResult<Response> {

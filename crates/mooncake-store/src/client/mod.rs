@@ -471,7 +471,12 @@ impl StoreClient {
             node_link = Some(link);
         }
         let inner = Arc::new(Inner {
-            conns: MasterConns::new(addr, cfg.rpc_timeout, cfg.max_idle_conns),
+            conns: MasterConns::new(
+                addr,
+                cfg.rpc_timeout,
+                cfg.max_idle_conns,
+                engine.cluster_secret().cloned(),
+            ),
             host,
             engine,
             session: RwLock::new(SessionState {

@@ -28,13 +28,30 @@ impl SessionConn {
     fn open(inner: &Inner) -> StoreResult<Self> {
         let stream = session_socket(inner).map_err(|e| super::conn::rpc_err(&e))?;
         let reader = BufReader::new(stream.try_clone().map_err(|e| super::conn::rpc_err(&e))?);
-        Ok(Self {
+        let mut c = Self {
             stream,
             reader,
             buf: Vec::new(),
             payload: Vec::new(),
             next_id: 1,
-        })
+        };
+        if let Some(secret) = inner.conns.secret() {
+            let mut call = |req: &Request| {
+                c.next_id += 1;
+                call_on(
+                    &mut c.stream,
+                    &mut c.reader,
+                    &mut c.buf,
+                    &mut c.payload,
+                    c.next_id,
+                    req,
+                )
+            };
+            super::conn::authenticate(secret, &mut call).map_err(|e| {
+                StoreError::new(StoreErrorCode::IllegalClient, format!("master: {e}"))
+            })?;
+        }
+        Ok(c)
     }
 
     fn call(&mut self, req: &Request) -> StoreResult<Response> {

@@ -43,6 +43,17 @@ pub struct SessionInfo {
 pub enum Request {
     /// Liveness of the master itself (`health_check`).
     Ping,
+    /// Starts the challenge-response of the cluster secret on this connection: the client's
+    /// nonce. A master with a secret answers nothing else until the client proved it.
+    Auth {
+        /// The client's nonce.
+        nonce: [u8; 16],
+    },
+    /// The client's proof of the cluster secret, over both nonces.
+    Prove {
+        /// HMAC-SHA256 proof.
+        proof: Vec<u8>,
+    },
     /// Starts a session; the connection it arrives on becomes the client's session
     /// connection (its close means the client died).
     RegisterClient {
@@ -150,6 +161,8 @@ impl Request {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Ping => "ping",
+            Self::Auth { .. } => "auth",
+            Self::Prove { .. } => "prove",
             Self::RegisterClient { .. } => "register_client",
             Self::Heartbeat { .. } => "heartbeat",
             Self::MountSegment { .. } => "mount_segment",
@@ -170,6 +183,8 @@ impl Request {
     /// Every name [`name`](Self::name) returns, for metrics.
     pub const NAMES: &'static [&'static str] = &[
         "ping",
+        "auth",
+        "prove",
         "register_client",
         "heartbeat",
         "mount_segment",
@@ -193,8 +208,15 @@ impl Request {
 pub enum Response {
     /// The whole request failed (malformed, unknown client, …).
     Error(StoreError),
-    /// Reply to `Ping`.
+    /// Reply to `Ping` (and to an accepted `Prove`).
     Pong,
+    /// Reply to `Auth`: the master's nonce and its proof of the cluster secret.
+    Challenge {
+        /// The master's nonce.
+        nonce: [u8; 16],
+        /// HMAC-SHA256 proof.
+        proof: Vec<u8>,
+    },
     /// Reply to `RegisterClient`.
     Registered(SessionInfo),
     /// Reply to `Heartbeat`.

@@ -77,6 +77,9 @@ pub struct ServerConfig {
     /// before it sleeps in `read` (saves a wake-up per request on busy connections). Default
     /// 0 (off), or `MC_MASTER_SPIN_US`.
     pub request_spin: Duration,
+    /// Clients must prove they hold this secret on every connection before any request is
+    /// served (default: from `MC_CLUSTER_SECRET_FILE` / `MC_CLUSTER_SECRET`).
+    pub cluster_secret: Option<mooncake_core::ClusterSecret>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -104,6 +107,7 @@ impl Default for ServerConfig {
             max_connections: 4096,
             clock: Arc::new(unix_ms),
             request_spin: Duration::from_micros(env_us("MC_MASTER_SPIN_US", 0)),
+            cluster_secret: None,
         }
     }
 }
@@ -117,6 +121,12 @@ impl ServerConfig {
             admin_addr: None,
             ..Self::default()
         }
+    }
+
+    /// Requires clients to prove `secret` on every connection (`None`: no authentication).
+    pub fn with_cluster_secret(mut self, secret: Option<mooncake_core::ClusterSecret>) -> Self {
+        self.cluster_secret = secret;
+        self
     }
 
     /// Sets the RPC address.
@@ -180,6 +190,7 @@ pub(crate) struct Shared {
     pub(crate) connections: AtomicU64,
     pub(crate) started: Instant,
     request_spin: Duration,
+    secret: Option<mooncake_core::ClusterSecret>,
 }
 
 impl Shared {
@@ -243,6 +254,7 @@ impl MasterServer {
             connections: AtomicU64::new(0),
             started: Instant::now(),
             request_spin: cfg.request_spin,
+            secret: cfg.cluster_secret.clone(),
         });
         let metadata = match cfg.http_metadata_addr {
             Some(a) => Some(
@@ -356,6 +368,46 @@ pub(crate) fn wake_addr(addr: SocketAddr) -> SocketAddr {
     a
 }
 
+/// The challenge-response of one connection: the client sends its nonce (`Auth`), the
+/// master answers with its nonce and proof (`Challenge`), the client proves (`Prove`).
+/// Nothing else is served before that succeeds.
+struct ConnAuth {
+    proven: bool,
+    /// (client nonce, master nonce) once challenged.
+    nonces: Option<([u8; 16], [u8; 16])>,
+}
+
+/// Role tags of the store's proofs.
+pub(crate) const MASTER_ROLE: &[u8] = b"mooncake-store-master";
+pub(crate) const CLIENT_ROLE: &[u8] = b"mooncake-store-client";
+
+impl ConnAuth {
+    fn step(&mut self, secret: Option<&mooncake_core::ClusterSecret>, req: Request) -> Response {
+        let refuse = |m: &str| Response::Error(StoreError::new(StoreErrorCode::IllegalClient, m));
+        let Some(secret) = secret else {
+            return refuse("this master has no cluster secret");
+        };
+        match req {
+            Request::Auth { nonce } if self.nonces.is_none() => {
+                let mine = mooncake_core::auth::nonce();
+                self.nonces = Some((nonce, mine));
+                Response::Challenge {
+                    nonce: mine,
+                    proof: secret.prove(MASTER_ROLE, &[&nonce, &mine]).to_vec(),
+                }
+            }
+            Request::Prove { proof } => match self.nonces {
+                Some((c, m)) if secret.verify(CLIENT_ROLE, &[&c, &m], &proof) => {
+                    self.proven = true;
+                    Response::Pong
+                }
+                _ => refuse("wrong cluster secret"),
+            },
+            _ => refuse("unexpected authentication message"),
+        }
+    }
+}
+
 fn accept_loop(listener: TcpListener, s: Arc<Shared>) {
     for conn in listener.incoming() {
         if s.stopping() {
@@ -413,6 +465,10 @@ fn tick_loop(s: Arc<Shared>, interval: Duration) {
 fn serve_conn(stream: TcpStream, id: u64, s: Arc<Shared>) {
     s.connections.fetch_add(1, Ordering::Relaxed);
     let mut session: Option<ClientId> = None;
+    let mut auth = ConnAuth {
+        proven: s.secret.is_none(),
+        nonces: None,
+    };
     let mut reader = BufReader::with_capacity(64 << 10, &stream);
     let mut payload = Vec::new();
     let mut out = Vec::new();
@@ -436,6 +492,28 @@ fn serve_conn(stream: TcpStream, id: u64, s: Arc<Shared>) {
             break;
         }
         let resp = match rpc::frame::decode_payload::<Request>(&payload) {
+            Ok(req @ (Request::Auth { .. } | Request::Prove { .. })) => {
+                let r = auth.step(s.secret.as_ref(), req);
+                let refused = matches!(r, Response::Error(_));
+                if refused {
+                    let _ = rpc::write_frame(
+                        &mut writer,
+                        &mut out,
+                        FrameKind::Response,
+                        header.request_id,
+                        &r,
+                    );
+                    tracing::warn!(
+                        "closing an RPC connection that failed to prove the cluster secret"
+                    );
+                    break;
+                }
+                r
+            }
+            Ok(_) if !auth.proven => Response::Error(StoreError::new(
+                StoreErrorCode::IllegalClient,
+                "this master requires the cluster secret: prove it first (set MC_CLUSTER_SECRET_FILE)",
+            )),
             Ok(req) => handle(&s, req, id, &mut session),
             Err(e) => Response::Error(StoreError::new(
                 StoreErrorCode::InvalidParams,
@@ -546,6 +624,11 @@ fn handle_inner(s: &Shared, req: Request, conn: u64, session: &mut Option<Client
     let now = s.now();
     match req {
         Request::Ping => Response::Pong,
+        // Answered by the connection's `ConnAuth` before `handle` is reached.
+        Request::Auth { .. } | Request::Prove { .. } => Response::Error(StoreError::new(
+            StoreErrorCode::InvalidParams,
+            "authentication messages are answered per connection",
+        )),
         Request::RegisterClient { host, name } => {
             let mut m = s.lock();
             let client = m.register_client(&host, now);
