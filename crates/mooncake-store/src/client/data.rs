@@ -45,22 +45,36 @@ fn transfer_err(msg: impl Into<String>) -> StoreError {
 }
 
 impl Inner {
+    /// Waits until every task of `batch` finished. Past `transfer_deadline` it logs and keeps
+    /// waiting: returning earlier would let a late read land in the caller's buffer after
+    /// the call returned. The engine's transports bound the wait (they fail every task within
+    /// the no-progress timeout plus its whole-request deadline).
     async fn wait_batch(&self, io: Io, batch: &Batch) {
         let deadline = self.cfg.transfer_deadline;
         match io {
             Io::Blocking => {
                 let _ = batch.wait_blocking(Some(Instant::now() + deadline));
+                if !batch.is_done() {
+                    tracing::warn!(?deadline, "a store transfer runs past its deadline; waiting for the engine to end it");
+                    let _ = batch.wait_blocking(None);
+                }
             }
             Io::Async => {
-                futures_lite::future::or(
+                let done = futures_lite::future::or(
                     async {
                         let _ = batch.wait().await;
+                        true
                     },
                     async {
                         Timer::after(deadline).await;
+                        false
                     },
                 )
                 .await;
+                if !done {
+                    tracing::warn!(?deadline, "a store transfer runs past its deadline; waiting for the engine to end it");
+                    let _ = batch.wait().await;
+                }
             }
         }
     }
