@@ -55,7 +55,10 @@ impl Inner {
             Io::Blocking => {
                 let _ = batch.wait_blocking(Some(Instant::now() + deadline));
                 if !batch.is_done() {
-                    tracing::warn!(?deadline, "a store transfer runs past its deadline; waiting for the engine to end it");
+                    tracing::warn!(
+                        ?deadline,
+                        "a store transfer runs past its deadline; waiting for the engine to end it"
+                    );
                     let _ = batch.wait_blocking(None);
                 }
             }
@@ -72,7 +75,10 @@ impl Inner {
                 )
                 .await;
                 if !done {
-                    tracing::warn!(?deadline, "a store transfer runs past its deadline; waiting for the engine to end it");
+                    tracing::warn!(
+                        ?deadline,
+                        "a store transfer runs past its deadline; waiting for the engine to end it"
+                    );
                     let _ = batch.wait().await;
                 }
             }
