@@ -32,6 +32,7 @@ fn only_clients_with_the_secret_are_served() {
         ServerConfig::loopback()
             .with_master(common::master_cfg())
             .with_http_metadata_addr(Some(([127, 0, 0, 1], 0).into()))
+            .with_admin_addr(Some(([127, 0, 0, 1], 0).into()))
             .with_cluster_secret(secret("the master's secret")),
     )
     .unwrap();

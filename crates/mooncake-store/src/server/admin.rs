@@ -8,7 +8,9 @@
 //! | `GET /query_key?key=K[&tenant=T]` | JSON of what the master knows about a key (no lease) |
 //! | `POST /remove_all?force=true[&tenant=T]` (also `/api/v1/remove_all`) | `{"removed":N}` |
 //!
-//! Requests are parsed with `httparse`; one short-lived thread per connection, at most 64.
+//! Requests are parsed with `httparse`; one short-lived thread per connection, at most 64;
+//! the whole head must arrive within 10 s. With a cluster secret, every route but `/health`
+//! and `/metrics` requires `Authorization: Bearer <ClusterSecret::token("store-admin")>`.
 
 #![forbid(unsafe_code)]
 
@@ -110,11 +112,19 @@ impl Reply {
     }
 }
 
+/// The whole request head must arrive within this (a client trickling bytes is dropped).
+const HEAD_DEADLINE: Duration = Duration::from_secs(10);
+
 fn serve(mut conn: TcpStream, s: &Shared) -> io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let deadline = std::time::Instant::now() + HEAD_DEADLINE;
     let mut buf = vec![0u8; 4096];
     let mut used = 0;
     loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return respond(&mut conn, Reply::text(408, "request head took too long\n"));
+        }
+        conn.set_read_timeout(Some(left))?;
         if used == buf.len() {
             if buf.len() >= MAX_HEAD {
                 return respond(&mut conn, Reply::text(431, "request head too large\n"));
@@ -132,7 +142,18 @@ fn serve(mut conn: TcpStream, s: &Shared) -> io::Result<()> {
             Ok(httparse::Status::Complete(_)) => {
                 let method = req.method.unwrap_or("GET").to_string();
                 let path = req.path.unwrap_or("/").to_string();
-                let reply = route(s, &method, &path);
+                let authorized = s.admin_token().is_none_or(|want| {
+                    req.headers.iter().any(|h| {
+                        h.name.eq_ignore_ascii_case("authorization")
+                            && std::str::from_utf8(h.value)
+                                .ok()
+                                .and_then(|v| v.strip_prefix("Bearer "))
+                                .is_some_and(|t| {
+                                    constant_time_eq(t.trim().as_bytes(), want.as_bytes())
+                                })
+                    })
+                });
+                let reply = route(s, &method, &path, authorized);
                 return respond(&mut conn, reply);
             }
             Ok(httparse::Status::Partial) => continue,
@@ -176,9 +197,23 @@ fn truthy(v: Option<&str>) -> bool {
     matches!(v, Some("1" | "true" | "True" | "TRUE" | "yes" | ""))
 }
 
-fn route(s: &Shared, method: &str, path: &str) -> Reply {
+/// Byte-wise comparison whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `authorized`: the request carried the admin token (or none is required). With a cluster
+/// secret, everything but `/health` and `/metrics` needs `Authorization: Bearer <token>`,
+/// the token being `ClusterSecret::token("store-admin")`.
+fn route(s: &Shared, method: &str, path: &str, authorized: bool) -> Reply {
     let route = path.split('?').next().unwrap_or("/");
     let q = query(path);
+    if !authorized && !matches!((method, route), ("GET", "/health" | "/metrics")) {
+        return Reply::text(
+            401,
+            "this master requires its admin token (Authorization: Bearer …)\n",
+        );
+    }
     match (method, route) {
         ("GET", "/health") => Reply::text(200, "OK\n"),
         ("GET", "/metrics") => Reply {

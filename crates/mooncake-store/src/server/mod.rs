@@ -202,6 +202,11 @@ impl Shared {
         (self.clock)()
     }
 
+    /// The admin port's bearer token, when a cluster secret is configured.
+    pub(crate) fn admin_token(&self) -> Option<String> {
+        self.secret.as_ref().map(|s| s.token("store-admin"))
+    }
+
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
