@@ -5,6 +5,8 @@
 //! - `cargo xtask test`: deps, services (etcd, redis), every workspace test (all features), the examples,
 //!   and the RDMA tests in the soft-RoCE VM. The README's test command.
 //! - `cargo xtask rxe`: only the VM part (see `rxe.rs`).
+//! - `cargo xtask wheel`: the Python wheel (`crates/mooncake-py`) with the `mooncake` binary
+//!   bundled, into `target/wheels` (also built and tested by `cargo xtask test`).
 
 mod apt;
 mod rxe;
@@ -30,6 +32,8 @@ enum Cmd {
     Test(TestArgs),
     /// Run the RDMA transport's tests (and benchmarks) in a soft-RoCE VM.
     Rxe(rxe::RxeArgs),
+    /// Build the Python wheel (bundling the `mooncake` binary) into `target/wheels`.
+    Wheel,
 }
 
 #[derive(Debug, clap::Args)]
@@ -115,6 +119,7 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
     for (pkg, example) in EXAMPLES {
         run(cargo().args(["run", "--quiet", "-p", pkg, "--example", example]))?;
     }
+    python_tests()?;
     if args.no_vm {
         eprintln!("xtask: --no-vm given: the soft-RoCE VM tests were NOT run");
     } else {
@@ -127,8 +132,101 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Deps => apt::ensure(BUILD_DEPS),
+        Cmd::Deps => {
+            apt::ensure(BUILD_DEPS)?;
+            python_venv().map(drop)
+        }
         Cmd::Test(a) => test(&a),
         Cmd::Rxe(a) => rxe::run(&a),
+        Cmd::Wheel => wheel(&python_venv()?).map(drop),
     }
+}
+
+/// Python packages of the Python suite, installed into the cached venv.
+const PY_PACKAGES: &[&str] = &["maturin>=1.5,<2", "numpy", "pytest"];
+
+/// The venv the Python suite runs in (outside the repo, reused between runs):
+/// `$MOONCAKE_PY_VENV` or `~/.cache/mooncake-rs/venv`, with maturin, numpy and pytest.
+fn python_venv() -> anyhow::Result<std::path::PathBuf> {
+    let venv = match std::env::var_os("MOONCAKE_PY_VENV") {
+        Some(v) => std::path::PathBuf::from(v),
+        None => std::path::PathBuf::from(std::env::var("HOME").context("HOME is not set")?)
+            .join(".cache/mooncake-rs/venv"),
+    };
+    let py = venv.join("bin/python");
+    if !py.exists() {
+        if Command::new("python3")
+            .args(["-c", "import venv, ensurepip"])
+            .status()
+            .map_or(true, |s| !s.success())
+        {
+            apt::install(&["python3-venv", "python3-pip"])?;
+        }
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    let have = Command::new(&py)
+        .args(["-c", "import maturin, numpy, pytest"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        run(Command::new(&py)
+            .args(["-m", "pip", "install", "--quiet", "--upgrade"])
+            .args(PY_PACKAGES))?;
+    }
+    Ok(py)
+}
+
+/// The workspace root (xtask's parent folder).
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
+}
+
+/// The cargo target directory (`CARGO_TARGET_DIR`, else `target` at the root).
+fn target_dir() -> std::path::PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(t) => root().join(t),
+        None => root().join("target"),
+    }
+}
+
+/// Builds the `mooncake` binary, bundles it into the package and builds the wheel with
+/// maturin; returns the wheel's path.
+fn wheel(py: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    run(cargo().args(["build", "--release", "-p", "mooncake-cli", "--bin", "mooncake"]))?;
+    let target = target_dir();
+    let bin_dir = root().join("crates/mooncake-py/python/mooncake/_bin");
+    std::fs::create_dir_all(&bin_dir)?;
+    std::fs::copy(target.join("release/mooncake"), bin_dir.join("mooncake"))
+        .context("bundling the mooncake binary")?;
+    let out = target.join("wheels");
+    let _ = std::fs::remove_dir_all(&out);
+    run(Command::new(py)
+        .args(["-m", "maturin", "build", "--release", "-m"])
+        .arg(root().join("crates/mooncake-py/Cargo.toml"))
+        .arg("--interpreter")
+        .arg(py)
+        .arg("--out")
+        .arg(&out))?;
+    let wheel = std::fs::read_dir(&out)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .context("maturin left no wheel")?;
+    eprintln!("xtask: wheel {}", wheel.display());
+    Ok(wheel)
+}
+
+/// Builds the wheel, installs it into the cached venv and runs the Python suite.
+fn python_tests() -> anyhow::Result<()> {
+    let py = python_venv()?;
+    let wheel = wheel(&py)?;
+    run(Command::new(&py)
+        .args(["-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps"])
+        .arg(&wheel))?;
+    // Run from the tests folder so `import mooncake` is the installed wheel, not the source.
+    run(Command::new(&py)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "."])
+        .current_dir(root().join("crates/mooncake-py/tests")))
 }

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_kv;
 mod bench_scale;
 mod bench_store;
 mod bench_transfer;
@@ -51,6 +52,8 @@ enum BenchCommand {
     Master(bench_store::MasterBenchArgs),
     /// One engine and many peers in other processes: threads, descriptors and memory per peer.
     Scale(bench_scale::ScaleArgs),
+    /// A 1 GiB KV cache (32 layers, shuffled 16-token blocks) from a prefill to a decode process.
+    Kv(bench_kv::KvArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +76,7 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Store(a) => bench_store::run(*a),
             BenchCommand::Master(a) => bench_store::run_master_bench(a),
             BenchCommand::Scale(a) => bench_scale::run(a),
+            BenchCommand::Kv(a) => bench_kv::run(a),
         },
         Command::Master(a) => store::run_master(a),
         Command::StoreNode(a) => store::run_store_node(a),

@@ -20,7 +20,7 @@ pub use http::{HttpConfig, HttpMetadataStore};
 #[cfg_attr(docsrs, doc(cfg(feature = "p2p")))]
 pub mod p2p;
 #[cfg(feature = "p2p")]
-pub use p2p::{P2pConfig, P2pHandshakeStore};
+pub use p2p::{NotifyHandler, P2pConfig, P2pHandshakeStore};
 
 #[cfg(feature = "etcd")]
 #[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]

@@ -176,7 +176,12 @@ struct Inner {
     next_conn: AtomicU64,
     /// Idle client connections to peers, reused by later lookups.
     pool: Mutex<std::collections::HashMap<String, Vec<async_net::TcpStream>>>,
+    /// Answers Notify frames (the Python API's `TransferNotify`), when set.
+    notify: Mutex<Option<NotifyHandler>>,
 }
+
+/// Handles the body of a Notify frame on the RPC port and returns the reply's body.
+pub type NotifyHandler = Arc<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
 
 impl Inner {
     fn pool_take(&self, peer: &str) -> Option<async_net::TcpStream> {
@@ -256,6 +261,7 @@ impl P2pHandshakeStore {
             conns: Mutex::new(Default::default()),
             next_conn: AtomicU64::new(0),
             pool: Mutex::new(Default::default()),
+            notify: Mutex::new(None),
         });
         let i = inner.clone();
         let accept = std::thread::Builder::new()
@@ -283,6 +289,12 @@ impl P2pHandshakeStore {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Serves Notify frames on the RPC port with `handler` (without one, a Notify frame
+    /// closes the connection).
+    pub fn set_notify_handler(&self, handler: NotifyHandler) {
+        *self.inner.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(handler);
     }
 
     fn stop(&self) {
@@ -551,6 +563,15 @@ fn serve(mut stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
                 stream.write_all(&encode_frame(FRAME_METADATA, &mine))?;
             }
             FRAME_PROBE => stream.write_all(&encode_frame(FRAME_PROBE, b"{}"))?,
+            FRAME_NOTIFY
+                if let Some(h) = inner
+                    .notify
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone() =>
+            {
+                stream.write_all(&encode_frame(FRAME_NOTIFY, &h(&frame.body)))?
+            }
             other => {
                 tracing::warn!(
                     kind = other,
