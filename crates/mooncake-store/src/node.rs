@@ -8,6 +8,9 @@
 //! segment are then read and written with a memcpy instead of the network. The client keeps
 //! the socket open; everything else (metadata, leases, other segments) goes as usual through
 //! the master and the engine.
+//!
+//! The socket file is made owner-only (0600) and a connecting process of another user id
+//! (`SO_PEERCRED`) is refused: the memfd gives read-write access to the whole segment.
 
 #![forbid(unsafe_code)]
 
@@ -55,6 +58,13 @@ impl LocalNodeServer {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)
             .map_err(|e| err(format!("cannot listen on {}: {e}", path.display())))?;
+        // Whoever connects gets read-write access to the whole segment: owner only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| err(format!("cannot restrict {}: {e}", path.display())))?;
+        }
+        let me = sys::own_uid();
         let hello = serde_json::to_vec(&Hello {
             version: 1,
             segment: name,
@@ -72,6 +82,17 @@ impl LocalNodeServer {
                         return;
                     }
                     let Ok(conn) = conn else { continue };
+                    match sys::peer_uid(&conn) {
+                        Ok(uid) if uid == me => {}
+                        Ok(uid) => {
+                            tracing::warn!(uid, "refusing a local client of another user");
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!("cannot identify a local client: {e}");
+                            continue;
+                        }
+                    }
                     if let Err(e) = sys::send_with_fd(&conn, &hello, mem.fd()) {
                         tracing::warn!("handing the segment to a local client failed: {e}");
                         continue;

@@ -221,6 +221,38 @@ pub fn copy_leases(src: &RegionLease, dst: &RegionLease) -> io::Result<()> {
     Ok(())
 }
 
+/// The user id of the process at the other end of a Unix socket (`SO_PEERCRED`).
+pub fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are live locals of the sizes getsockopt expects for
+    // SO_PEERCRED; the descriptor belongs to `stream` for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(last_err("getsockopt(SO_PEERCRED)"));
+    }
+    Ok(cred.uid)
+}
+
+/// This process's effective user id.
+pub fn own_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Sends `data` and one descriptor over a Unix stream socket (`SCM_RIGHTS`).
 pub fn send_with_fd(stream: &UnixStream, data: &[u8], fd: RawFd) -> io::Result<()> {
     if data.is_empty() {
