@@ -67,8 +67,9 @@ pub struct RdmaConfig {
     pub rail_pause: Duration,
     /// Attempts per slice across paths before it fails (default 8). `MC_RETRY_CNT`.
     pub max_attempts: u32,
-    /// A posted slice without a completion after this long breaks its QP and is retried
-    /// elsewhere (default: half the engine timeout). `MC_SLICE_TIMEOUT` (seconds).
+    /// A QP with work outstanding that completes nothing for this long is broken and its
+    /// slices are retried elsewhere (default: half the engine timeout). A deep queue that
+    /// makes progress is never broken. `MC_SLICE_TIMEOUT` (seconds).
     pub slice_timeout: Option<Duration>,
     /// RC QP local ACK timeout exponent (4.096 µs × 2^n; default 14 ≈ 67 ms).
     pub qp_timeout: u8,

@@ -7,10 +7,10 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use mooncake_core::{Access, Error, ErrorKind, Result};
+use mooncake_core::{Access, Error, ErrorKind, Region, Result};
 use sideway::ibverbs::memory_region::MemoryRegion;
 
 use crate::config::{PathPolicy, RdmaConfig};
@@ -31,7 +31,7 @@ pub(crate) enum Cmd {
     },
     /// A local region was unregistered (its MRs are already gone): fail and release every
     /// slice whose lease is in it.
-    Unregister { base: u64 },
+    Unregister { region: Weak<Region> },
     /// The outcome of a handshake the worker started for endpoint `ep` (`seq` 0: connect;
     /// otherwise the keys refresh of that number).
     Handshake {
@@ -75,6 +75,9 @@ impl Mailbox {
 
 /// One registered region's MRs, one per NIC. Dropping it deregisters them.
 struct RegionMrs {
+    /// Which registration these MRs belong to (the same address may be registered again
+    /// while an earlier registration is still being unregistered).
+    region: Weak<Region>,
     len: u64,
     access: Access,
     mrs: Vec<Arc<MemoryRegion>>,
@@ -88,22 +91,34 @@ pub(crate) struct MrTable {
 }
 
 impl MrTable {
-    /// Adds the MRs of the region at `base`.
-    pub fn insert(&self, base: u64, len: u64, access: Access, mrs: Vec<Arc<MemoryRegion>>) {
-        self.map
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(base, RegionMrs { len, access, mrs });
+    /// Adds the MRs of `region`.
+    pub fn insert(&self, region: &Arc<Region>, mrs: Vec<Arc<MemoryRegion>>) {
+        let old = self.map.write().unwrap_or_else(|p| p.into_inner()).insert(
+            region.base(),
+            RegionMrs {
+                region: Arc::downgrade(region),
+                len: region.len(),
+                access: region.access(),
+                mrs,
+            },
+        );
+        // An earlier registration of the same address still being unregistered: its MRs go
+        // now (it is out of the registry already).
+        drop(old);
     }
 
-    /// Deregisters the region at `base` on every NIC (when this returns, no NIC accepts its
-    /// keys). True if it was registered.
-    pub fn remove(&self, base: u64) -> bool {
-        let gone = self
-            .map
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&base);
+    /// Deregisters `region` on every NIC (when this returns, no NIC accepts its keys). True
+    /// if it was registered.
+    pub fn remove(&self, region: &Arc<Region>) -> bool {
+        let gone = {
+            let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
+            match m.get(&region.base()) {
+                Some(r) if std::ptr::eq(r.region.as_ptr(), Arc::as_ptr(region)) => {
+                    m.remove(&region.base())
+                }
+                _ => None,
+            }
+        };
         // Dropped outside the lock: each drop is an `ibv_dereg_mr`.
         gone.is_some()
     }
@@ -114,10 +129,11 @@ impl MrTable {
         drop(all);
     }
 
-    /// lkey of the region at `base` on NIC `nic`.
-    pub fn lkey(&self, base: u64, nic: usize) -> Option<u32> {
+    /// lkey of `region` on NIC `nic` (`None` once it was unregistered).
+    pub fn lkey(&self, region: &Arc<Region>, nic: usize) -> Option<u32> {
         let m = self.map.read().unwrap_or_else(|p| p.into_inner());
-        m.get(&base)
+        m.get(&region.base())
+            .filter(|r| std::ptr::eq(r.region.as_ptr(), Arc::as_ptr(region)))
             .and_then(|r| r.mrs.get(nic))
             .map(|mr| mr.lkey())
     }

@@ -53,9 +53,9 @@ impl Slice {
         self.local.len()
     }
 
-    /// Base address of the local region the slice's lease is in.
-    pub fn region_base(&self) -> u64 {
-        self.local.region().base()
+    /// True when the slice's lease is in `region` (that registration, not just its address).
+    pub fn is_in(&self, region: &std::sync::Weak<mooncake_core::Region>) -> bool {
+        std::ptr::eq(region.as_ptr(), Arc::as_ptr(self.local.region()))
     }
 
     /// The peer's segment name.

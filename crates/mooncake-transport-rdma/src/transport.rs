@@ -251,17 +251,19 @@ impl Transport for RdmaTransport {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        self.sh.mrs.insert(region.base(), region.len(), a, mrs);
+        self.sh.mrs.insert(region, mrs);
         Ok(())
     }
 
     fn on_unregister(&self, region: &Arc<Region>) {
         // First revoke: every NIC deregisters the region's MRs, so from now on neither a
         // peer (through an rkey) nor one of our own WRs (through an lkey) can touch it.
-        self.sh.mrs.remove(region.base());
+        self.sh.mrs.remove(region);
         // Then release: the workers fail every slice using it and drop their leases.
-        let base = region.base();
-        self.sh.send_all(|| Cmd::Unregister { base });
+        let weak = Arc::downgrade(region);
+        self.sh.send_all(|| Cmd::Unregister {
+            region: weak.clone(),
+        });
     }
 
     fn forget_peer(&self, segment: &str, generation: Option<u64>) {

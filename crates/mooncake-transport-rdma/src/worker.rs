@@ -25,13 +25,13 @@
 //! outstanding, counted from post to polled completion, so the CQ never overruns.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mooncake_core::{Error, ErrorKind, Opcode, RemoteSegment, Result};
+use mooncake_core::{Error, ErrorKind, Opcode, Region, RemoteSegment, Result};
 
 use crate::handshake::{self, Job};
 use crate::shared::{Cmd, Mailbox, Shared};
@@ -107,6 +107,9 @@ enum EpState {
         qp: Qp,
         qp_id: u64,
         outstanding: usize,
+        /// When the QP last made progress: a completion, or a post to an idle QP. A QP with
+        /// WRs outstanding and no progress for the slice timeout is stuck.
+        progress: Instant,
         /// Sorted by address; regions do not overlap.
         keys: Vec<RemoteKey>,
         remote_qpn: u32,
@@ -138,7 +141,6 @@ struct Inflight {
     slice: Option<Slice>,
     key: EpKey,
     qp_id: u64,
-    posted: Instant,
     len: u64,
     rkey: u32,
 }
@@ -311,7 +313,7 @@ impl Worker {
                 }
             }
             Cmd::Forget { peer, generation } => self.forget(&peer, generation),
-            Cmd::Unregister { base } => self.unregister(base),
+            Cmd::Unregister { region } => self.unregister(&region),
             Cmd::Handshake { ep, seq, result } => {
                 if seq == 0 {
                     self.connected(ep, result);
@@ -343,7 +345,7 @@ impl Worker {
         }
         // A slice whose local region was unregistered (its MRs are gone) fails here, so no
         // lease of it waits in a queue.
-        if self.sh.mrs.lkey(s.region_base(), self.nic).is_none() {
+        if self.sh.mrs.lkey(s.local.region(), self.nic).is_none() {
             s.complete(Err(Error::new(
                 ErrorKind::NotRegistered,
                 "the local region was unregistered while the transfer was queued",
@@ -493,6 +495,7 @@ impl Worker {
                     qp,
                     qp_id,
                     outstanding: 0,
+                    progress: Instant::now(),
                     keys,
                     remote_qpn,
                     token,
@@ -691,7 +694,7 @@ impl Worker {
                     continue;
                 }
             };
-            let Some(lkey) = self.sh.mrs.lkey(s.region_base(), self.nic) else {
+            let Some(lkey) = self.sh.mrs.lkey(s.local.region(), self.nic) else {
                 s.complete(Err(Error::new(
                     ErrorKind::NotRegistered,
                     "the local region was unregistered while the transfer was queued",
@@ -716,7 +719,6 @@ impl Worker {
                     slice: Some(s),
                     key: key.clone(),
                     qp_id,
-                    posted: now,
                     len,
                     rkey,
                 },
@@ -728,11 +730,17 @@ impl Worker {
             Ok(())
         } else {
             let EpState::Ready {
-                qp, outstanding, ..
+                qp,
+                outstanding,
+                progress,
+                ..
             } = &mut ep.state
             else {
                 unreachable!("matched above")
             };
+            if *outstanding == 0 {
+                *progress = now;
+            }
             let r = qp.post(&wrs, &mut self.post_buf);
             let posted = match &r {
                 Ok(()) => wrs.len(),
@@ -797,11 +805,15 @@ impl Worker {
         let mut current = false;
         if let Some(ep) = self.eps.get_mut(&inf.key)
             && let EpState::Ready {
-                qp_id, outstanding, ..
+                qp_id,
+                outstanding,
+                progress,
+                ..
             } = &mut ep.state
             && *qp_id == inf.qp_id
         {
             *outstanding = outstanding.saturating_sub(1);
+            *progress = Instant::now();
             current = true;
             if !ep.backlog.is_empty() {
                 let k = inf.key.clone();
@@ -957,7 +969,7 @@ impl Worker {
     /// The region at `base` was unregistered and its MRs are already deregistered, so no NIC
     /// can reach it any more: every slice using it fails now and releases its lease, even if
     /// its WR was posted (it will complete with an error, or was already done).
-    fn unregister(&mut self, base: u64) {
+    fn unregister(&mut self, region: &Weak<Region>) {
         let gone = || {
             Error::new(
                 ErrorKind::NotRegistered,
@@ -967,7 +979,7 @@ impl Worker {
         for ep in self.eps.values_mut() {
             let mut keep = VecDeque::with_capacity(ep.backlog.len());
             for mut s in ep.backlog.drain(..) {
-                if s.region_base() == base {
+                if s.is_in(region) {
                     s.complete(Err(gone()));
                 } else {
                     keep.push_back(s);
@@ -976,7 +988,7 @@ impl Worker {
             ep.backlog = keep;
             let mut keep = Vec::with_capacity(ep.parked.len());
             for mut s in ep.parked.drain(..) {
-                if s.region_base() == base {
+                if s.is_in(region) {
                     s.complete(Err(gone()));
                 } else {
                     keep.push(s);
@@ -985,7 +997,7 @@ impl Worker {
             ep.parked = keep;
         }
         for inf in self.inflight.values_mut() {
-            if inf.slice.as_ref().is_some_and(|s| s.region_base() == base)
+            if inf.slice.as_ref().is_some_and(|s| s.is_in(region))
                 && let Some(mut s) = inf.slice.take()
             {
                 s.complete(Err(gone()));
@@ -1014,40 +1026,41 @@ impl Worker {
                 }
             }
         }
-        let st = self.sh.slice_timeout;
-        let mut stuck: HashSet<(EpKey, u64)> = HashSet::new();
         for inf in self.inflight.values_mut() {
-            if now.duration_since(inf.posted) >= st {
-                stuck.insert((inf.key.clone(), inf.qp_id));
-            }
             if let Some(s) = inf.slice.as_mut()
                 && !s.is_done()
                 && now >= s.deadline
             {
                 // The WR may still be in the NIC: the lease stays until it completes or is
-                // flushed, but the caller gets its answer now.
+                // flushed, but the caller gets its answer now. The QP is left alone while it
+                // makes progress (a deep queue is not a dead peer).
                 let peer = inf.key.0.clone();
                 s.complete(Err(Error::new(
                     ErrorKind::Timeout,
                     format!("RDMA slice to {peer:?} did not complete before the deadline"),
                 )
                 .with_context("peer", peer)));
-                stuck.insert((inf.key.clone(), inf.qp_id));
             }
         }
-        for (k, qp_id) in stuck {
-            let live = self.eps.get(&k).is_some_and(
-                |e| matches!(e.state, EpState::Ready { qp_id: id, .. } if id == qp_id),
+        // A QP with work outstanding and no completion for the slice timeout is stuck.
+        let st = self.sh.slice_timeout;
+        let stuck: Vec<EpKey> = self
+            .eps
+            .iter()
+            .filter(|(_, e)| {
+                matches!(e.state, EpState::Ready { outstanding, progress, .. }
+                    if outstanding > 0 && now.duration_since(progress) >= st)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stuck {
+            tracing::warn!(peer = %k.0, nic = %self.nic_ref.name, rnic = %k.1, "RDMA QP made no progress; breaking the endpoint");
+            self.sh.rail_failed(self.nic, &k.0, &k.1);
+            let e = Error::new(
+                ErrorKind::PeerUnreachable,
+                format!("RDMA QP to {:?} completed nothing in {st:?}", k.0),
             );
-            if live {
-                tracing::warn!(peer = %k.0, nic = %self.nic_ref.name, rnic = %k.1, "RDMA slice timed out; breaking the endpoint");
-                self.sh.rail_failed(self.nic, &k.0, &k.1);
-                let e = Error::new(
-                    ErrorKind::PeerUnreachable,
-                    format!("RDMA slice to {:?} got no completion in {st:?}", k.0),
-                );
-                self.retire(&k, Fault::Path(e));
-            }
+            self.retire(&k, Fault::Path(e));
         }
         let mut late_connects = Vec::new();
         for (k, ep) in self.eps.iter_mut() {
