@@ -85,9 +85,9 @@ fn digest(mem: &[u8], a: &KvArgs, ids: &[usize]) -> u64 {
     for t in 0..a.tensors() {
         for &b in ids {
             let off = (t * a.blocks() + b) * bb;
-            let x = mem[off..off + bb]
-                .chunks_exact(8)
-                .fold(0u64, |acc, w| acc.rotate_left(5) ^ u64::from_le_bytes(w.try_into().expect("8 bytes")));
+            let x = mem[off..off + bb].chunks_exact(8).fold(0u64, |acc, w| {
+                acc.rotate_left(5) ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))
+            });
             h = (h ^ x).wrapping_mul(0x0100_0000_01b3);
         }
     }
@@ -136,7 +136,7 @@ fn run_decode(a: &KvArgs) -> anyhow::Result<()> {
                     let mut hs = Vec::new();
                     for (i, mut c) in conns {
                         let n = if i == CONNS - 1 { rest.len() } else { part };
-                        let (mine, tail) = rest.split_at_mut(n);
+                        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(n);
                         rest = tail;
                         hs.push(s.spawn(move || -> std::io::Result<()> {
                             c.read_exact(mine)?;
@@ -144,7 +144,8 @@ fn run_decode(a: &KvArgs) -> anyhow::Result<()> {
                         }));
                     }
                     for h in hs {
-                        h.join().map_err(|_| anyhow::anyhow!("pump thread panicked"))??;
+                        h.join()
+                            .map_err(|_| anyhow::anyhow!("pump thread panicked"))??;
                     }
                     Ok(())
                 })?;
@@ -173,8 +174,18 @@ impl Decode {
     fn start(a: &KvArgs) -> anyhow::Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["bench", "kv", "--decode"])
-            .args(["--layers", &a.layers.to_string(), "--kv-heads", &a.kv_heads.to_string()])
-            .args(["--head-dim", &a.head_dim.to_string(), "--tokens", &a.tokens.to_string()])
+            .args([
+                "--layers",
+                &a.layers.to_string(),
+                "--kv-heads",
+                &a.kv_heads.to_string(),
+            ])
+            .args([
+                "--head-dim",
+                &a.head_dim.to_string(),
+                "--tokens",
+                &a.tokens.to_string(),
+            ])
             .args(["--block", &a.block.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -182,7 +193,11 @@ impl Decode {
             .context("starting the decode process")?;
         let stdin = child.stdin.take().context("the decode process's stdin")?;
         let stdout = BufReader::new(child.stdout.take().context("the decode process's stdout")?);
-        Ok(Self { child, stdin, stdout })
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+        })
     }
 
     fn send(&mut self, cmd: &str) -> anyhow::Result<()> {
@@ -224,7 +239,11 @@ fn pump_once(d: &mut Decode, data: &[u8], port: u16) -> anyhow::Result<f64> {
             .into_iter()
             .enumerate()
             .map(|(i, mut c)| {
-                let end = if i == CONNS - 1 { data.len() } else { (i + 1) * part };
+                let end = if i == CONNS - 1 {
+                    data.len()
+                } else {
+                    (i + 1) * part
+                };
                 let mine = &data[i * part..end];
                 s.spawn(move || -> std::io::Result<()> {
                     c.write_all(mine)?;
@@ -234,7 +253,8 @@ fn pump_once(d: &mut Decode, data: &[u8], port: u16) -> anyhow::Result<f64> {
             })
             .collect();
         for h in hs {
-            h.join().map_err(|_| anyhow::anyhow!("pump thread panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("pump thread panicked"))??;
         }
         Ok(())
     })?;

@@ -192,20 +192,22 @@ impl TransferEngine {
             return 0;
         };
         let target = target.to_string();
-        py.detach(move || match Self::submit(&st, &target, op, &locals, &remotes, &lens) {
-            Ok(b) => {
-                let id = st.next_batch.fetch_add(1, Ordering::Relaxed);
-                st.batches
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id, b);
-                id
-            }
-            Err(e) => {
-                log_err(&format!("async transfer to {target}"), e);
-                0
-            }
-        })
+        py.detach(
+            move || match Self::submit(&st, &target, op, &locals, &remotes, &lens) {
+                Ok(b) => {
+                    let id = st.next_batch.fetch_add(1, Ordering::Relaxed);
+                    st.batches
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id, b);
+                    id
+                }
+                Err(e) => {
+                    log_err(&format!("async transfer to {target}"), e);
+                    0
+                }
+            },
+        )
     }
 }
 
@@ -283,7 +285,13 @@ impl TransferEngine {
     /// Registers `capacity` bytes at `buffer_addr` (host or CUDA memory; `location` `*`
     /// detects which). The memory must stay valid until `unregister_memory`. 0 or -1.
     #[pyo3(signature = (buffer_addr, capacity, location="*"))]
-    fn register_memory(&self, py: Python<'_>, buffer_addr: u64, capacity: u64, location: &str) -> i32 {
+    fn register_memory(
+        &self,
+        py: Python<'_>,
+        buffer_addr: u64,
+        capacity: u64,
+        location: &str,
+    ) -> i32 {
         self.batch_register_memory(py, vec![buffer_addr], vec![capacity], location)
     }
 
@@ -305,7 +313,10 @@ impl TransferEngine {
             return log_err("register_memory", "the engine is not initialised");
         };
         if buffer_addresses.len() != capacities.len() {
-            return log_err("batch_register_memory", "addresses and capacities differ in length");
+            return log_err(
+                "batch_register_memory",
+                "addresses and capacities differ in length",
+            );
         }
         let location = location.to_string();
         py.detach(move || {
@@ -359,7 +370,15 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> i32 {
         let _ = transport_hint;
-        self.sync(py, target_hostname, Opcode::Write, vec![buffer], vec![peer_buffer_address], vec![length], None)
+        self.sync(
+            py,
+            target_hostname,
+            Opcode::Write,
+            vec![buffer],
+            vec![peer_buffer_address],
+            vec![length],
+            None,
+        )
     }
 
     /// Reads `length` bytes at `peer_buffer_address` of `target_hostname` into `buffer`.
@@ -374,7 +393,15 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> i32 {
         let _ = transport_hint;
-        self.sync(py, target_hostname, Opcode::Read, vec![buffer], vec![peer_buffer_address], vec![length], None)
+        self.sync(
+            py,
+            target_hostname,
+            Opcode::Read,
+            vec![buffer],
+            vec![peer_buffer_address],
+            vec![length],
+            None,
+        )
     }
 
     /// One transfer of `opcode`, then `notify` delivered to the target. 0 or -1.
@@ -392,7 +419,15 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> i32 {
         let _ = transport_hint;
-        self.sync(py, target_hostname, opcode.into(), vec![buffer], vec![peer_buffer_address], vec![length], notify)
+        self.sync(
+            py,
+            target_hostname,
+            opcode.into(),
+            vec![buffer],
+            vec![peer_buffer_address],
+            vec![length],
+            notify,
+        )
     }
 
     /// Many writes to one target, waited for together. 0 or -1.
@@ -407,7 +442,15 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> i32 {
         let _ = transport_hint;
-        self.sync(py, target_hostname, Opcode::Write, buffers, peer_buffer_addresses, lengths, None)
+        self.sync(
+            py,
+            target_hostname,
+            Opcode::Write,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            None,
+        )
     }
 
     /// Many reads from one target, waited for together. 0 or -1.
@@ -422,7 +465,15 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> i32 {
         let _ = transport_hint;
-        self.sync(py, target_hostname, Opcode::Read, buffers, peer_buffer_addresses, lengths, None)
+        self.sync(
+            py,
+            target_hostname,
+            Opcode::Read,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            None,
+        )
     }
 
     /// Many transfers of `opcode`, then `notify`. 0 or -1.
@@ -440,7 +491,15 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> i32 {
         let _ = transport_hint;
-        self.sync(py, target_hostname, opcode.into(), buffers, peer_buffer_addresses, lengths, notify)
+        self.sync(
+            py,
+            target_hostname,
+            opcode.into(),
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            notify,
+        )
     }
 
     /// Submits one write; returns a batch id (0 on failure) for `transfer_check_status`.
@@ -455,7 +514,14 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> u64 {
         let _ = transport_hint;
-        self.submit_async(py, target_hostname, Opcode::Write, vec![buffer], vec![peer_buffer_address], vec![length])
+        self.submit_async(
+            py,
+            target_hostname,
+            Opcode::Write,
+            vec![buffer],
+            vec![peer_buffer_address],
+            vec![length],
+        )
     }
 
     /// Submits many writes; returns a batch id (0 on failure).
@@ -470,7 +536,14 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> u64 {
         let _ = transport_hint;
-        self.submit_async(py, target_hostname, Opcode::Write, buffers, peer_buffer_addresses, lengths)
+        self.submit_async(
+            py,
+            target_hostname,
+            Opcode::Write,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+        )
     }
 
     /// Submits many reads; returns a batch id (0 on failure).
@@ -485,7 +558,14 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> u64 {
         let _ = transport_hint;
-        self.submit_async(py, target_hostname, Opcode::Read, buffers, peer_buffer_addresses, lengths)
+        self.submit_async(
+            py,
+            target_hostname,
+            Opcode::Read,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+        )
     }
 
     /// Submits many transfers of `opcode`; returns a batch id (0 on failure).
@@ -502,7 +582,14 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> u64 {
         let _ = transport_hint;
-        self.submit_async(py, target_hostname, opcode.into(), buffers, peer_buffer_addresses, lengths)
+        self.submit_async(
+            py,
+            target_hostname,
+            opcode.into(),
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+        )
     }
 
     /// Status of a whole batch: 1 every task done (the id is freed), 0 pending, -1 some
@@ -545,7 +632,12 @@ impl TransferEngine {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&id);
                 match b {
-                    None => rc = log_err("get_batch_transfer_status", format!("unknown batch id {id}")),
+                    None => {
+                        rc = log_err(
+                            "get_batch_transfer_status",
+                            format!("unknown batch id {id}"),
+                        )
+                    }
                     Some(b) => {
                         if let Err(e) = b.batch.wait_blocking(Some(b.deadline)) {
                             rc = log_err(&format!("batch {id}"), e);
@@ -566,9 +658,20 @@ impl TransferEngine {
             let r = st.engine.open_segment_blocking(&name).and_then(|h| {
                 if h != mooncake::SegmentHandle::LOCAL {
                     mooncake::block_on(st.engine.refresh_segment(h))?;
-                    Ok(st.engine.segment(h)?.descriptor().buffers.first().map_or(0, |b| b.addr))
+                    Ok(st
+                        .engine
+                        .segment(h)?
+                        .descriptor()
+                        .buffers
+                        .first()
+                        .map_or(0, |b| b.addr))
                 } else {
-                    Ok(st.engine.local_descriptor().buffers.first().map_or(0, |b| b.addr))
+                    Ok(st
+                        .engine
+                        .local_descriptor()
+                        .buffers
+                        .first()
+                        .map_or(0, |b| b.addr))
                 }
             });
             r.unwrap_or_else(|e| {
@@ -605,7 +708,9 @@ impl TransferEngine {
     fn get_engine(&self) -> PyResult<InnerTransferEngine> {
         self.state()
             .map(|state| InnerTransferEngine { state })
-            .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("the engine is not initialised"))
+            .ok_or_else(|| {
+                pyo3::exceptions::PyRuntimeError::new_err("the engine is not initialised")
+            })
     }
 
     /// A process-unique integer naming the engine (0 before `initialize`).
@@ -624,9 +729,16 @@ impl TransferEngine {
             .collect();
         let transports: Vec<String> = self
             .state()
-            .map(|s| s.engine.transports().iter().map(|t| t.name().to_string()).collect())
+            .map(|s| {
+                s.engine
+                    .transports()
+                    .iter()
+                    .map(|t| t.name().to_string())
+                    .collect()
+            })
             .unwrap_or_default();
-        serde_json::json!({ "cpu:0": [nics, Vec::<String>::new()], "transports": transports }).to_string()
+        serde_json::json!({ "cpu:0": [nics, Vec::<String>::new()], "transports": transports })
+            .to_string()
     }
 
     /// Allocates and registers `length` bytes of host memory; its address, 0 on failure.
@@ -645,7 +757,10 @@ impl TransferEngine {
                 log_err("allocate_managed_buffer", e);
                 return 0;
             }
-            st.managed.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, buf);
+            st.managed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(addr, buf);
             addr
         })
     }
@@ -655,8 +770,16 @@ impl TransferEngine {
         let _ = length;
         let Some(st) = self.state() else { return -1 };
         py.detach(move || {
-            let Some(buf) = st.managed.lock().unwrap_or_else(|p| p.into_inner()).remove(&buffer_addr) else {
-                return log_err("free_managed_buffer", format!("{buffer_addr:#x} is not a managed buffer"));
+            let Some(buf) = st
+                .managed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&buffer_addr)
+            else {
+                return log_err(
+                    "free_managed_buffer",
+                    format!("{buffer_addr:#x} is not a managed buffer"),
+                );
             };
             let rc = match st.engine.unregister_memory(buffer_addr) {
                 Ok(()) => 0,
@@ -678,7 +801,12 @@ impl TransferEngine {
     }
 
     /// `length` bytes of registered memory at `source_address` (empty on error).
-    fn read_bytes_from_buffer<'py>(&self, py: Python<'py>, source_address: u64, length: u64) -> Bound<'py, PyBytes> {
+    fn read_bytes_from_buffer<'py>(
+        &self,
+        py: Python<'py>,
+        source_address: u64,
+        length: u64,
+    ) -> Bound<'py, PyBytes> {
         let data = self
             .state()
             .ok_or_else(|| "the engine is not initialised".to_string())

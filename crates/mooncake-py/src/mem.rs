@@ -102,13 +102,25 @@ pub(crate) fn cuda_device_of(addr: u64) -> Option<u32> {
     let mut memtype: u32 = 0;
     // SAFETY: `f` is `cuPointerGetAttribute`; the out-pointer is a live u32, the size the
     // MEMORY_TYPE attribute writes. Any address is a valid query (unknown ones give an error).
-    let rc = unsafe { f((&mut memtype as *mut u32).cast(), CU_POINTER_ATTRIBUTE_MEMORY_TYPE, addr) };
+    let rc = unsafe {
+        f(
+            (&mut memtype as *mut u32).cast(),
+            CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            addr,
+        )
+    };
     if rc != 0 || memtype != CU_MEMORYTYPE_DEVICE {
         return None;
     }
     let mut ordinal: i32 = 0;
     // SAFETY: as above; DEVICE_ORDINAL writes an int.
-    let rc = unsafe { f((&mut ordinal as *mut i32).cast(), CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, addr) };
+    let rc = unsafe {
+        f(
+            (&mut ordinal as *mut i32).cast(),
+            CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            addr,
+        )
+    };
     Some(if rc == 0 { ordinal.max(0) as u32 } else { 0 })
 }
 
@@ -140,7 +152,11 @@ pub(crate) fn resolve_location(addr: u64, len: u64, location: &str) -> Result<St
 
 /// Copies `len` registered bytes at `addr` out (the range must lie in host memory registered
 /// with `engine`, which keeps it valid while leased).
-pub(crate) fn read_registered(engine: &TransferEngine, addr: u64, len: u64) -> Result<Vec<u8>, String> {
+pub(crate) fn read_registered(
+    engine: &TransferEngine,
+    addr: u64,
+    len: u64,
+) -> Result<Vec<u8>, String> {
     if len == 0 {
         return Ok(Vec::new());
     }
@@ -160,7 +176,11 @@ pub(crate) fn read_registered(engine: &TransferEngine, addr: u64, len: u64) -> R
 }
 
 /// Copies `data` into registered host memory at `addr`.
-pub(crate) fn write_registered(engine: &TransferEngine, addr: u64, data: &[u8]) -> Result<(), String> {
+pub(crate) fn write_registered(
+    engine: &TransferEngine,
+    addr: u64,
+    data: &[u8],
+) -> Result<(), String> {
     if data.is_empty() {
         return Ok(());
     }

@@ -45,7 +45,8 @@ fn jitter() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    let mut x = t ^ (u64::from(std::process::id()) << 32) ^ N.fetch_add(0x9e37_79b9, Ordering::Relaxed);
+    let mut x =
+        t ^ (u64::from(std::process::id()) << 32) ^ N.fetch_add(0x9e37_79b9, Ordering::Relaxed);
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^ (x >> 33)
@@ -90,7 +91,12 @@ pub(crate) fn host_of(local_hostname: &str) -> String {
 }
 
 fn truthy(k: &str) -> bool {
-    std::env::var(k).is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    std::env::var(k).is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    })
 }
 
 /// The metadata URL for `initialize_ext`'s `metadata_type` (`etcd`, `redis`, `http`, `p2p`).
@@ -111,7 +117,8 @@ pub(crate) fn metadata_url(server: &str, metadata_type: &str) -> String {
 /// The transports to install for `protocol` (see the module docs).
 fn transports(protocol: &str, device_name: &str) -> Vec<Box<dyn mooncake::TransportBuilder>> {
     let p = protocol.trim().to_ascii_lowercase();
-    let tcp = || -> Box<dyn mooncake::TransportBuilder> { Box::new(mooncake::tcp::TcpConfig::new()) };
+    let tcp =
+        || -> Box<dyn mooncake::TransportBuilder> { Box::new(mooncake::tcp::TcpConfig::new()) };
     if truthy("MC_FORCE_TCP") || p == "tcp" || p.is_empty() {
         return vec![tcp()];
     }
@@ -184,7 +191,9 @@ impl EngineState {
             })?);
             let n = notifies.clone();
             store.set_notify_handler(Arc::new(move |body| n.on_frame(body)));
-            let engine = build_with(protocol, device_name, || mooncake::p2p_engine_builder(&store))?;
+            let engine = build_with(protocol, device_name, || {
+                mooncake::p2p_engine_builder(&store)
+            })?;
             let port = store.rpc_port();
             (engine, Some(store), None, port)
         } else {

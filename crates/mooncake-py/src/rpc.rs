@@ -39,7 +39,10 @@ impl Notifies {
     }
 
     pub(crate) fn push(&self, name: String, msg: String) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push((name, msg));
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name, msg));
     }
 
     /// Takes every notify received so far.
@@ -203,7 +206,13 @@ pub(crate) fn send_notify(
         return Ok(());
     }
     let body = serde_json::json!({ "name": name, "notify_msg": msg }).to_string();
-    let (kind, reply) = call(engine, target, FRAME_NOTIFY, body.as_bytes(), Duration::from_secs(5))?;
+    let (kind, reply) = call(
+        engine,
+        target,
+        FRAME_NOTIFY,
+        body.as_bytes(),
+        Duration::from_secs(5),
+    )?;
     if kind != FRAME_NOTIFY || reply.windows(5).any(|w| w == b"error") {
         return Err(format!(
             "{target} refused the notify: {}",

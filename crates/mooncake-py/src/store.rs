@@ -114,7 +114,8 @@ impl ReplicateConfig {
             self.nof_replica_num,
             self.dfs_replica_num,
             self.soft_pin_action,
-            self.soft_pin_ttl_ms.map_or("default".to_string(), |t| t.to_string()),
+            self.soft_pin_ttl_ms
+                .map_or("default".to_string(), |t| t.to_string()),
             u8::from(self.with_hard_pin),
             self.preferred_segments,
             self.preferred_nof_segments,
@@ -193,7 +194,9 @@ impl ReplicaDescriptor {
 
     fn get_memory_descriptor(&self) -> PyResult<MemoryDescriptor> {
         if !self.is_memory_replica() {
-            return Err(pyo3::exceptions::PyRuntimeError::new_err("not a memory replica"));
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "not a memory replica",
+            ));
         }
         Ok(MemoryDescriptor {
             buffer_descriptor: Descriptor {
@@ -290,7 +293,10 @@ pub(crate) fn parse_size(v: &Bound<'_, PyAny>) -> PyResult<u64> {
     }
     let s: String = v.extract()?;
     let t = s.trim().to_ascii_lowercase().replace(' ', "");
-    let digits: String = t.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    let digits: String = t
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
     let unit = &t[digits.len()..];
     let n: f64 = digits
         .parse()
@@ -301,7 +307,11 @@ pub(crate) fn parse_size(v: &Bound<'_, PyAny>) -> PyResult<u64> {
         "m" => 1024.0 * 1024.0,
         "g" => 1024.0 * 1024.0 * 1024.0,
         "t" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(PyTypeError::new_err(format!("size {s:?} has an unknown unit"))),
+        _ => {
+            return Err(PyTypeError::new_err(format!(
+                "size {s:?} has an unknown unit"
+            )));
+        }
     };
     Ok((n * mult) as u64)
 }
@@ -311,21 +321,22 @@ impl MooncakeDistributedStore {
         self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn connect(
-        &self,
-        py: Python<'_>,
-        engine: Arc<EngineState>,
-        cfg: StoreConfig,
-    ) -> i32 {
+    fn connect(&self, py: Python<'_>, engine: Arc<EngineState>, cfg: StoreConfig) -> i32 {
         let master = cfg.master_addr.clone();
-        match py.detach(move || StoreClient::connect(cfg, engine.engine.clone()).map(|c| (c, engine))) {
+        match py
+            .detach(move || StoreClient::connect(cfg, engine.engine.clone()).map(|c| (c, engine)))
+        {
             Ok((client, engine)) => {
-                let old = self.state.write().unwrap_or_else(|p| p.into_inner()).replace(Arc::new(StoreState {
-                    client,
-                    _engine: engine,
-                    put_sessions: Mutex::new(HashMap::new()),
-                    get_sessions: Mutex::new(HashMap::new()),
-                }));
+                let old = self
+                    .state
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace(Arc::new(StoreState {
+                        client,
+                        _engine: engine,
+                        put_sessions: Mutex::new(HashMap::new()),
+                        get_sessions: Mutex::new(HashMap::new()),
+                    }));
                 if let Some(old) = old {
                     let _ = old.client.close();
                 }
@@ -455,7 +466,9 @@ impl MooncakeDistributedStore {
         // The dict form.
         if let Ok(d) = local_hostname.cast::<PyDict>() {
             let req = |k: &str| -> PyResult<String> {
-                opt_str(d, k)?.ok_or_else(|| PyTypeError::new_err(format!("setup(config): missing required key '{k}'")))
+                opt_str(d, k)?.ok_or_else(|| {
+                    PyTypeError::new_err(format!("setup(config): missing required key '{k}'"))
+                })
             };
             let size = |k: &str| -> PyResult<u64> {
                 match d.get_item(k)? {
@@ -464,26 +477,36 @@ impl MooncakeDistributedStore {
                 }
             };
             let flag = |k: &str| -> PyResult<bool> {
-                Ok(d.get_item(k)?.map(|v| v.is_truthy()).transpose()?.unwrap_or(false))
+                Ok(d.get_item(k)?
+                    .map(|v| v.is_truthy())
+                    .transpose()?
+                    .unwrap_or(false))
             };
             let local = req("local_hostname")?;
             let md = req("metadata_server")?;
             let gss = size("global_segment_size")?;
             let lbs = size("local_buffer_size")?;
             let proto = opt_str(d, "protocol")?.unwrap_or_else(|| "tcp".into());
-            let devs = opt_str(d, "rdma_devices")?.or(opt_str(d, "device_name")?).unwrap_or_default();
+            let devs = opt_str(d, "rdma_devices")?
+                .or(opt_str(d, "device_name")?)
+                .unwrap_or_default();
             let master = opt_str(d, "master_server_addr")?
                 .or(opt_str(d, "master_server_address")?)
                 .unwrap_or_else(|| "127.0.0.1:50051".into());
             let tenant = opt_str(d, "tenant_id")?.unwrap_or_else(|| "default".into());
             let ipc = opt_str(d, "ipc_socket_path")?;
             if flag("enable_ssd_offload")? {
-                tracing::warn!("setup: enable_ssd_offload: this store keeps objects in memory only");
+                tracing::warn!(
+                    "setup: enable_ssd_offload: this store keeps objects in memory only"
+                );
             }
-            return Ok(self.setup_common(py, None, &local, &md, gss, lbs, &proto, &devs, &master, &tenant, ipc));
+            return Ok(self.setup_common(
+                py, None, &local, &md, gss, lbs, &proto, &devs, &master, &tenant, ipc,
+            ));
         }
         let local: String = local_hostname.extract()?;
-        let missing = |n: &str| PyTypeError::new_err(format!("setup() missing required argument '{n}'"));
+        let missing =
+            |n: &str| PyTypeError::new_err(format!("setup() missing required argument '{n}'"));
         let md = metadata_server.ok_or_else(|| missing("metadata_server"))?;
         let gss = parse_size(global_segment_size.ok_or_else(|| missing("global_segment_size"))?)?;
         let lbs = parse_size(local_buffer_size.ok_or_else(|| missing("local_buffer_size"))?)?;
@@ -497,10 +520,24 @@ impl MooncakeDistributedStore {
             );
         }
         if enable_client_http_server {
-            tracing::warn!("setup: the client HTTP server (port {client_http_port}) is not provided; use the master's admin port");
+            tracing::warn!(
+                "setup: the client HTTP server (port {client_http_port}) is not provided; use the master's admin port"
+            );
         }
         let tenant = tenant_id.unwrap_or_else(|| "default".into());
-        Ok(self.setup_common(py, engine, &local, &md, gss, lbs, &proto, &devs, &master, &tenant, ipc_socket_path))
+        Ok(self.setup_common(
+            py,
+            engine,
+            &local,
+            &md,
+            gss,
+            lbs,
+            &proto,
+            &devs,
+            &master,
+            &tenant,
+            ipc_socket_path,
+        ))
     }
 
     /// Attaches to the same-host `mooncake store-node` (`mooncake_client`) at
@@ -508,6 +545,7 @@ impl MooncakeDistributedStore {
     /// whose segment is then read and written with a memcpy. The master is
     /// `master_server_addr`, else `MOONCAKE_MASTER`, else `127.0.0.1:50051`. 0 or negative.
     #[pyo3(signature = (mem_pool_size, local_buffer_size, server_address, master_server_addr=None, local_hostname=None, protocol=None))]
+    #[allow(clippy::too_many_arguments)]
     fn setup_dummy(
         &self,
         py: Python<'_>,
@@ -534,24 +572,46 @@ impl MooncakeDistributedStore {
             .unwrap_or_else(|| "tcp".into());
         let devs = env("MOONCAKE_DEVICE").unwrap_or_default();
         let tenant = env("MOONCAKE_TENANT_ID").unwrap_or_else(|| "default".into());
-        Ok(self.setup_common(py, None, &local, &md, 0, lbs, &proto, &devs, &master, &tenant, Some(socket)))
+        Ok(self.setup_common(
+            py,
+            None,
+            &local,
+            &md,
+            0,
+            lbs,
+            &proto,
+            &devs,
+            &master,
+            &tenant,
+            Some(socket),
+        ))
     }
 
     /// This client's segment name (what LMCache passes as `preferred_segment`).
     fn get_hostname(&self) -> String {
-        self.st().map(|s| s.client.get_hostname()).unwrap_or_default()
+        self.st()
+            .map(|s| s.client.get_hostname())
+            .unwrap_or_default()
     }
 
     /// 0 healthy, 1 not set up or closed, 2 master unreachable.
     fn health_check(&self, py: Python<'_>) -> i32 {
         let Some(s) = self.st() else { return 1 };
-        py.detach(move || if s.client.health_check().is_ok() { 0 } else { 2 })
+        py.detach(move || {
+            if s.client.health_check().is_ok() {
+                0
+            } else {
+                2
+            }
+        })
     }
 
     /// Registers `size` bytes at `buffer_ptr` (host or CUDA) for the zero-copy calls; the
     /// memory must stay valid until `unregister_buffer`. 0 or negative.
     fn register_buffer(&self, py: Python<'_>, buffer_ptr: u64, size: u64) -> i32 {
-        let Some(s) = self.st() else { return NOT_SET_UP };
+        let Some(s) = self.st() else {
+            return NOT_SET_UP;
+        };
         py.detach(move || {
             let loc = match mem::resolve_location(buffer_ptr, size, "*") {
                 Ok(l) => l,
@@ -565,7 +625,12 @@ impl MooncakeDistributedStore {
             // `unregister_buffer(buffer_ptr)` returns. It was checked to be non-empty,
             // non-wrapping and mapped (host) or CUDA memory of the named device.
             let memory = unsafe {
-                ForeignMemory::new(buffer_ptr, size as usize, location, mooncake::Access::ReadWrite)
+                ForeignMemory::new(
+                    buffer_ptr,
+                    size as usize,
+                    location,
+                    mooncake::Access::ReadWrite,
+                )
             };
             let r = s.client.register_buffer(Arc::new(memory));
             if let Err(e) = &r {
@@ -577,22 +642,40 @@ impl MooncakeDistributedStore {
 
     /// Unregisters a buffer; waits for transfers using it. 0 or negative.
     fn unregister_buffer(&self, py: Python<'_>, buffer_ptr: u64) -> i32 {
-        let Some(s) = self.st() else { return NOT_SET_UP };
+        let Some(s) = self.st() else {
+            return NOT_SET_UP;
+        };
         py.detach(move || code(&s.client.unregister_buffer(buffer_ptr)))
     }
 
     /// Stores `value` (bytes) under `key`. 0 or negative.
     #[pyo3(signature = (key, value, config=None))]
-    fn put(&self, py: Python<'_>, key: &str, value: &[u8], config: Option<PyRef<'_, ReplicateConfig>>) -> i32 {
-        let Some(s) = self.st() else { return NOT_SET_UP };
+    fn put(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        value: &[u8],
+        config: Option<PyRef<'_, ReplicateConfig>>,
+    ) -> i32 {
+        let Some(s) = self.st() else {
+            return NOT_SET_UP;
+        };
         let c = cfg(config);
         py.detach(move || code(&s.client.put(key, value, &c)))
     }
 
     /// Replaces (or inserts) `value` under `key`. 0 or negative.
     #[pyo3(signature = (key, value, config=None))]
-    fn upsert(&self, py: Python<'_>, key: &str, value: &[u8], config: Option<PyRef<'_, ReplicateConfig>>) -> i32 {
-        let Some(s) = self.st() else { return NOT_SET_UP };
+    fn upsert(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        value: &[u8],
+        config: Option<PyRef<'_, ReplicateConfig>>,
+    ) -> i32 {
+        let Some(s) = self.st() else {
+            return NOT_SET_UP;
+        };
         let c = cfg(config);
         py.detach(move || code(&s.client.upsert(key, value, &c)))
     }
@@ -609,13 +692,21 @@ impl MooncakeDistributedStore {
     }
 
     /// The values of `keys` (None for a missing one).
-    fn _batch_get_buffer<'py>(&self, py: Python<'py>, keys: Vec<String>) -> Vec<Option<Bound<'py, PyBytes>>> {
-        let Some(s) = self.st() else { return keys.iter().map(|_| None).collect() };
+    fn _batch_get_buffer<'py>(
+        &self,
+        py: Python<'py>,
+        keys: Vec<String>,
+    ) -> Vec<Option<Bound<'py, PyBytes>>> {
+        let Some(s) = self.st() else {
+            return keys.iter().map(|_| None).collect();
+        };
         let vals = py.detach(move || {
             let ks: Vec<&str> = keys.iter().map(String::as_str).collect();
             s.client.get_batch(&ks)
         });
-        vals.into_iter().map(|r| r.ok().map(|v| PyBytes::new(py, &v))).collect()
+        vals.into_iter()
+            .map(|r| r.ok().map(|v| PyBytes::new(py, &v)))
+            .collect()
     }
 
     /// The values of `keys` (empty bytes for a missing one).
@@ -628,8 +719,16 @@ impl MooncakeDistributedStore {
 
     /// Stores many values (bytes). 0 if all succeeded, else the first error.
     #[pyo3(signature = (keys, values, config=None))]
-    fn put_batch(&self, py: Python<'_>, keys: Vec<String>, values: Vec<Vec<u8>>, config: Option<PyRef<'_, ReplicateConfig>>) -> i32 {
-        let Some(s) = self.st() else { return NOT_SET_UP };
+    fn put_batch(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        values: Vec<Vec<u8>>,
+        config: Option<PyRef<'_, ReplicateConfig>>,
+    ) -> i32 {
+        let Some(s) = self.st() else {
+            return NOT_SET_UP;
+        };
         if keys.len() != values.len() {
             return StoreErrorCode::InvalidParams.code();
         }
@@ -648,8 +747,16 @@ impl MooncakeDistributedStore {
 
     /// Stores the concatenation of `parts` (bytes) under `key`. 0 or negative.
     #[pyo3(signature = (key, *parts, config=None))]
-    fn put_parts(&self, py: Python<'_>, key: &str, parts: &Bound<'_, PyTuple>, config: Option<PyRef<'_, ReplicateConfig>>) -> PyResult<i32> {
-        let Some(s) = self.st() else { return Ok(NOT_SET_UP) };
+    fn put_parts(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        parts: &Bound<'_, PyTuple>,
+        config: Option<PyRef<'_, ReplicateConfig>>,
+    ) -> PyResult<i32> {
+        let Some(s) = self.st() else {
+            return Ok(NOT_SET_UP);
+        };
         let parts: Vec<Vec<u8>> = parts.iter().map(|p| p.extract()).collect::<PyResult<_>>()?;
         let c = cfg(config);
         Ok(py.detach(move || {
@@ -660,16 +767,34 @@ impl MooncakeDistributedStore {
 
     /// Zero-copy put of `size` registered bytes at `buffer_ptr`. 0 or negative.
     #[pyo3(signature = (key, buffer_ptr, size, config=None))]
-    fn put_from(&self, py: Python<'_>, key: &str, buffer_ptr: u64, size: u64, config: Option<PyRef<'_, ReplicateConfig>>) -> i32 {
-        let Some(s) = self.st() else { return NOT_SET_UP };
+    fn put_from(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        buffer_ptr: u64,
+        size: u64,
+        config: Option<PyRef<'_, ReplicateConfig>>,
+    ) -> i32 {
+        let Some(s) = self.st() else {
+            return NOT_SET_UP;
+        };
         let c = cfg(config);
         py.detach(move || code(&s.client.put_from(key, buffer_ptr, size, &c)))
     }
 
     /// Zero-copy upsert. 0 or negative.
     #[pyo3(signature = (key, buffer_ptr, size, config=None))]
-    fn upsert_from(&self, py: Python<'_>, key: &str, buffer_ptr: u64, size: u64, config: Option<PyRef<'_, ReplicateConfig>>) -> i32 {
-        let Some(s) = self.st() else { return NOT_SET_UP };
+    fn upsert_from(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        buffer_ptr: u64,
+        size: u64,
+        config: Option<PyRef<'_, ReplicateConfig>>,
+    ) -> i32 {
+        let Some(s) = self.st() else {
+            return NOT_SET_UP;
+        };
         let c = cfg(config);
         py.detach(move || code(&s.client.upsert_from(key, buffer_ptr, size, &c)))
     }
@@ -677,46 +802,95 @@ impl MooncakeDistributedStore {
     /// Zero-copy get into `size` registered bytes at `buffer_ptr`: the bytes read, or
     /// negative (-600 if the buffer is too small, -704 if missing).
     fn get_into(&self, py: Python<'_>, key: &str, buffer_ptr: u64, size: u64) -> i64 {
-        let Some(s) = self.st() else { return NOT_SET_UP.into() };
+        let Some(s) = self.st() else {
+            return NOT_SET_UP.into();
+        };
         py.detach(move || bytes_read(s.client.get_into(key, buffer_ptr, size)))
     }
 
     /// Zero-copy batch put; per key 0 or negative.
     #[pyo3(signature = (keys, buffer_ptrs, sizes, config=None))]
-    fn batch_put_from(&self, py: Python<'_>, keys: Vec<String>, buffer_ptrs: Vec<u64>, sizes: Vec<u64>, config: Option<PyRef<'_, ReplicateConfig>>) -> Vec<i32> {
-        let Some(s) = self.st() else { return vec![NOT_SET_UP; keys.len()] };
+    fn batch_put_from(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        buffer_ptrs: Vec<u64>,
+        sizes: Vec<u64>,
+        config: Option<PyRef<'_, ReplicateConfig>>,
+    ) -> Vec<i32> {
+        let Some(s) = self.st() else {
+            return vec![NOT_SET_UP; keys.len()];
+        };
         let c = cfg(config);
         py.detach(move || {
             let ks: Vec<&str> = keys.iter().map(String::as_str).collect();
-            s.client.batch_put_from(&ks, &buffer_ptrs, &sizes, &c).iter().map(code).collect()
+            s.client
+                .batch_put_from(&ks, &buffer_ptrs, &sizes, &c)
+                .iter()
+                .map(code)
+                .collect()
         })
     }
 
     /// Zero-copy batch upsert; per key 0 or negative.
     #[pyo3(signature = (keys, buffer_ptrs, sizes, config=None))]
-    fn batch_upsert_from(&self, py: Python<'_>, keys: Vec<String>, buffer_ptrs: Vec<u64>, sizes: Vec<u64>, config: Option<PyRef<'_, ReplicateConfig>>) -> Vec<i32> {
-        let Some(s) = self.st() else { return vec![NOT_SET_UP; keys.len()] };
+    fn batch_upsert_from(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        buffer_ptrs: Vec<u64>,
+        sizes: Vec<u64>,
+        config: Option<PyRef<'_, ReplicateConfig>>,
+    ) -> Vec<i32> {
+        let Some(s) = self.st() else {
+            return vec![NOT_SET_UP; keys.len()];
+        };
         let c = cfg(config);
         py.detach(move || {
             let ks: Vec<&str> = keys.iter().map(String::as_str).collect();
-            s.client.batch_upsert_from(&ks, &buffer_ptrs, &sizes, &c).iter().map(code).collect()
+            s.client
+                .batch_upsert_from(&ks, &buffer_ptrs, &sizes, &c)
+                .iter()
+                .map(code)
+                .collect()
         })
     }
 
     /// Zero-copy batch get; per key the bytes read or negative.
-    fn batch_get_into(&self, py: Python<'_>, keys: Vec<String>, buffer_ptrs: Vec<u64>, sizes: Vec<u64>) -> Vec<i64> {
-        let Some(s) = self.st() else { return vec![NOT_SET_UP.into(); keys.len()] };
+    fn batch_get_into(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        buffer_ptrs: Vec<u64>,
+        sizes: Vec<u64>,
+    ) -> Vec<i64> {
+        let Some(s) = self.st() else {
+            return vec![NOT_SET_UP.into(); keys.len()];
+        };
         py.detach(move || {
             let ks: Vec<&str> = keys.iter().map(String::as_str).collect();
-            s.client.batch_get_into(&ks, &buffer_ptrs, &sizes).into_iter().map(bytes_read).collect()
+            s.client
+                .batch_get_into(&ks, &buffer_ptrs, &sizes)
+                .into_iter()
+                .map(bytes_read)
+                .collect()
         })
     }
 
     /// Batch put where each object is the concatenation of its buffers; per key 0 or
     /// negative.
     #[pyo3(signature = (keys, all_buffer_ptrs, all_sizes, config=None))]
-    fn batch_put_from_multi_buffers(&self, py: Python<'_>, keys: Vec<String>, all_buffer_ptrs: Vec<Vec<u64>>, all_sizes: Vec<Vec<u64>>, config: Option<PyRef<'_, ReplicateConfig>>) -> Vec<i32> {
-        let Some(s) = self.st() else { return vec![NOT_SET_UP; keys.len()] };
+    fn batch_put_from_multi_buffers(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        all_buffer_ptrs: Vec<Vec<u64>>,
+        all_sizes: Vec<Vec<u64>>,
+        config: Option<PyRef<'_, ReplicateConfig>>,
+    ) -> Vec<i32> {
+        let Some(s) = self.st() else {
+            return vec![NOT_SET_UP; keys.len()];
+        };
         let c = cfg(config);
         py.detach(move || {
             let n = keys.len();
@@ -733,7 +907,10 @@ impl MooncakeDistributedStore {
                 }
             }
             let ks: Vec<&str> = ok_idx.iter().map(|&i| keys[i].as_str()).collect();
-            for (i, r) in ok_idx.into_iter().zip(s.client.batch_put_from_multi_buffers(&ks, &bufs, &c)) {
+            for (i, r) in ok_idx
+                .into_iter()
+                .zip(s.client.batch_put_from_multi_buffers(&ks, &bufs, &c))
+            {
                 out[i] = code(&r);
             }
             out
@@ -743,9 +920,18 @@ impl MooncakeDistributedStore {
     /// Batch get scattering each object over its buffers; per key the bytes read or
     /// negative.
     #[pyo3(signature = (keys, all_buffer_ptrs, all_sizes, prefer_alloc_in_same_node=false))]
-    fn batch_get_into_multi_buffers(&self, py: Python<'_>, keys: Vec<String>, all_buffer_ptrs: Vec<Vec<u64>>, all_sizes: Vec<Vec<u64>>, prefer_alloc_in_same_node: bool) -> Vec<i64> {
+    fn batch_get_into_multi_buffers(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        all_buffer_ptrs: Vec<Vec<u64>>,
+        all_sizes: Vec<Vec<u64>>,
+        prefer_alloc_in_same_node: bool,
+    ) -> Vec<i64> {
         let _ = prefer_alloc_in_same_node;
-        let Some(s) = self.st() else { return vec![NOT_SET_UP.into(); keys.len()] };
+        let Some(s) = self.st() else {
+            return vec![NOT_SET_UP.into(); keys.len()];
+        };
         py.detach(move || {
             let n = keys.len();
             let bad = i64::from(StoreErrorCode::InvalidParams.code());
@@ -762,7 +948,10 @@ impl MooncakeDistributedStore {
                 }
             }
             let ks: Vec<&str> = ok_idx.iter().map(|&i| keys[i].as_str()).collect();
-            for (i, r) in ok_idx.into_iter().zip(s.client.batch_get_into_multi_buffers(&ks, &bufs)) {
+            for (i, r) in ok_idx
+                .into_iter()
+                .zip(s.client.batch_get_into_multi_buffers(&ks, &bufs))
+            {
                 out[i] = bytes_read(r);
             }
             out
@@ -772,8 +961,16 @@ impl MooncakeDistributedStore {
     /// Starts a put session: allocates every key (one master round trip). Per key 0 (to
     /// write, or already stored: nothing to write) or negative.
     #[pyo3(signature = (keys, sizes, config=None))]
-    fn batch_put_session_start(&self, py: Python<'_>, keys: Vec<String>, sizes: Vec<u64>, config: Option<PyRef<'_, ReplicateConfig>>) -> Vec<i32> {
-        let Some(s) = self.st() else { return vec![NOT_SET_UP; keys.len()] };
+    fn batch_put_session_start(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        sizes: Vec<u64>,
+        config: Option<PyRef<'_, ReplicateConfig>>,
+    ) -> Vec<i32> {
+        let Some(s) = self.st() else {
+            return vec![NOT_SET_UP; keys.len()];
+        };
         let c = cfg(config);
         py.detach(move || {
             let n = keys.len();
@@ -784,7 +981,9 @@ impl MooncakeDistributedStore {
             let mut out = vec![bad; n];
             let busy = s.put_sessions.lock().unwrap_or_else(|p| p.into_inner());
             let mut seen = std::collections::HashSet::new();
-            let idx: Vec<usize> = (0..n).filter(|&i| !busy.contains_key(&keys[i]) && seen.insert(keys[i].as_str())).collect();
+            let idx: Vec<usize> = (0..n)
+                .filter(|&i| !busy.contains_key(&keys[i]) && seen.insert(keys[i].as_str()))
+                .collect();
             drop(busy);
             let ks: Vec<&str> = idx.iter().map(|&i| keys[i].as_str()).collect();
             let ss: Vec<u64> = idx.iter().map(|&i| sizes[i]).collect();
@@ -798,7 +997,12 @@ impl MooncakeDistributedStore {
                 }
             };
             let results = session.start_results();
-            let failed: Vec<&str> = ks.iter().zip(&results).filter(|(_, r)| r.is_err()).map(|(k, _)| *k).collect();
+            let failed: Vec<&str> = ks
+                .iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_err())
+                .map(|(k, _)| *k)
+                .collect();
             drop(session.split_off(&failed));
             let session = Arc::new(Mutex::new(session));
             let mut busy = s.put_sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -814,8 +1018,17 @@ impl MooncakeDistributedStore {
 
     /// Writes ranges of put-session keys (`all_dst_offsets`: where each buffer goes in the
     /// object). Per key the bytes written or negative.
-    fn batch_put_from_multi_buffer_ranges(&self, py: Python<'_>, keys: Vec<String>, all_buffer_ptrs: Vec<Vec<u64>>, all_sizes: Vec<Vec<u64>>, all_dst_offsets: Vec<Vec<u64>>) -> Vec<i64> {
-        let Some(s) = self.st() else { return vec![NOT_SET_UP.into(); keys.len()] };
+    fn batch_put_from_multi_buffer_ranges(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        all_buffer_ptrs: Vec<Vec<u64>>,
+        all_sizes: Vec<Vec<u64>>,
+        all_dst_offsets: Vec<Vec<u64>>,
+    ) -> Vec<i64> {
+        let Some(s) = self.st() else {
+            return vec![NOT_SET_UP.into(); keys.len()];
+        };
         py.detach(move || {
             let n = keys.len();
             let bad = i64::from(StoreErrorCode::InvalidParams.code());
@@ -825,14 +1038,21 @@ impl MooncakeDistributedStore {
             let ranges = ranges_of(&all_buffer_ptrs, &all_sizes, &all_dst_offsets);
             let sessions: Vec<_> = {
                 let map = s.put_sessions.lock().unwrap_or_else(|p| p.into_inner());
-                (0..n).map(|i| ranges[i].as_ref().ok().and(map.get(&keys[i]).cloned())).collect()
+                (0..n)
+                    .map(|i| ranges[i].as_ref().ok().and(map.get(&keys[i]).cloned()))
+                    .collect()
             };
             let mut parts = Vec::new();
             for (sess, idx) in group_by(sessions) {
                 let ks: Vec<&str> = idx.iter().map(|&i| keys[i].as_str()).collect();
-                let rs: Vec<Vec<BufferRange>> = idx.iter().map(|&i| ranges[i].clone().unwrap_or_default()).collect();
+                let rs: Vec<Vec<BufferRange>> = idx
+                    .iter()
+                    .map(|&i| ranges[i].clone().unwrap_or_default())
+                    .collect();
                 let mut guard = sess.lock().unwrap_or_else(|p| p.into_inner());
-                let res = s.client.batch_put_from_multi_buffer_ranges(&mut guard, &ks, &rs);
+                let res = s
+                    .client
+                    .batch_put_from_multi_buffer_ranges(&mut guard, &ks, &rs);
                 let vals = res
                     .into_iter()
                     .zip(&rs)
@@ -860,7 +1080,9 @@ impl MooncakeDistributedStore {
     /// Starts a get session: replica lists and leases of every key (one round trip). Per
     /// key 0 or negative (-704 missing).
     fn batch_get_session_start(&self, py: Python<'_>, keys: Vec<String>) -> Vec<i32> {
-        let Some(s) = self.st() else { return vec![NOT_SET_UP; keys.len()] };
+        let Some(s) = self.st() else {
+            return vec![NOT_SET_UP; keys.len()];
+        };
         py.detach(move || {
             let ks: Vec<&str> = keys.iter().map(String::as_str).collect();
             let session = match s.client.batch_get_session_start(&ks) {
@@ -883,8 +1105,17 @@ impl MooncakeDistributedStore {
 
     /// Reads ranges of get-session keys (`all_src_offsets`: where each buffer's bytes start
     /// in the object). Per key the bytes read, or negative (-707 once the lease ended).
-    fn batch_get_into_multi_buffer_ranges(&self, py: Python<'_>, keys: Vec<String>, all_buffer_ptrs: Vec<Vec<u64>>, all_sizes: Vec<Vec<u64>>, all_src_offsets: Vec<Vec<u64>>) -> Vec<i64> {
-        let Some(s) = self.st() else { return vec![NOT_SET_UP.into(); keys.len()] };
+    fn batch_get_into_multi_buffer_ranges(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        all_buffer_ptrs: Vec<Vec<u64>>,
+        all_sizes: Vec<Vec<u64>>,
+        all_src_offsets: Vec<Vec<u64>>,
+    ) -> Vec<i64> {
+        let Some(s) = self.st() else {
+            return vec![NOT_SET_UP.into(); keys.len()];
+        };
         py.detach(move || {
             let n = keys.len();
             let bad = i64::from(StoreErrorCode::InvalidParams.code());
@@ -894,12 +1125,17 @@ impl MooncakeDistributedStore {
             let ranges = ranges_of(&all_buffer_ptrs, &all_sizes, &all_src_offsets);
             let sessions: Vec<_> = {
                 let map = s.get_sessions.lock().unwrap_or_else(|p| p.into_inner());
-                (0..n).map(|i| ranges[i].as_ref().ok().and(map.get(&keys[i]).cloned())).collect()
+                (0..n)
+                    .map(|i| ranges[i].as_ref().ok().and(map.get(&keys[i]).cloned()))
+                    .collect()
             };
             let mut parts = Vec::new();
             for (sess, idx) in group_by(sessions) {
                 let ks: Vec<&str> = idx.iter().map(|&i| keys[i].as_str()).collect();
-                let rs: Vec<Vec<BufferRange>> = idx.iter().map(|&i| ranges[i].clone().unwrap_or_default()).collect();
+                let rs: Vec<Vec<BufferRange>> = idx
+                    .iter()
+                    .map(|&i| ranges[i].clone().unwrap_or_default())
+                    .collect();
                 let vals = s
                     .client
                     .batch_get_into_multi_buffer_ranges(&sess, &ks, &rs)
@@ -914,7 +1150,9 @@ impl MooncakeDistributedStore {
 
     /// Ends the get session of these keys. 0.
     fn batch_get_session_end(&self, keys: Vec<String>) -> i32 {
-        let Some(s) = self.st() else { return NOT_SET_UP };
+        let Some(s) = self.st() else {
+            return NOT_SET_UP;
+        };
         let mut map = s.get_sessions.lock().unwrap_or_else(|p| p.into_inner());
         for k in keys {
             map.remove(&k);
@@ -934,7 +1172,9 @@ impl MooncakeDistributedStore {
 
     /// Per key 1 / 0 / -1 (one round trip).
     fn batch_is_exist(&self, py: Python<'_>, keys: Vec<String>) -> Vec<i32> {
-        let Some(s) = self.st() else { return vec![-1; keys.len()] };
+        let Some(s) = self.st() else {
+            return vec![-1; keys.len()];
+        };
         py.detach(move || {
             let ks: Vec<&str> = keys.iter().map(String::as_str).collect();
             s.client
@@ -951,7 +1191,9 @@ impl MooncakeDistributedStore {
 
     /// The object size of `key`, or negative.
     fn get_size(&self, py: Python<'_>, key: &str) -> i64 {
-        let Some(s) = self.st() else { return NOT_SET_UP.into() };
+        let Some(s) = self.st() else {
+            return NOT_SET_UP.into();
+        };
         py.detach(move || match s.client.batch_query(&[key]).pop() {
             Some(Ok(info)) => info.size as i64,
             Some(Err(e)) => e.code().into(),
@@ -960,7 +1202,11 @@ impl MooncakeDistributedStore {
     }
 
     /// `{key: [ReplicaDescriptor, …]}` (an empty list for a missing key).
-    fn batch_get_replica_desc<'py>(&self, py: Python<'py>, keys: Vec<String>) -> PyResult<Bound<'py, PyDict>> {
+    fn batch_get_replica_desc<'py>(
+        &self,
+        py: Python<'py>,
+        keys: Vec<String>,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         let Some(s) = self.st() else { return Ok(d) };
         let ks = keys.clone();
@@ -980,7 +1226,9 @@ impl MooncakeDistributedStore {
 
     /// The replicas of `key` (empty if missing).
     fn get_replica_desc(&self, py: Python<'_>, key: String) -> PyResult<Vec<ReplicaDescriptor>> {
-        let Some(s) = self.st() else { return Ok(Vec::new()) };
+        let Some(s) = self.st() else {
+            return Ok(Vec::new());
+        };
         Ok(py.detach(move || {
             s.client
                 .batch_get_replica_desc(&[key.as_str()])
@@ -996,14 +1244,18 @@ impl MooncakeDistributedStore {
     /// Removes `key` (-706 while leased, unless `force`). 0 or negative.
     #[pyo3(signature = (key, force=false))]
     fn remove(&self, py: Python<'_>, key: &str, force: bool) -> i32 {
-        let Some(s) = self.st() else { return NOT_SET_UP };
+        let Some(s) = self.st() else {
+            return NOT_SET_UP;
+        };
         py.detach(move || code(&s.client.remove(key, force)))
     }
 
     /// Removes many keys; per key 0 or negative.
     #[pyo3(signature = (keys, force=false))]
     fn batch_remove(&self, py: Python<'_>, keys: Vec<String>, force: bool) -> Vec<i32> {
-        let Some(s) = self.st() else { return vec![NOT_SET_UP; keys.len()] };
+        let Some(s) = self.st() else {
+            return vec![NOT_SET_UP; keys.len()];
+        };
         py.detach(move || {
             let ks: Vec<&str> = keys.iter().map(String::as_str).collect();
             s.client.batch_remove(&ks, force).iter().map(code).collect()
@@ -1013,7 +1265,9 @@ impl MooncakeDistributedStore {
     /// Removes every key of the tenant; how many, or negative.
     #[pyo3(signature = (force=false))]
     fn remove_all(&self, py: Python<'_>, force: bool) -> i64 {
-        let Some(s) = self.st() else { return NOT_SET_UP.into() };
+        let Some(s) = self.st() else {
+            return NOT_SET_UP.into();
+        };
         py.detach(move || match s.client.remove_all(force) {
             Ok(n) => n as i64,
             Err(e) => e.code().into(),
@@ -1047,10 +1301,19 @@ impl MooncakeDistributedStore {
     ) -> i32 {
         let master = master.trim();
         if master.contains("://") || master.contains(';') {
-            tracing::warn!("setup: master {master:?}: only host:port is supported (no HA locators)");
+            tracing::warn!(
+                "setup: master {master:?}: only host:port is supported (no HA locators)"
+            );
             return StoreErrorCode::InvalidParams.code();
         }
-        let engine = match engine_for(py, engine, local_hostname, metadata_server, protocol, devices) {
+        let engine = match engine_for(
+            py,
+            engine,
+            local_hostname,
+            metadata_server,
+            protocol,
+            devices,
+        ) {
             Ok(Ok(e)) => e,
             Ok(Err(e)) => {
                 tracing::warn!("setup: cannot start the transfer engine: {e}");
@@ -1078,7 +1341,9 @@ impl MooncakeDistributedStore {
     }
 
     fn finish_put(&self, py: Python<'_>, keys: Vec<String>, revoke: bool) -> Vec<i32> {
-        let Some(s) = self.st() else { return vec![NOT_SET_UP; keys.len()] };
+        let Some(s) = self.st() else {
+            return vec![NOT_SET_UP; keys.len()];
+        };
         py.detach(move || {
             let n = keys.len();
             let sessions: Vec<_> = {
@@ -1088,16 +1353,24 @@ impl MooncakeDistributedStore {
             let mut parts = Vec::new();
             for (sess, idx) in group_by(sessions) {
                 let ks: Vec<&str> = idx.iter().map(|&i| keys[i].as_str()).collect();
-                let part = sess.lock().unwrap_or_else(|p| p.into_inner()).split_off(&ks);
+                let part = sess
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .split_off(&ks);
                 let vals: Vec<i32> = if revoke {
                     let c = code(&s.client.batch_put_session_revoke(part));
                     vec![c; ks.len()]
                 } else {
                     let order: Vec<String> = part.keys().to_vec();
                     let res = s.client.batch_put_session_end(part);
-                    let by_key: HashMap<&str, i32> =
-                        order.iter().map(String::as_str).zip(res.iter().map(code)).collect();
-                    ks.iter().map(|k| by_key.get(k).copied().unwrap_or(-1)).collect()
+                    let by_key: HashMap<&str, i32> = order
+                        .iter()
+                        .map(String::as_str)
+                        .zip(res.iter().map(code))
+                        .collect();
+                    ks.iter()
+                        .map(|k| by_key.get(k).copied().unwrap_or(-1))
+                        .collect()
                 };
                 parts.push((idx, vals));
             }
