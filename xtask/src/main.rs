@@ -195,7 +195,14 @@ fn target_dir() -> std::path::PathBuf {
 /// Builds the `mooncake` binary, bundles it into the package and builds the wheel with
 /// maturin; returns the wheel's path.
 fn wheel(py: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
-    run(cargo().args(["build", "--release", "-p", "mooncake-cli", "--bin", "mooncake"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "mooncake-cli",
+        "--bin",
+        "mooncake",
+    ]))?;
     let target = target_dir();
     let bin_dir = root().join("crates/mooncake-py/python/mooncake/_bin");
     std::fs::create_dir_all(&bin_dir)?;
@@ -223,7 +230,8 @@ fn python_tests() -> anyhow::Result<()> {
     let py = python_venv()?;
     let wheel = wheel(&py)?;
     run(Command::new(&py)
-        .args(["-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps"])
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(["--force-reinstall", "--no-deps"])
         .arg(&wheel))?;
     // Run from the tests folder so `import mooncake` is the installed wheel, not the source.
     run(Command::new(&py)
