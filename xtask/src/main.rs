@@ -111,7 +111,16 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
     // Tests that need root (network namespaces) are ignored by default; run them here.
     for (pkg, test) in ROOT_TESTS {
         if is_root() {
-            run(cargo().args(["test", "-p", pkg, "--all-features", "--test", test, "--", "--ignored"]))?;
+            run(cargo().args([
+                "test",
+                "-p",
+                pkg,
+                "--all-features",
+                "--test",
+                test,
+                "--",
+                "--ignored",
+            ]))?;
         } else {
             eprintln!("xtask: not root: {pkg} --test {test} (network namespaces) was NOT run");
         }
