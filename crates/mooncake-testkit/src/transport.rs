@@ -555,11 +555,38 @@ impl ChildPeer {
         &self.descriptor.name
     }
 
-    /// Sends `sig` to the child.
+    /// Sends `sig` to the child. For `SIGSTOP`, returns once every thread of the child is
+    /// stopped (delivery is asynchronous: the child may run on briefly after `kill`).
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
         assert_eq!(rc, 0, "kill({sig})");
+        if sig == libc::SIGSTOP {
+            let t0 = Instant::now();
+            while !self.all_threads_stopped() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "the child did not stop"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// True when every thread of the child is in the stopped state (`T` in its stat).
+    fn all_threads_stopped(&self) -> bool {
+        let dir = format!("/proc/{}/task", self.child.id());
+        let Ok(tasks) = std::fs::read_dir(&dir) else {
+            return false;
+        };
+        tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
+                // The state follows the command name in parentheses.
+                st.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next())
+                    == Some('T')
+            })
+        })
     }
 }
 
