@@ -71,7 +71,10 @@ const BUILD_DEPS: &[(&str, &str)] = &[
 const ROOT_TESTS: &[(&str, &str)] = &[("mooncake-transport-tcp", "multipath")];
 
 /// Examples that must run to completion.
-const EXAMPLES: &[(&str, &str)] = &[("mooncake", "tcp_transfer")];
+const EXAMPLES: &[(&str, &str)] = &[
+    ("mooncake", "tcp_transfer"),
+    ("mooncake-store", "store_put_get"),
+];
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
