@@ -68,7 +68,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for r in client.batch_get_into(&keys, &dst_addrs, &sizes) {
         assert_eq!(r?, BLOCK as u64);
     }
-    assert_eq!(dst.to_vec(), data, "every block read back equals what was stored");
+    assert_eq!(
+        dst.to_vec(),
+        data,
+        "every block read back equals what was stored"
+    );
     println!(
         "stored and read back {} values ({} KiB); every byte verified",
         N + 1,
