@@ -739,8 +739,21 @@ impl ClientConn {
             self.outstanding.fetch_sub(s.len, Ordering::Relaxed);
         }
         self.shared.conns.fetch_sub(1, Ordering::AcqRel);
+        // An idle pooled connection that the peer closed (it exited or dropped it) costs
+        // nothing: only a connection that had work is worth a warning.
         if reason.kind() != ErrorKind::Closed {
-            warn!("tcp connection to {:?} failed: {reason}", self.peer_name());
+            if slices.is_empty() {
+                debug!(
+                    "idle tcp connection to {:?} closed: {reason}",
+                    self.peer_name()
+                );
+            } else {
+                warn!(
+                    "tcp connection to {:?} failed with {} slices unfinished: {reason}",
+                    self.peer_name(),
+                    slices.len()
+                );
+            }
         }
         match self.peer.upgrade() {
             Some(p) => p.on_conn_closed(self, &reason, slices),
