@@ -7,9 +7,9 @@
 //! one busy connection cannot starve the others), runs posted commands, and ticks its
 //! connections' deadlines every [`TICK`].
 //!
-//! The number of loops is `MC_TCP_IO_THREADS` if set, else the number of CPUs, at most 4.
+//! The number of loops is `MC_TCP_IO_THREADS` if set, else the number of CPUs, at most 16.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -159,22 +159,10 @@ pub(crate) struct Cx<'a> {
     free: &'a mut Vec<u32>,
     ready: &'a mut VecDeque<Token>,
     closing: &'a mut Vec<Token>,
-    /// The initiators whose connections this loop serves, for epoch fencing.
-    pub(crate) fences: &'a mut HashMap<FenceKey, Fence>,
     /// The token of the entry being called (handlers learn their own token from it).
     pub(crate) current: Token,
     /// The time this turn started.
     pub(crate) now: Instant,
-}
-
-/// Who a target connection serves: (target transport id, initiator name, its generation).
-pub(crate) type FenceKey = (u64, String, u64);
-
-/// The connections of one initiator on this loop and the highest epoch it used.
-#[derive(Default)]
-pub(crate) struct Fence {
-    pub(crate) max_epoch: u64,
-    pub(crate) conns: Vec<(Token, u64)>,
 }
 
 impl Cx<'_> {
@@ -321,7 +309,7 @@ fn thread_count() -> usize {
         .unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
-                .min(4)
+                .min(16)
         })
 }
 
@@ -335,7 +323,6 @@ fn run(handle: Arc<LoopHandle>) {
     let mut free: Vec<u32> = Vec::new();
     let mut ready: VecDeque<Token> = VecDeque::new();
     let mut closing: Vec<Token> = Vec::new();
-    let mut fences: HashMap<FenceKey, Fence> = HashMap::new();
     let mut events: Vec<Event> = Vec::with_capacity(256);
     let mut next_tick = Instant::now() + TICK;
     loop {
@@ -357,7 +344,6 @@ fn run(handle: Arc<LoopHandle>) {
             free: &mut free,
             ready: &mut ready,
             closing: &mut closing,
-            fences: &mut fences,
             current: Token {
                 index: u32::MAX,
                 generation: 0,

@@ -3,18 +3,19 @@
 //! Every requested range is checked against the registry (and its access rights) before a
 //! byte is touched; payloads move straight between the socket and registered memory.
 //!
-//! A connection starts in the listener's loop, reads the hello, and moves to the loop that
-//! serves its initiator (a hash of the initiator's name and generation), so that all of an
-//! initiator's connections to this target live on one loop. There, a hello with a higher
-//! epoch closes the initiator's older connections before it is acknowledged: a write retried
-//! after a failure is applied only after every older attempt's connection is gone.
+//! A connection starts in the listener's loop, reads the hello, and moves to the next loop
+//! in turn, so that an initiator's connections (and their payload copies) spread over every
+//! loop. There it registers in the transport's fence table: a hello with a higher epoch than
+//! the initiator used before closes the initiator's older connections — on this loop at once,
+//! on other loops through a command to each — and is acknowledged only when every one of
+//! them is closed: a write retried after a failure is applied only after every older
+//! attempt's connection is gone.
 
-use std::collections::VecDeque;
-use std::hash::{Hash, Hasher};
+use std::collections::{HashMap, VecDeque};
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mooncake_core::{BufferRegistry, Region, RegionLease, Requester};
@@ -23,7 +24,7 @@ use tracing::{debug, warn};
 use crate::io::{
     Body, Dest, OutFrame, Progress, RECV_BUF, RecvBuf, Sink, recv_payload, send_frames,
 };
-use crate::reactor::{Cx, Entry, Next, Reactor};
+use crate::reactor::{Cx, Entry, LoopHandle, Next, Reactor, Token};
 use crate::sys::{self, Io};
 use crate::wire::{self, FrameKind, Header, Hello, MAX_CONTROL_PAYLOAD, Status};
 
@@ -47,9 +48,40 @@ pub(crate) struct ServerShared {
     pub(crate) socket_buffer: Option<usize>,
     /// Initiators must prove they hold it before anything else happens.
     pub(crate) secret: Option<mooncake_core::ClusterSecret>,
+    /// The connections of every initiator and the highest epoch each used.
+    pub(crate) fences: Mutex<HashMap<FenceKey, Fence>>,
+    /// The loop the next accepted connection moves to.
+    pub(crate) next_loop: AtomicUsize,
+}
+
+/// Who a target connection serves: (initiator name, its generation).
+pub(crate) type FenceKey = (String, u64);
+
+/// The connections of one initiator and the highest epoch it used.
+#[derive(Default)]
+pub(crate) struct Fence {
+    max_epoch: u64,
+    conns: Vec<ConnRef>,
+}
+
+/// Where a registered connection lives.
+struct ConnRef {
+    lp: Arc<LoopHandle>,
+    token: Token,
+    epoch: u64,
+}
+
+impl ConnRef {
+    fn is(&self, lp: &LoopHandle, token: Token) -> bool {
+        self.lp.index == lp.index && self.token == token
+    }
 }
 
 impl ServerShared {
+    fn fences(&self) -> MutexGuard<'_, HashMap<FenceKey, Fence>> {
+        self.fences.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The deadline of a frame of `len` payload bytes that starts now.
     pub(crate) fn frame_deadline(&self, now: Instant, len: u64) -> Instant {
         now + self.timeout + Duration::from_secs_f64(len as f64 / self.min_rate as f64)
@@ -61,7 +93,8 @@ impl ServerShared {
 const MAX_OUT_BYTES: u64 = 64 << 20;
 /// Bytes a connection may move per loop turn before yielding to others.
 const BUDGET: u64 = 4 << 20;
-/// Initiators remembered per loop (with their highest epoch) before idle ones are dropped.
+/// Initiators remembered per transport (with their highest epoch) before idle ones are
+/// dropped.
 const MAX_FENCES: usize = 16_384;
 
 /// A listening socket in a loop.
@@ -133,8 +166,11 @@ enum Phase {
         nonce: [u8; mooncake_core::auth::NONCE_LEN],
         deadline: Instant,
     },
-    /// The hello was read (and proven); the connection is moving to its initiator's loop.
+    /// The hello was read (and proven); the connection is moving to its loop.
     Moving(Hello),
+    /// Registered under a newer epoch: waiting until the initiator's older connections on
+    /// other loops are closed, then acknowledged (nothing is read meanwhile).
+    Fencing { deadline: Instant },
     /// Serving requests.
     Ready,
 }
@@ -179,7 +215,7 @@ pub(crate) struct ServerConn {
     blocked: bool,
     /// Closed by a newer epoch of the same initiator: handle nothing more.
     fenced: bool,
-    fence: Option<(crate::reactor::FenceKey, u64)>,
+    fence: Option<FenceKey>,
     last_activity: Instant,
     last_progress: Instant,
     /// An error was sent; close once the queue is flushed.
@@ -193,10 +229,33 @@ fn error_frame(id: u64, status: Status, msg: &str) -> OutFrame {
     OutFrame::new(h.encode(), Body::Owned(msg.to_vec()))
 }
 
-fn loop_of(key: &crate::reactor::FenceKey) -> usize {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    h.finish() as usize
+fn hello_ack(generation: u64) -> OutFrame {
+    OutFrame::new(
+        Header::new(FrameKind::HelloAck, 0, generation, 0).encode(),
+        Body::None,
+    )
+}
+
+/// Closes the connection `token` of this loop because a newer epoch of its initiator
+/// arrived: it handles nothing more, and its leases are dropped before this returns.
+fn fence_close(cx: &mut Cx<'_>, token: Token) {
+    if let Some(Entry::Server(s)) = cx.get(token) {
+        s.fence_off();
+        s.fence = None;
+    }
+    cx.close_now(token);
+}
+
+/// Every older connection of the initiator of `token` (on this loop) is closed: acknowledge
+/// its hello and read what waited.
+fn fence_done(cx: &mut Cx<'_>, token: Token) {
+    if let Some(Entry::Server(s)) = cx.get(token)
+        && matches!(s.phase, Phase::Fencing { .. })
+    {
+        s.phase = Phase::Ready;
+        s.push(hello_ack(s.shared.generation));
+        cx.wake(token);
+    }
 }
 
 impl ServerConn {
@@ -264,13 +323,17 @@ impl ServerConn {
             return Next::Close;
         }
         if let Phase::Moving(_) = self.phase {
-            // Arrived at the initiator's loop.
+            // Arrived at its loop.
             let Phase::Moving(hello) = std::mem::replace(&mut self.phase, Phase::Ready) else {
                 unreachable!()
             };
             if !self.accept_hello(cx, hello) {
                 return self.close_after_flush();
             }
+        }
+        if let Phase::Fencing { .. } = self.phase {
+            // Requests wait in the socket until the fence is done (`fence_done` wakes us).
+            return Next::Idle;
         }
         if writable {
             self.blocked = false;
@@ -577,16 +640,11 @@ impl ServerConn {
         self.proven(cx, hello)
     }
 
-    /// The initiator is who it says (or no secret is configured): move to its loop, or
-    /// register it here.
+    /// The initiator is who it says (or no secret is configured): move to the next loop in
+    /// turn, or register it here.
     fn proven(&mut self, cx: &mut Cx<'_>, hello: Hello) -> std::io::Result<Step> {
-        let key = (
-            self.shared.id,
-            hello.initiator.clone(),
-            hello.initiator_generation,
-        );
         let reactor = Reactor::global()?;
-        let home = reactor.at(loop_of(&key));
+        let home = reactor.at(self.shared.next_loop.fetch_add(1, Ordering::Relaxed));
         if home.index != cx.handle.index {
             self.phase = Phase::Moving(hello);
             return Ok(Step::Move(home.clone()));
@@ -599,45 +657,65 @@ impl ServerConn {
         })
     }
 
-    /// Registers the connection under its initiator on this loop, closing the initiator's
-    /// older-epoch connections first, and acknowledges. False if the epoch is stale.
+    /// Registers the connection under its initiator in the fence table and acknowledges it,
+    /// once the initiator's older-epoch connections are closed: those on this loop at once,
+    /// those on other loops by a command to each (the acknowledgement then waits in
+    /// `Phase::Fencing` until the last one ran). False if the epoch is stale.
     fn accept_hello(&mut self, cx: &mut Cx<'_>, hello: Hello) -> bool {
-        let key = (self.shared.id, hello.initiator, hello.initiator_generation);
+        let key: FenceKey = (hello.initiator, hello.initiator_generation);
         let me = cx.current;
-        let fence = cx.fences.entry(key.clone()).or_default();
-        if hello.epoch < fence.max_epoch {
-            let msg = format!(
-                "epoch {} is older than {} already used by this initiator",
-                hello.epoch, fence.max_epoch
-            );
-            self.push(error_frame(0, Status::WrongSegment, &msg));
-            return false;
-        }
         let mut older = Vec::new();
-        if hello.epoch > fence.max_epoch {
-            fence.max_epoch = hello.epoch;
-            fence.conns.retain(|&(t, e)| {
-                if e < hello.epoch {
-                    older.push(t);
-                    false
-                } else {
-                    true
+        {
+            let mut fences = self.shared.fences();
+            let fence = fences.entry(key.clone()).or_default();
+            if hello.epoch < fence.max_epoch {
+                let msg = format!(
+                    "epoch {} is older than {} already used by this initiator",
+                    hello.epoch, fence.max_epoch
+                );
+                drop(fences);
+                self.push(error_frame(0, Status::WrongSegment, &msg));
+                return false;
+            }
+            if hello.epoch > fence.max_epoch {
+                fence.max_epoch = hello.epoch;
+                let (old, keep): (Vec<_>, Vec<_>) =
+                    fence.conns.drain(..).partition(|c| c.epoch < hello.epoch);
+                fence.conns = keep;
+                older = old;
+            }
+            fence.conns.push(ConnRef {
+                lp: cx.handle.clone(),
+                token: me,
+                epoch: hello.epoch,
+            });
+        }
+        self.fence = Some(key);
+        let (here, elsewhere): (Vec<_>, Vec<_>) = older
+            .into_iter()
+            .partition(|c| c.lp.index == cx.handle.index);
+        for c in here {
+            fence_close(cx, c.token);
+        }
+        if elsewhere.is_empty() {
+            self.push(hello_ack(self.shared.generation));
+            return true;
+        }
+        self.phase = Phase::Fencing {
+            deadline: cx.now + self.shared.timeout,
+        };
+        let pending = Arc::new(AtomicUsize::new(elsewhere.len()));
+        let home = cx.handle.clone();
+        for c in elsewhere {
+            let pending = pending.clone();
+            let home = home.clone();
+            c.lp.post(move |cx| {
+                fence_close(cx, c.token);
+                if pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    home.post(move |cx| fence_done(cx, me));
                 }
             });
         }
-        fence.conns.push((me, hello.epoch));
-        for t in older {
-            if let Some(Entry::Server(s)) = cx.get(t) {
-                s.fence_off();
-                s.fence = None;
-            }
-            cx.close_now(t);
-        }
-        self.fence = Some((key, hello.epoch));
-        self.push(OutFrame::new(
-            Header::new(FrameKind::HelloAck, 0, self.shared.generation, 0).encode(),
-            Body::None,
-        ));
         true
     }
 
@@ -646,7 +724,12 @@ impl ServerConn {
             return Next::Close;
         }
         let late = match (&self.phase, &self.recv) {
-            (Phase::Hello { deadline } | Phase::Proving { deadline, .. }, _) => now >= *deadline,
+            (
+                Phase::Hello { deadline }
+                | Phase::Proving { deadline, .. }
+                | Phase::Fencing { deadline },
+                _,
+            ) => now >= *deadline,
             (_, Recv::Write { deadline, .. } | Recv::Discard { deadline, .. }) => now >= *deadline,
             _ => false,
         };
@@ -718,17 +801,18 @@ impl ServerConn {
     }
 
     pub(crate) fn on_close(self, cx: &mut Cx<'_>) {
-        if let Some((key, _)) = &self.fence
-            && let Some(f) = cx.fences.get_mut(key)
-        {
-            let me = cx.current;
-            f.conns.retain(|&(t, _)| t != me);
-        }
-        // An initiator's highest epoch is kept after its connections close (a late hello
-        // with an older epoch is still refused); initiators with no connection left are
-        // forgotten only when the table grows large.
-        if cx.fences.len() > MAX_FENCES {
-            cx.fences.retain(|_, f| !f.conns.is_empty());
+        if let Some(key) = &self.fence {
+            let mut fences = self.shared.fences();
+            if let Some(f) = fences.get_mut(key) {
+                let me = cx.current;
+                f.conns.retain(|c| !c.is(cx.handle, me));
+            }
+            // An initiator's highest epoch is kept after its connections close (a late hello
+            // with an older epoch is still refused); initiators with no connection left are
+            // forgotten only when the table grows large.
+            if fences.len() > MAX_FENCES {
+                fences.retain(|_, f| !f.conns.is_empty());
+            }
         }
         sys::abort(&self.sock);
         self.shared.conns.fetch_sub(1, Ordering::AcqRel);

@@ -98,6 +98,8 @@ impl TcpTransport {
             closed: AtomicBool::new(false),
             socket_buffer: cfg.socket_buffer,
             secret: ctx.secret.clone(),
+            fences: Default::default(),
+            next_loop: AtomicUsize::new(0),
         });
         let mut listen_addrs = Vec::new();
         let mut listeners = Vec::new();
