@@ -445,7 +445,6 @@ impl ClientConn {
         peer.shared.stats.connects.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let progress_timeout = peer.progress_timeout();
-        let id = peer.shared.stats.connects.load(Ordering::Relaxed) as usize;
         let hello = Hello {
             target: peer.name.clone(),
             initiator: peer.shared.local_name.clone(),
@@ -465,7 +464,7 @@ impl ClientConn {
             peer: Arc::downgrade(peer),
             shared: peer.shared.clone(),
             sock,
-            lp: reactor.at(id).clone(),
+            lp: reactor.next().clone(),
             token: OnceLock::new(),
             st: Mutex::new(ConnSt {
                 phase: Phase::Connecting,

@@ -10,7 +10,7 @@
 //! The number of loops is `MC_TCP_IO_THREADS` if set, else the number of CPUs, at most 16.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -259,6 +259,8 @@ impl Cx<'_> {
 /// The process-wide set of loops.
 pub(crate) struct Reactor {
     loops: Vec<Arc<LoopHandle>>,
+    /// The loop the next connection (initiator or target side) goes to.
+    next: AtomicUsize,
 }
 
 impl Reactor {
@@ -287,12 +289,22 @@ impl Reactor {
                 .spawn(move || run(h))?;
             loops.push(handle);
         }
-        Ok(Self { loops })
+        Ok(Self {
+            loops,
+            next: AtomicUsize::new(0),
+        })
     }
 
     /// Loop `i % len`.
     pub(crate) fn at(&self, i: usize) -> &Arc<LoopHandle> {
         &self.loops[i % self.loops.len()]
+    }
+
+    /// The loop for a new connection: the loops in turn, shared by initiator and target
+    /// connections, so that both ends of connections within one process land on different
+    /// loops too.
+    pub(crate) fn next(&self) -> &Arc<LoopHandle> {
+        self.at(self.next.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Every loop.

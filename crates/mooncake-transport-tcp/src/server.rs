@@ -50,8 +50,6 @@ pub(crate) struct ServerShared {
     pub(crate) secret: Option<mooncake_core::ClusterSecret>,
     /// The connections of every initiator and the highest epoch each used.
     pub(crate) fences: Mutex<HashMap<FenceKey, Fence>>,
-    /// The loop the next accepted connection moves to.
-    pub(crate) next_loop: AtomicUsize,
 }
 
 /// Who a target connection serves: (initiator name, its generation).
@@ -644,7 +642,7 @@ impl ServerConn {
     /// turn, or register it here.
     fn proven(&mut self, cx: &mut Cx<'_>, hello: Hello) -> std::io::Result<Step> {
         let reactor = Reactor::global()?;
-        let home = reactor.at(self.shared.next_loop.fetch_add(1, Ordering::Relaxed));
+        let home = reactor.next();
         if home.index != cx.handle.index {
             self.phase = Phase::Moving(hello);
             return Ok(Step::Move(home.clone()));

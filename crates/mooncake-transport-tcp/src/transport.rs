@@ -99,7 +99,6 @@ impl TcpTransport {
             socket_buffer: cfg.socket_buffer,
             secret: ctx.secret.clone(),
             fences: Default::default(),
-            next_loop: AtomicUsize::new(0),
         });
         let mut listen_addrs = Vec::new();
         let mut listeners = Vec::new();
