@@ -129,9 +129,11 @@ impl RdmaTransport {
             topo,
             mailboxes,
             handshake_timeout,
+            ctx.secret.clone(),
         ));
         let passive = Arc::new(Passive::new(sh.clone(), passive_limits));
-        let (reactor, client) = Reactor::start(listener, passive.clone(), limits)?;
+        let (reactor, client) =
+            Reactor::start(listener, passive.clone(), limits, sh.secret.clone())?;
         let transport = Self {
             sh: sh.clone(),
             passive,

@@ -418,9 +418,11 @@ impl Worker {
         let request = Request::Connect {
             version: wire::VERSION,
             nonce: String::new(),
+            cnonce: String::new(),
             auth: None,
             from: self.sh.local_name.clone(),
             generation: self.sh.generation,
+            to: key.0.clone(),
             local_nic: self.nic_ref.name.clone(),
             peer_nic: key.1.clone(),
             qp: self.sh.qp_info(self.nic, &qp),
@@ -479,6 +481,7 @@ impl Worker {
                 qp: Some(info),
                 token: Some(token),
                 mut keys,
+                ..
             }) => Shared::qp_peer(&info).and_then(|peer| {
                 qp.connect(&self.nic_ref, &peer, self.sh.timing())?;
                 keys.sort_by_key(|k| k.addr);
@@ -488,10 +491,12 @@ impl Worker {
                 ErrorKind::Protocol,
                 "RDMA handshake reply without a QP or token",
             )),
-            Ok(Reply::Refused { reason, .. }) => Err(Error::new(
+            Ok(Reply::Refused { reason, denied, .. }) => Err(Error::new(
                 ErrorKind::PeerUnreachable,
                 format!("peer {:?} refused the RDMA handshake: {reason}", key.0),
-            )),
+            )
+            // Without the cluster secret no path to the peer will do better.
+            .with_temporary(!denied)),
             Err(e) => Err(e),
         };
         match outcome {
@@ -561,8 +566,11 @@ impl Worker {
         let request = Request::Keys {
             version: wire::VERSION,
             nonce: String::new(),
+            cnonce: String::new(),
             auth: None,
             from: self.sh.local_name.clone(),
+            generation: self.sh.generation,
+            to: key.0.clone(),
             peer_nic: key.1.clone(),
             qpn: *remote_qpn,
             token: token.clone(),
