@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mooncake_core::{
-    Access, ClusterSecret, EmbeddedMetadataStore, ErrorKind, LocalBuffer, MemorySegment,
-    MetadataKeys, MetadataStore, Opcode, SegmentDescriptor, SegmentHandle, TransferRequest,
-    TransferStatus, block_on,
+    Access, Batch, ClusterSecret, EmbeddedMetadataStore, ErrorKind, LocalBuffer, MemorySegment,
+    MetadataKeys, MetadataStore, Opcode, RemoteSegment, Requester, SegmentDescriptor,
+    SegmentHandle, TransferRequest, TransferStatus, TransferTask, block_on,
 };
 use mooncake_engine::TransferEngine;
 use mooncake_testkit::{pattern, unique};
@@ -1225,4 +1225,70 @@ fn the_cluster_secret_guards_the_handshake() {
         .unwrap();
     assert!(back.to_vec() == pattern(1 << 20, 4));
     assert!(endpoints_created(&stats) > 0);
+}
+
+/// Submits one WRITE of `len` bytes from `buf` to `remote_addr` of `remote` straight to the
+/// engine's RDMA transport (so the test picks which descriptor the task carries).
+fn write_via(
+    e: &TransferEngine,
+    buf: &LocalBuffer,
+    remote: &SegmentDescriptor,
+    remote_addr: u64,
+    len: u64,
+) -> mooncake_core::Result<()> {
+    let batch = Batch::new(1);
+    let completer = batch.add_tasks(1).unwrap().pop().unwrap();
+    let local = e
+        .registry()
+        .lease(buf.base(), len, Requester::Local)
+        .unwrap();
+    e.transports()[0].submit(vec![TransferTask {
+        opcode: Opcode::Write,
+        local,
+        remote: Arc::new(RemoteSegment::new(remote.clone())),
+        remote_addr,
+        completer,
+    }]);
+    batch.wait_blocking(Some(Instant::now() + 3 * TIMEOUT))
+}
+
+/// A task still addressed to an earlier incarnation of a peer (its descriptor shows an older
+/// generation than the endpoint's) fails with a permanent `PeerUnreachable` instead of
+/// landing in the new incarnation's memory, even at an address that is valid there.
+#[test]
+#[cfg_attr(
+    not(mooncake_rdma_tests),
+    ignore = "needs RDMA devices: run `cargo xtask rxe` (MOONCAKE_TEST_RDMA=1)"
+)]
+fn a_request_for_an_earlier_generation_never_reaches_the_new_one() {
+    require_devices();
+    init_tracing();
+    const LEN: u64 = 64 << 10;
+    let md = store();
+    let tname = unique("gen-t");
+    let i = engine_md(&unique("gen-i"), config().with_nics(["rxe0"]), &md);
+    let ibuf = patterned(&i, LEN as usize, 1);
+    let first = engine_md(&tname, config().with_nics(["rxe0"]), &md);
+    let fbuf = patterned(&first, LEN as usize, 2);
+    let old = first.local_descriptor();
+    write_via(&i, &ibuf, &old, fbuf.base(), LEN).unwrap();
+    assert!(fbuf.to_vec() == pattern(LEN as usize, 1));
+    drop(first);
+    let second = engine_md(&tname, config().with_nics(["rxe0"]), &md);
+    let sbuf = patterned(&second, LEN as usize, 3);
+    let new = second.local_descriptor();
+    assert!(new.generation > old.generation);
+    // The new incarnation is reached through its own descriptor.
+    ibuf.write_at(0, &pattern(LEN as usize, 4)).unwrap();
+    write_via(&i, &ibuf, &new, sbuf.base(), LEN).unwrap();
+    assert!(sbuf.to_vec() == pattern(LEN as usize, 4));
+    // A task carrying the old descriptor, at an address valid in the new incarnation.
+    ibuf.write_at(0, &pattern(LEN as usize, 5)).unwrap();
+    let e = write_via(&i, &ibuf, &old, sbuf.base(), LEN).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PeerUnreachable, "{e}");
+    assert!(!e.is_temporary(), "{e}");
+    assert!(
+        sbuf.to_vec() == pattern(LEN as usize, 4),
+        "a request for the earlier incarnation wrote into the new one"
+    );
 }
