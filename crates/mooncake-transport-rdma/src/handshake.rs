@@ -3,8 +3,9 @@
 //!
 //! - **Server**: the listener accepts, sends a [`Hello`] and reads one [`Request`] frame;
 //!   many connections are served at once (at most [`Limits::max_conns`]; a connection beyond
-//!   that closes the oldest one), and each must deliver its whole request and take its reply
-//!   within [`Limits::frame_deadline`] of being accepted. A client that trickles bytes only
+//!   that closes the oldest one of the address holding the most, so one host's flood churns
+//!   only its own), and each must deliver its whole request and take its reply within
+//!   [`Limits::frame_deadline`] of being accepted. A client that trickles bytes only
 //!   holds its own slot until that deadline. The [`Serve`] implementation answers.
 //! - **Client**: NIC workers submit [`Job`]s (connect or fetch keys); each runs with its own
 //!   deadline, and its outcome is handed to the job's callback. A slow or blackholed peer only
@@ -15,9 +16,9 @@
 //! Host names are resolved on a separate resolver thread (a stuck DNS lookup delays only
 //! jobs to names, each still bounded by its deadline); numeric addresses never wait on it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,7 +47,8 @@ pub(crate) trait Serve: Send + Sync + 'static {
 pub(crate) struct Limits {
     /// An accepted connection must deliver its request and take its reply within this.
     pub frame_deadline: Duration,
-    /// Connections served at once; accepting one more closes the oldest.
+    /// Connections served at once; accepting one more closes the oldest of the address that
+    /// holds the most.
     pub max_conns: usize,
 }
 
@@ -466,14 +468,41 @@ impl Loop {
         }
     }
 
+    /// The connection to close to make room for one more from `incoming`: the oldest one of
+    /// the address that holds the most slots (counting the new connection, and preferring the
+    /// new one's address on a tie), so a flood from one host churns its own connections and
+    /// not those of other hosts; the oldest of all when every address holds one.
+    fn victim(&self, incoming: IpAddr) -> usize {
+        let mut counts: HashMap<IpAddr, usize> = HashMap::new();
+        for c in &self.server {
+            *counts.entry(c.peer.ip()).or_default() += 1;
+        }
+        *counts.entry(incoming).or_default() += 1;
+        let top = counts.values().copied().max().unwrap_or(0);
+        let ip = if counts[&incoming] == top {
+            incoming
+        } else {
+            counts
+                .iter()
+                .find(|(_, n)| **n == top)
+                .map(|(ip, _)| *ip)
+                .unwrap_or(incoming)
+        };
+        self.server
+            .iter()
+            .position(|c| c.peer.ip() == ip)
+            .unwrap_or(0)
+    }
+
     fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
         if stream.set_nonblocking(true).is_err() {
             return;
         }
         let _ = stream.set_nodelay(true);
         while self.server.len() >= self.limits.max_conns.max(1) {
-            if let Some(old) = self.server.pop_front() {
-                tracing::debug!(peer = %old.peer, "too many handshake connections; closing the oldest");
+            let i = self.victim(peer.ip());
+            if let Some(old) = self.server.remove(i) {
+                tracing::debug!(peer = %old.peer, "too many handshake connections; closing one");
             }
         }
         let nonce = wire::hex(&sys::random_bytes::<16>());
@@ -827,6 +856,74 @@ mod tests {
             assert!(closed, "a trickling client is still connected");
         }
         assert_eq!(echo.0.load(Ordering::Relaxed), 1);
+    }
+
+    /// Reads one frame from a blocking stream (`None` if the connection closed first).
+    fn read_blocking(s: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).ok()?;
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        s.read_exact(&mut body).ok()?;
+        Some(body)
+    }
+
+    /// Opens a connection to `to` from the local address `from` (another loopback address
+    /// stands for another host).
+    fn connect_from(from: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.bind(&from.parse::<SocketAddr>().unwrap().into())?;
+        s.connect(&to.into())?;
+        Ok(s.into())
+    }
+
+    #[test]
+    fn a_connection_flood_from_one_host_does_not_push_out_another() {
+        let (_r, c, addr, echo) = start(Limits {
+            frame_deadline: Duration::from_secs(30),
+            max_conns: 16,
+        });
+        // Another host opens connections as fast as it can and never sends a byte (keeping
+        // its most recent 200 open).
+        let stop = Arc::new(AtomicBool::new(false));
+        let flood = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut open = VecDeque::new();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(s) = connect_from("127.0.0.2:0", addr) {
+                        open.push_back(s);
+                        n += 1;
+                    }
+                    if open.len() > 200 {
+                        open.pop_front();
+                    }
+                }
+                n
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        // Legitimate clients on a slow network: each takes a while to answer the hello, while
+        // the flood opens far more connections than the listener has slots.
+        for _ in 0..3 {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let hello: Hello = wire::decode(&read_blocking(&mut s).unwrap()).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            let mut req = request();
+            req.answer(&hello.nonce, "00", None);
+            s.write_all(&wire::encode(&req).unwrap()).unwrap();
+            let body = read_blocking(&mut s).expect("the slow client kept its slot");
+            let r: Reply = wire::decode(&body).unwrap();
+            assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
+        }
+        // The listener's own client jobs work too.
+        let r = call(&c, &addr.to_string(), Duration::from_secs(10)).unwrap();
+        assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
+        stop.store(true, Ordering::Relaxed);
+        let n = flood.join().unwrap();
+        assert!(n > 16, "the flood opened {n} connections");
+        assert_eq!(echo.0.load(Ordering::Relaxed), 4);
     }
 
     #[test]
