@@ -1292,3 +1292,72 @@ fn a_request_for_an_earlier_generation_never_reaches_the_new_one() {
         "a request for the earlier incarnation wrote into the new one"
     );
 }
+
+/// Dropping an engine mid-transfer: once the drop returns no byte lands in its memory any
+/// more, neither from its own READs (its QPs are destroyed before any lease is released) nor
+/// from a peer's WRITEs (the QPs peers connected and the MRs are gone).
+#[test]
+#[cfg_attr(
+    not(mooncake_rdma_tests),
+    ignore = "needs RDMA devices: run `cargo xtask rxe` (MOONCAKE_TEST_RDMA=1)"
+)]
+fn nothing_lands_after_an_engine_is_dropped() {
+    require_devices();
+    init_tracing();
+    const LEN: usize = 8 << 20;
+    let md = store();
+    // The initiator is dropped while its READs are in flight.
+    let tname = unique("dr-t");
+    let t = engine_md(&tname, config().with_nics(["rxe0"]), &md);
+    let tbuf = patterned(&t, LEN, 1);
+    let i = engine_md(&unique("dr-i"), config().with_nics(["rxe0"]), &md);
+    let ibuf = Arc::new(LocalBuffer::new(LEN).unwrap());
+    i.register(ibuf.clone()).unwrap();
+    let h = i.open_segment_blocking(&tname).unwrap();
+    let reads: Vec<_> = (0..(LEN as u64 >> 16))
+        .map(|k| {
+            req(
+                Opcode::Read,
+                ibuf.base() + (k << 16),
+                h,
+                tbuf.base() + (k << 16),
+                64 << 10,
+            )
+        })
+        .collect();
+    let batch = i.submit_batch(&reads).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(i);
+    let after = ibuf.to_vec();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        ibuf.to_vec() == after,
+        "a READ landed after the initiator was dropped"
+    );
+    let _ = batch.wait_blocking(Some(Instant::now() + 3 * TIMEOUT));
+    // The target is dropped while a peer's WRITEs are in flight.
+    let w = engine_md(&unique("dr-w"), config().with_nics(["rxe0"]), &md);
+    let wbuf = patterned(&w, LEN, 2);
+    let h = w.open_segment_blocking(&tname).unwrap();
+    let writes: Vec<_> = (0..(LEN as u64 >> 16))
+        .map(|k| {
+            req(
+                Opcode::Write,
+                wbuf.base() + (k << 16),
+                h,
+                tbuf.base() + (k << 16),
+                64 << 10,
+            )
+        })
+        .collect();
+    let batch = w.submit_batch(&writes).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(t);
+    let after = tbuf.to_vec();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        tbuf.to_vec() == after,
+        "a WRITE landed after the target was dropped"
+    );
+    let _ = batch.wait_blocking(Some(Instant::now() + 3 * TIMEOUT));
+}
