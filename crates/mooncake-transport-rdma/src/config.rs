@@ -53,7 +53,7 @@ pub struct RdmaConfig {
     /// (default 30 s).
     pub passive_idle: Duration,
     /// Handshake connections the listener serves at once (default 64); one more closes the
-    /// oldest.
+    /// oldest one of the source address holding the most.
     pub max_handshake_conns: usize,
     /// How long a handshake may take, both as client (connect, hello, request, reply) and as
     /// server (the whole request and reply of an accepted connection). Default: half the

@@ -3,19 +3,22 @@
 //!
 //! - **Server**: the listener accepts, sends a [`Hello`] and reads one [`Request`] frame;
 //!   many connections are served at once (at most [`Limits::max_conns`]; a connection beyond
-//!   that closes the oldest one), and each must deliver its whole request and take its reply
-//!   within [`Limits::frame_deadline`] of being accepted. A client that trickles bytes only
+//!   that closes the oldest one of the address holding the most, so one host's flood churns
+//!   only its own), and each must deliver its whole request and take its reply within
+//!   [`Limits::frame_deadline`] of being accepted. A client that trickles bytes only
 //!   holds its own slot until that deadline. The [`Serve`] implementation answers.
 //! - **Client**: NIC workers submit [`Job`]s (connect or fetch keys); each runs with its own
 //!   deadline, and its outcome is handed to the job's callback. A slow or blackholed peer only
-//!   delays its own jobs: the workers never wait on the network.
+//!   delays its own jobs: the workers never wait on the network. With a cluster secret the
+//!   client proves it in the request and accepts only a reply that proves it back for this
+//!   request (see [`crate::wire`]); anything else fails the job.
 //!
 //! Host names are resolved on a separate resolver thread (a stuck DNS lookup delays only
 //! jobs to names, each still bounded by its deadline); numeric addresses never wait on it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +26,7 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mooncake_core::{Error, ErrorKind, Result};
+use mooncake_core::{ClusterSecret, Error, ErrorKind, Result};
 
 use crate::sys::{self, EventFd, PollFd};
 use crate::wire::{self, FrameReader, Hello, Reply, Request};
@@ -31,7 +34,8 @@ use crate::wire::{self, FrameReader, Hello, Reply, Request};
 /// Answers handshake requests (the passive side of the transport).
 pub(crate) trait Serve: Send + Sync + 'static {
     /// Answers one request from `peer`, to whom challenge `nonce` was sent. Implementations
-    /// check the request (version, nonce, and later its MAC) before changing any state.
+    /// check the request (version, nonce, proof of the cluster secret) before changing any
+    /// state.
     fn serve(&self, req: Request, peer: SocketAddr, nonce: &str) -> Reply;
 
     /// Called about once a second.
@@ -43,7 +47,8 @@ pub(crate) trait Serve: Send + Sync + 'static {
 pub(crate) struct Limits {
     /// An accepted connection must deliver its request and take its reply within this.
     pub frame_deadline: Duration,
-    /// Connections served at once; accepting one more closes the oldest.
+    /// Connections served at once; accepting one more closes the oldest of the address that
+    /// holds the most.
     pub max_conns: usize,
 }
 
@@ -91,11 +96,13 @@ pub(crate) struct Reactor {
 }
 
 impl Reactor {
-    /// Starts the thread serving `listener` with `serve`.
+    /// Starts the thread serving `listener` with `serve`; client jobs prove `secret`, if
+    /// any, and require the peer to prove it too.
     pub fn start(
         listener: TcpListener,
         serve: Arc<dyn Serve>,
         limits: Limits,
+        secret: Option<ClusterSecret>,
     ) -> Result<(Self, Client)> {
         listener
             .set_nonblocking(true)
@@ -107,6 +114,7 @@ impl Reactor {
             listener,
             serve,
             limits,
+            secret,
             jobs: rx,
             efd: efd.clone(),
             stop: stop.clone(),
@@ -171,6 +179,8 @@ enum Stage {
 struct ClientConn {
     id: u64,
     addr: String,
+    /// Our nonce (hex), which the reply's proof must cover.
+    cnonce: String,
     /// Resolved addresses not tried yet (a refused connect moves on to the next).
     more: VecDeque<SocketAddr>,
     stream: Option<TcpStream>,
@@ -192,6 +202,7 @@ struct Loop {
     listener: TcpListener,
     serve: Arc<dyn Serve>,
     limits: Limits,
+    secret: Option<ClusterSecret>,
     jobs: Receiver<Job>,
     efd: Arc<EventFd>,
     stop: Arc<AtomicBool>,
@@ -330,6 +341,7 @@ impl Loop {
         let mut c = ClientConn {
             id: self.next_id,
             addr: job.addr,
+            cnonce: wire::hex(&mooncake_core::auth::nonce()),
             more: VecDeque::new(),
             stream: None,
             stage: Stage::Resolving,
@@ -456,14 +468,41 @@ impl Loop {
         }
     }
 
+    /// The connection to close to make room for one more from `incoming`: the oldest one of
+    /// the address that holds the most slots (counting the new connection, and preferring the
+    /// new one's address on a tie), so a flood from one host churns its own connections and
+    /// not those of other hosts; the oldest of all when every address holds one.
+    fn victim(&self, incoming: IpAddr) -> usize {
+        let mut counts: HashMap<IpAddr, usize> = HashMap::new();
+        for c in &self.server {
+            *counts.entry(c.peer.ip()).or_default() += 1;
+        }
+        *counts.entry(incoming).or_default() += 1;
+        let top = counts.values().copied().max().unwrap_or(0);
+        let ip = if counts[&incoming] == top {
+            incoming
+        } else {
+            counts
+                .iter()
+                .find(|(_, n)| **n == top)
+                .map(|(ip, _)| *ip)
+                .unwrap_or(incoming)
+        };
+        self.server
+            .iter()
+            .position(|c| c.peer.ip() == ip)
+            .unwrap_or(0)
+    }
+
     fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
         if stream.set_nonblocking(true).is_err() {
             return;
         }
         let _ = stream.set_nodelay(true);
         while self.server.len() >= self.limits.max_conns.max(1) {
-            if let Some(old) = self.server.pop_front() {
-                tracing::debug!(peer = %old.peer, "too many handshake connections; closing the oldest");
+            let i = self.victim(peer.ip());
+            if let Some(old) = self.server.remove(i) {
+                tracing::debug!(peer = %old.peer, "too many handshake connections; closing one");
             }
         }
         let nonce = wire::hex(&sys::random_bytes::<16>());
@@ -507,6 +546,7 @@ impl Loop {
                         Err(e) => Reply::Refused {
                             reason: e.to_string(),
                             busy: false,
+                            denied: false,
                         },
                     };
                     match wire::encode(&reply) {
@@ -531,7 +571,7 @@ impl Loop {
 
     fn progress_client(&mut self, i: usize) -> Progress {
         let c = &mut self.clients[i];
-        match client_step(c) {
+        match client_step(c, self.secret.as_ref()) {
             Ok(Some(reply)) => {
                 finish(c, Ok(reply));
                 Progress::Done
@@ -582,8 +622,9 @@ fn start_connect(c: &mut ClientConn, sa: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-/// Advances a client handshake as far as the socket allows; `Some` when the reply is in.
-fn client_step(c: &mut ClientConn) -> Result<Option<Reply>> {
+/// Advances a client handshake as far as the socket allows; `Some` when the reply is in (and,
+/// with a `secret`, proven by the peer).
+fn client_step(c: &mut ClientConn, secret: Option<&ClusterSecret>) -> Result<Option<Reply>> {
     let addr = c.addr.clone();
     let io =
         |what: &str, e: std::io::Error| Error::io(&format!("RDMA handshake {what} {addr}"), &e);
@@ -619,7 +660,7 @@ fn client_step(c: &mut ClientConn) -> Result<Option<Reply>> {
                         ),
                     ));
                 }
-                c.request.set_nonce(&hello.nonce);
+                c.request.answer(&hello.nonce, &c.cnonce, secret);
                 c.out = wire::encode(&c.request)?;
                 c.out_pos = 0;
                 c.reader = FrameReader::new(wire::MAX_REPLY);
@@ -636,7 +677,21 @@ fn client_step(c: &mut ClientConn) -> Result<Option<Reply>> {
                 let Some(body) = read_frame(s, &mut c.reader)? else {
                     return Ok(None);
                 };
-                return wire::decode(&body).map(Some);
+                let reply: Reply = wire::decode(&body)?;
+                if let Some(secret) = secret
+                    && matches!(reply, Reply::Ok { .. })
+                    && !reply.verify(secret, &c.request)
+                {
+                    return Err(Error::new(
+                        ErrorKind::PeerUnreachable,
+                        format!(
+                            "refused RDMA peer {:?} at {addr}: it did not prove the cluster secret",
+                            c.request.to()
+                        ),
+                    )
+                    .with_temporary(false));
+                }
+                return Ok(Some(reply));
             }
         }
     }
@@ -696,6 +751,7 @@ mod tests {
                 return Reply::Refused {
                     reason: "nonce".into(),
                     busy: false,
+                    denied: false,
                 };
             }
             Reply::Ok {
@@ -708,6 +764,7 @@ mod tests {
                     rkey: 1,
                     writable: true,
                 }],
+                auth: None,
             }
         }
     }
@@ -716,9 +773,11 @@ mod tests {
         Request::Connect {
             version: wire::VERSION,
             nonce: String::new(),
+            cnonce: String::new(),
             auth: None,
             from: "t".into(),
             generation: 1,
+            to: "s".into(),
             local_nic: "a".into(),
             peer_nic: "b".into(),
             qp: QpInfo {
@@ -735,7 +794,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let echo = Arc::new(Echo(AtomicUsize::new(0)));
-        let (r, c) = Reactor::start(l, echo.clone(), limits).unwrap();
+        let (r, c) = Reactor::start(l, echo.clone(), limits, None).unwrap();
         (r, c, addr, echo)
     }
 
@@ -755,8 +814,10 @@ mod tests {
 
     #[test]
     fn many_trickling_clients_do_not_stall_the_listener() {
+        // Tricklers would hold a one-at-a-time listener for the whole frame deadline, longer
+        // than the legitimate client's job may take.
         let limits = Limits {
-            frame_deadline: Duration::from_millis(800),
+            frame_deadline: Duration::from_secs(4),
             max_conns: 16,
         };
         let (_r, c, addr, echo) = start(limits);
@@ -769,14 +830,8 @@ mod tests {
             })
             .collect();
         std::thread::sleep(Duration::from_millis(50));
-        let t0 = Instant::now();
         let r = call(&c, &addr.to_string(), Duration::from_secs(2)).unwrap();
         assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
-        assert!(
-            t0.elapsed() < Duration::from_millis(500),
-            "a legitimate client waited {:?}",
-            t0.elapsed()
-        );
         // The tricklers are cut off by the whole-frame deadline (or as the oldest).
         std::thread::sleep(limits.frame_deadline + Duration::from_millis(300));
         for s in &mut slow {
@@ -801,6 +856,74 @@ mod tests {
             assert!(closed, "a trickling client is still connected");
         }
         assert_eq!(echo.0.load(Ordering::Relaxed), 1);
+    }
+
+    /// Reads one frame from a blocking stream (`None` if the connection closed first).
+    fn read_blocking(s: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).ok()?;
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        s.read_exact(&mut body).ok()?;
+        Some(body)
+    }
+
+    /// Opens a connection to `to` from the local address `from` (another loopback address
+    /// stands for another host).
+    fn connect_from(from: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.bind(&from.parse::<SocketAddr>().unwrap().into())?;
+        s.connect(&to.into())?;
+        Ok(s.into())
+    }
+
+    #[test]
+    fn a_connection_flood_from_one_host_does_not_push_out_another() {
+        let (_r, c, addr, echo) = start(Limits {
+            frame_deadline: Duration::from_secs(30),
+            max_conns: 16,
+        });
+        // Another host opens connections as fast as it can and never sends a byte (keeping
+        // its most recent 200 open).
+        let stop = Arc::new(AtomicBool::new(false));
+        let flood = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut open = VecDeque::new();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(s) = connect_from("127.0.0.2:0", addr) {
+                        open.push_back(s);
+                        n += 1;
+                    }
+                    if open.len() > 200 {
+                        open.pop_front();
+                    }
+                }
+                n
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        // Legitimate clients on a slow network: each takes a while to answer the hello, while
+        // the flood opens far more connections than the listener has slots.
+        for _ in 0..3 {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let hello: Hello = wire::decode(&read_blocking(&mut s).unwrap()).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            let mut req = request();
+            req.answer(&hello.nonce, "00", None);
+            s.write_all(&wire::encode(&req).unwrap()).unwrap();
+            let body = read_blocking(&mut s).expect("the slow client kept its slot");
+            let r: Reply = wire::decode(&body).unwrap();
+            assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
+        }
+        // The listener's own client jobs work too.
+        let r = call(&c, &addr.to_string(), Duration::from_secs(10)).unwrap();
+        assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
+        stop.store(true, Ordering::Relaxed);
+        let n = flood.join().unwrap();
+        assert!(n > 16, "the flood opened {n} connections");
+        assert_eq!(echo.0.load(Ordering::Relaxed), 4);
     }
 
     #[test]

@@ -37,9 +37,11 @@
 //! Each registered region is its own MR; `ReadOnly` regions get no remote-write right and
 //! `LocalOnly` regions no remote rights, so the NIC enforces bounds and rights. Remote keys are
 //! never published: the handshake hands them only to a peer that set up a QP on that NIC
-//! (later key requests must name the QP and present its token). Requests answer a per-connection
-//! challenge and are checked before any state changes; peers are not authenticated yet (as in
-//! Mooncake); see `docs/rdma.md`.
+//! (later key requests must name the QP, come from its owner and present its token). Requests
+//! answer a per-connection challenge and are checked before any state changes. With a cluster
+//! secret (`EngineContext::secret`) both sides prove it over the whole exchange, binding both
+//! segment names and generations; without one peers are not authenticated (as in Mooncake).
+//! See `docs/rdma.md`.
 //!
 //! See `docs/rdma.md` for deployment, tuning knobs and the GPUDirect plan.
 
@@ -61,6 +63,16 @@ pub use stats::{NicStats, RdmaStats};
 pub use sys::device_names;
 pub use transport::{RDMA_SCHEME, RdmaTransport};
 pub use wire::HANDSHAKE_KEY;
+
+/// Entry points for the fuzz targets in `fuzz/`; not part of the supported API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Runs `data` through the handshake frame reader and message decoders, panicking when an
+    /// invariant breaks (see `fuzz/fuzz_targets/rdma_handshake_frame.rs`).
+    pub fn handshake_frames(data: &[u8]) {
+        crate::wire::fuzz_frames(data);
+    }
+}
 
 /// True when the tests that need RDMA devices should run (`MOONCAKE_TEST_RDMA=1`).
 pub fn rdma_tests_enabled() -> bool {

@@ -16,12 +16,22 @@
 //!    refused as busy.
 //!
 //! `Keys` requests are honoured only for an existing entry: the caller names the QP (NIC and
-//! QP number) and presents the token the `Connect` reply gave it.
+//! QP number), is the peer (name and generation) that set it up, and presents the token the
+//! `Connect` reply gave it.
+//!
+//! Every request first passes the [`Gate`] (version, challenge, addressee and, with a cluster
+//! secret, the proof that covers the caller's name and generation); only then does anything
+//! change. Without a secret names and generations are the caller's word, so no rule above
+//! trusts them: a QP is replaced only by a request from the same endpoint (same source
+//! address, name, generation and NICs), and the other evictions go by a QP's age and use,
+//! never by name or generation, so a spoofed `from` with a newer generation removes nothing.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use mooncake_core::ClusterSecret;
 
 use crate::handshake::Serve;
 use crate::shared::Shared;
@@ -193,12 +203,21 @@ impl<Q: Activity> Table<Q> {
         self.entries.push(e);
     }
 
-    /// Whether `qpn` on `nic` is a passive QP whose token is `token`; a match counts as use.
-    pub fn authorize_keys(&mut self, nic: usize, qpn: u32, token: &str, now: Instant) -> bool {
+    /// Whether `qpn` on `nic` is a passive QP of `from` (that generation) whose token is
+    /// `token`; a match counts as use.
+    pub fn authorize_keys(
+        &mut self,
+        nic: usize,
+        qpn: u32,
+        token: &str,
+        from: &str,
+        generation: u64,
+        now: Instant,
+    ) -> bool {
         match self
             .entries
             .iter_mut()
-            .find(|e| e.nic == nic && e.qpn == qpn)
+            .find(|e| e.nic == nic && e.qpn == qpn && e.from == from && e.generation == generation)
         {
             Some(e) if wire::same_secret(&e.token, token) => {
                 e.used = Some(now);
@@ -220,15 +239,84 @@ impl<Q: Activity> Table<Q> {
     }
 }
 
+/// The checks every request passes before any state changes, and the proof on replies.
+pub(crate) struct Gate {
+    /// The cluster secret requests must prove (none: every peer that answers the challenge).
+    pub secret: Option<ClusterSecret>,
+    /// Our segment name: requests must be addressed to it.
+    pub name: String,
+}
+
+/// Why a request was refused.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub reason: String,
+    /// The caller did not prove the cluster secret.
+    pub denied: bool,
+}
+
+impl Gate {
+    /// Checks protocol version, the echoed challenge, the segment the request is for and,
+    /// with a secret, the request's proof (which covers the caller's name and generation).
+    pub fn check(&self, req: &Request, nonce: &str) -> Result<(), Refusal> {
+        let refuse = |reason: String, denied| Err(Refusal { reason, denied });
+        if req.version() != wire::VERSION {
+            return refuse(
+                format!(
+                    "handshake version {} (we speak {})",
+                    req.version(),
+                    wire::VERSION
+                ),
+                false,
+            );
+        }
+        if !wire::same_secret(req.nonce(), nonce) {
+            return refuse(
+                "the request does not answer this connection's challenge".into(),
+                false,
+            );
+        }
+        if let Some(secret) = &self.secret
+            && !req.verify(secret)
+        {
+            return refuse("the request does not prove the cluster secret".into(), true);
+        }
+        if req.to() != self.name {
+            return refuse(
+                format!(
+                    "the request is for segment {:?}; this is {:?}",
+                    req.to(),
+                    self.name
+                ),
+                false,
+            );
+        }
+        Ok(())
+    }
+
+    /// Adds our proof to an accepting reply to `req` (with a secret).
+    pub fn seal(&self, req: &Request, mut reply: Reply) -> Reply {
+        if let Some(secret) = &self.secret {
+            reply.seal(secret, req, &self.name);
+        }
+        reply
+    }
+}
+
 /// The [`Serve`] implementation of the transport.
 pub(crate) struct Passive {
     sh: Arc<Shared>,
+    gate: Gate,
     table: Mutex<Table<Qp>>,
 }
 
 impl Passive {
     pub fn new(sh: Arc<Shared>, limits: Limits) -> Self {
         Self {
+            gate: Gate {
+                secret: sh.secret.clone(),
+                name: sh.local_name.clone(),
+            },
             sh,
             table: Mutex::new(Table::new(limits)),
         }
@@ -248,40 +336,18 @@ impl Passive {
         self.table().clear();
     }
 
-    /// Checks a request before anything changes: protocol version and the echoed challenge.
-    ///
-    /// This is where a cluster secret will be checked (a MAC over the nonce and the request,
-    /// [`Request::auth`]); without one configured every peer that echoes the challenge is
-    /// accepted, as in Mooncake.
-    fn authorize(&self, req: &Request, nonce: &str) -> Result<(), String> {
-        if req.version() != wire::VERSION {
-            return Err(format!(
-                "handshake version {} (we speak {})",
-                req.version(),
-                wire::VERSION
-            ));
-        }
-        if !wire::same_secret(req.nonce(), nonce) {
-            return Err("the request does not answer this connection's challenge".into());
-        }
-        if req.auth().is_some() {
-            tracing::debug!("the peer sent a handshake MAC, but no cluster secret is configured");
-        }
-        Ok(())
-    }
-
-    fn refuse(&self, reason: String, busy: bool) -> Reply {
+    fn refuse(&self, reason: String, busy: bool, denied: bool) -> Reply {
         tracing::warn!(%reason, "refusing RDMA handshake");
         self.sh.cfg.stats.handshake_refused();
-        Reply::Refused { reason, busy }
-    }
-}
-
-impl Serve for Passive {
-    fn serve(&self, req: Request, peer: SocketAddr, nonce: &str) -> Reply {
-        if let Err(reason) = self.authorize(&req, nonce) {
-            return self.refuse(reason, false);
+        Reply::Refused {
+            reason,
+            busy,
+            denied,
         }
+    }
+
+    /// Answers a request that passed the [`Gate`].
+    fn answer(&self, req: &Request, peer: SocketAddr) -> Reply {
         let sh = &self.sh;
         match req {
             Request::Keys {
@@ -289,14 +355,19 @@ impl Serve for Passive {
                 qpn,
                 token,
                 from,
+                generation,
                 ..
             } => {
-                let Some(i) = sh.nic_index(&peer_nic) else {
-                    return self.refuse(format!("no NIC {peer_nic:?} here"), false);
+                let Some(i) = sh.nic_index(peer_nic) else {
+                    return self.refuse(format!("no NIC {peer_nic:?} here"), false, false);
                 };
-                if !self.table().authorize_keys(i, qpn, &token, Instant::now()) {
+                if !self
+                    .table()
+                    .authorize_keys(i, *qpn, token, from, *generation, Instant::now())
+                {
                     return self.refuse(
                         format!("{from:?} ({peer}) holds no QP {qpn} on {peer_nic} here"),
+                        false,
                         false,
                     );
                 }
@@ -305,6 +376,7 @@ impl Serve for Passive {
                     qp: None,
                     token: None,
                     keys: sh.mrs.keys_for(i),
+                    auth: None,
                 }
             }
             Request::Connect {
@@ -315,41 +387,41 @@ impl Serve for Passive {
                 qp,
                 ..
             } => {
-                let Some(i) = sh.nic_index(&peer_nic) else {
-                    return self.refuse(format!("no NIC {peer_nic:?} here"), false);
+                let Some(i) = sh.nic_index(peer_nic) else {
+                    return self.refuse(format!("no NIC {peer_nic:?} here"), false, false);
                 };
                 if sh.nic_down[i].load(Ordering::Acquire) {
-                    return self.refuse(format!("NIC {peer_nic} is down"), false);
+                    return self.refuse(format!("NIC {peer_nic} is down"), false, false);
                 }
-                let remote = match Shared::qp_peer(&qp) {
+                let remote = match Shared::qp_peer(qp) {
                     Ok(p) => p,
-                    Err(e) => return self.refuse(e.to_string(), false),
+                    Err(e) => return self.refuse(e.to_string(), false, false),
                 };
                 let now = Instant::now();
                 let mut table = self.table();
                 let before = table.evicted();
-                let room = table.make_room(peer.ip(), &from, generation, &local_nic, i, now);
+                let room = table.make_room(peer.ip(), from, *generation, local_nic, i, now);
                 for _ in before..table.evicted() {
                     sh.cfg.stats.passive_evicted();
                 }
                 if let Err(reason) = room {
                     drop(table);
-                    return self.refuse(reason, true);
+                    return self.refuse(reason, true, false);
                 }
                 let nic = &sh.nics[i];
                 let mut mine = match nic.create_qp(sh.cfg.max_wr) {
                     Ok(q) => q,
-                    Err(e) => return self.refuse(e.to_string(), true),
+                    Err(e) => return self.refuse(e.to_string(), true, false),
                 };
                 if let Err(e) = mine.connect(nic, &remote, sh.timing()) {
-                    return self.refuse(e.to_string(), false);
+                    return self.refuse(e.to_string(), false, false);
                 }
                 let info = sh.qp_info(i, &mine);
                 let token = wire::hex(&crate::sys::random_bytes::<16>());
                 table.insert(Entry {
                     from: from.clone(),
-                    generation,
-                    from_nic: local_nic,
+                    generation: *generation,
+                    from_nic: local_nic.clone(),
                     nic: i,
                     src: peer.ip(),
                     qpn: mine.qpn,
@@ -366,9 +438,21 @@ impl Serve for Passive {
                     qp: Some(info),
                     token: Some(token),
                     keys: sh.mrs.keys_for(i),
+                    auth: None,
                 }
             }
         }
+    }
+}
+
+impl Serve for Passive {
+    fn serve(&self, req: Request, peer: SocketAddr, nonce: &str) -> Reply {
+        // Nothing changes before the request passed the gate.
+        if let Err(r) = self.gate.check(&req, nonce) {
+            return self.refuse(r.reason, false, r.denied);
+        }
+        let reply = self.answer(&req, peer);
+        self.gate.seal(&req, reply)
     }
 
     fn tick(&self, now: Instant) {
@@ -533,13 +617,214 @@ mod tests {
         let t0 = Instant::now();
         let mut t = Table::new(limits());
         assert!(add(&mut t, ip(1), "p", 7, t0));
-        assert!(!t.authorize_keys(0, 7, "wrong", t0));
-        assert!(!t.authorize_keys(0, 8, "t7", t0));
-        assert!(!t.authorize_keys(1, 7, "t7", t0));
-        assert!(t.authorize_keys(0, 7, "t7", t0));
+        assert!(!t.authorize_keys(0, 7, "wrong", "p", 1, t0));
+        assert!(!t.authorize_keys(0, 8, "t7", "p", 1, t0));
+        assert!(!t.authorize_keys(1, 7, "t7", "p", 1, t0));
+        // The token alone is not enough: the QP's owner (name and generation) asks.
+        assert!(!t.authorize_keys(0, 7, "t7", "mallory", 1, t0));
+        assert!(!t.authorize_keys(0, 7, "t7", "p", 2, t0));
+        assert!(t.authorize_keys(0, 7, "t7", "p", 1, t0));
         t.forget("p", Some(2));
         assert!(has(&t, 7), "another generation is kept");
         t.forget("p", Some(1));
         assert!(!has(&t, 7));
+    }
+
+    #[test]
+    fn a_spoofed_newer_generation_evicts_nothing() {
+        let t0 = Instant::now();
+        let mut t = Table::new(limits());
+        // The victim's QP, just created and not used yet (the most fragile state).
+        assert!(add_gen(&mut t, ip(1), "victim", 5, 1, t0));
+        // Someone claims to be a newer incarnation of the victim: from another address, and
+        // from the victim's own address with the same NICs.
+        for g in 6..9 {
+            assert!(add_gen(&mut t, ip(2), "victim", g, 10 + g as u32, t0));
+            assert!(add_gen(&mut t, ip(1), "victim", g, 20 + g as u32, t0));
+            assert!(
+                has(&t, 1),
+                "a spoofed generation {g} evicted the victim's QP"
+            );
+        }
+        assert_eq!(t.evicted(), 0);
+    }
+
+    /// A stand-in for [`Passive`] without a NIC: the same gate, and a counter for the state a
+    /// request that passed it would change.
+    struct Gated {
+        gate: Gate,
+        changed: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Serve for Gated {
+        fn serve(&self, req: Request, _peer: SocketAddr, nonce: &str) -> Reply {
+            if let Err(r) = self.gate.check(&req, nonce) {
+                return Reply::Refused {
+                    reason: r.reason,
+                    busy: false,
+                    denied: r.denied,
+                };
+            }
+            self.changed.fetch_add(1, Ordering::SeqCst);
+            let reply = Reply::Ok {
+                generation: 3,
+                qp: None,
+                token: Some("t".into()),
+                keys: Vec::new(),
+                auth: None,
+            };
+            self.gate.seal(&req, reply)
+        }
+    }
+
+    fn secret(b: u8) -> ClusterSecret {
+        ClusterSecret::from_bytes(&[b; 24]).unwrap()
+    }
+
+    struct Server {
+        _reactor: crate::handshake::Reactor,
+        addr: String,
+        gated: Arc<Gated>,
+    }
+
+    fn server(secret: Option<ClusterSecret>) -> Server {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let gated = Arc::new(Gated {
+            gate: Gate {
+                secret: secret.clone(),
+                name: "target".into(),
+            },
+            changed: Default::default(),
+        });
+        let limits = crate::handshake::Limits {
+            frame_deadline: Duration::from_secs(10),
+            max_conns: 8,
+        };
+        let (r, _c) = crate::handshake::Reactor::start(l, gated.clone(), limits, secret).unwrap();
+        Server {
+            _reactor: r,
+            addr,
+            gated,
+        }
+    }
+
+    /// Runs one handshake as a client holding `secret`, to the segment `to`.
+    fn call(
+        addr: &str,
+        secret: Option<ClusterSecret>,
+        from: &str,
+        to: &str,
+    ) -> mooncake_core::Result<Reply> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let quiet = Arc::new(Gated {
+            gate: Gate {
+                secret: None,
+                name: String::new(),
+            },
+            changed: Default::default(),
+        });
+        let limits = crate::handshake::Limits {
+            frame_deadline: Duration::from_secs(10),
+            max_conns: 1,
+        };
+        let (_r, client) = crate::handshake::Reactor::start(l, quiet, limits, secret).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        client.submit(crate::handshake::Job {
+            addr: addr.to_string(),
+            request: Request::Keys {
+                version: wire::VERSION,
+                nonce: String::new(),
+                cnonce: String::new(),
+                auth: None,
+                from: from.into(),
+                generation: 2,
+                to: to.into(),
+                peer_nic: "nic".into(),
+                qpn: 1,
+                token: "t".into(),
+            },
+            deadline: Instant::now() + Duration::from_secs(20),
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        rx.recv_timeout(Duration::from_secs(30)).unwrap()
+    }
+
+    fn denied(r: &Reply) -> bool {
+        matches!(r, Reply::Refused { denied: true, .. })
+    }
+
+    #[test]
+    fn with_a_secret_only_its_holders_get_past_the_gate() {
+        let s = server(Some(secret(1)));
+        // The same secret: accepted, and the reply proves the secret back (checked by the
+        // client, which fails the job otherwise).
+        let r = call(&s.addr, Some(secret(1)), "a", "target").unwrap();
+        assert!(matches!(r, Reply::Ok { auth: Some(_), .. }), "{r:?}");
+        assert_eq!(s.gated.changed.load(Ordering::SeqCst), 1);
+        // No secret, or another one: denied before anything changes.
+        let r = call(&s.addr, None, "a", "target").unwrap();
+        assert!(denied(&r), "{r:?}");
+        let r = call(&s.addr, Some(secret(2)), "a", "target").unwrap();
+        assert!(denied(&r), "{r:?}");
+        // A request meant for another segment.
+        let r = call(&s.addr, Some(secret(1)), "a", "other").unwrap();
+        assert!(matches!(r, Reply::Refused { .. }), "{r:?}");
+        assert_eq!(s.gated.changed.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_client_with_a_secret_refuses_a_server_that_cannot_prove_it() {
+        // A server without the secret (or an impostor) accepts, but cannot prove it.
+        let open = server(None);
+        let e = call(&open.addr, Some(secret(1)), "a", "target").unwrap_err();
+        assert_eq!(e.kind(), mooncake_core::ErrorKind::PeerUnreachable, "{e}");
+        assert!(!e.is_temporary());
+        assert!(e.message().contains("cluster secret"), "{e}");
+        // Without secrets on either side everything works as before.
+        let r = call(&open.addr, None, "a", "target").unwrap();
+        assert!(matches!(r, Reply::Ok { auth: None, .. }), "{r:?}");
+        // Another secret on the server: its reply proof does not verify either.
+        let other = server(Some(secret(2)));
+        let r = call(&other.addr, Some(secret(1)), "a", "target").unwrap();
+        assert!(denied(&r), "{r:?}");
+    }
+
+    #[test]
+    fn a_request_altered_after_its_proof_is_denied() {
+        let g = Gate {
+            secret: Some(secret(1)),
+            name: "target".into(),
+        };
+        let mut req = Request::Connect {
+            version: wire::VERSION,
+            nonce: String::new(),
+            cnonce: String::new(),
+            auth: None,
+            from: "victim".into(),
+            generation: 5,
+            to: "target".into(),
+            local_nic: "n".into(),
+            peer_nic: "n".into(),
+            qp: wire::QpInfo {
+                qpn: 1,
+                psn: 1,
+                gid: wire::gid_to_hex(&[0; 16]),
+                lid: 0,
+                mtu: 1024,
+            },
+        };
+        req.answer("n1", "c1", Some(&secret(1)));
+        assert!(g.check(&req, "n1").is_ok());
+        // Replayed on another connection (another challenge).
+        assert!(g.check(&req, "n2").is_err());
+        // The victim's proof with a newer generation claimed.
+        if let Request::Connect { generation, .. } = &mut req {
+            *generation = 6;
+        }
+        let r = g.check(&req, "n1").unwrap_err();
+        assert!(r.denied, "{r:?}");
     }
 }

@@ -10,7 +10,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use mooncake_core::{Access, Error, ErrorKind, Region, Result};
+use mooncake_core::{Access, ClusterSecret, Error, ErrorKind, Region, Result};
 use sideway::ibverbs::memory_region::MemoryRegion;
 
 use crate::config::{PathPolicy, RdmaConfig};
@@ -160,6 +160,8 @@ pub(crate) struct Shared {
     pub cfg: RdmaConfig,
     pub local_name: String,
     pub generation: u64,
+    /// The cluster secret handshakes prove, both ways (none: peers are not authenticated).
+    pub secret: Option<ClusterSecret>,
     /// The engine timeout (every task's deadline).
     pub timeout: Duration,
     /// A posted slice without a completion after this long breaks its QP.
@@ -190,6 +192,7 @@ impl Shared {
         topo: Topology,
         mailboxes: Vec<Mailbox>,
         handshake_timeout: Duration,
+        secret: Option<ClusterSecret>,
     ) -> Self {
         let slice_timeout = cfg
             .slice_timeout
@@ -200,6 +203,7 @@ impl Shared {
         Self {
             local_name,
             generation,
+            secret,
             timeout,
             slice_timeout,
             handshake_timeout,

@@ -44,7 +44,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 ///   with a single slice; a NIC whose port goes down is skipped until it is up again. A slice
 ///   the peer's NIC refuses fails alone: the other slices of its QP are re-posted on a fresh
 ///   QP of the same rail.
-/// - Every task completes within the engine timeout (plus one completion poll interval).
+/// - The engine timeout is how long a task's path may make no progress: a task queued behind
+///   a QP that keeps completing work waits; a QP with work outstanding that completes nothing
+///   for the slice timeout (half the engine timeout) is broken and its slices fail over; a task
+///   whose path made no progress past its deadline fails with `Timeout`.
 /// - `on_unregister` deregisters the region's MRs on every NIC before it returns (no peer can
 ///   reach the memory through a key from then on) and makes the workers fail and release
 ///   every slice using it at once.
@@ -126,9 +129,11 @@ impl RdmaTransport {
             topo,
             mailboxes,
             handshake_timeout,
+            ctx.secret.clone(),
         ));
         let passive = Arc::new(Passive::new(sh.clone(), passive_limits));
-        let (reactor, client) = Reactor::start(listener, passive.clone(), limits)?;
+        let (reactor, client) =
+            Reactor::start(listener, passive.clone(), limits, sh.secret.clone())?;
         let transport = Self {
             sh: sh.clone(),
             passive,

@@ -394,6 +394,13 @@ impl Worker {
         }
     }
 
+    /// Queues a slice again on the same rail after its QP was replaced through no fault of
+    /// its path: that counts as progress, so its deadline starts over.
+    fn requeue(&mut self, mut s: Slice, rnic: String) {
+        s.deadline = s.deadline.max(Instant::now() + self.sh.timeout);
+        self.enqueue(s, rnic);
+    }
+
     /// Creates the endpoint's QP and starts its handshake.
     fn open(&mut self, key: &EpKey) -> Result<()> {
         // The newest descriptor of the peer: a restarted peer is reached at its new address.
@@ -411,9 +418,11 @@ impl Worker {
         let request = Request::Connect {
             version: wire::VERSION,
             nonce: String::new(),
+            cnonce: String::new(),
             auth: None,
             from: self.sh.local_name.clone(),
             generation: self.sh.generation,
+            to: key.0.clone(),
             local_nic: self.nic_ref.name.clone(),
             peer_nic: key.1.clone(),
             qp: self.sh.qp_info(self.nic, &qp),
@@ -472,6 +481,7 @@ impl Worker {
                 qp: Some(info),
                 token: Some(token),
                 mut keys,
+                ..
             }) => Shared::qp_peer(&info).and_then(|peer| {
                 qp.connect(&self.nic_ref, &peer, self.sh.timing())?;
                 keys.sort_by_key(|k| k.addr);
@@ -481,10 +491,12 @@ impl Worker {
                 ErrorKind::Protocol,
                 "RDMA handshake reply without a QP or token",
             )),
-            Ok(Reply::Refused { reason, .. }) => Err(Error::new(
+            Ok(Reply::Refused { reason, denied, .. }) => Err(Error::new(
                 ErrorKind::PeerUnreachable,
                 format!("peer {:?} refused the RDMA handshake: {reason}", key.0),
-            )),
+            )
+            // Without the cluster secret no path to the peer will do better.
+            .with_temporary(!denied)),
             Err(e) => Err(e),
         };
         match outcome {
@@ -554,8 +566,11 @@ impl Worker {
         let request = Request::Keys {
             version: wire::VERSION,
             nonce: String::new(),
+            cnonce: String::new(),
             auth: None,
             from: self.sh.local_name.clone(),
+            generation: self.sh.generation,
+            to: key.0.clone(),
             peer_nic: key.1.clone(),
             qpn: *remote_qpn,
             token: token.clone(),
@@ -680,6 +695,22 @@ impl Worker {
                 break;
             };
             if s.is_done() {
+                continue;
+            }
+            // A task addressed to an earlier incarnation of the peer: its memory is gone.
+            let sgen = s.remote.descriptor().generation;
+            if sgen != 0 && sgen < ep.generation {
+                let e = Error::new(
+                    ErrorKind::PeerUnreachable,
+                    format!(
+                        "{:?} restarted (generation {}, the request was for {sgen})",
+                        s.peer(),
+                        ep.generation
+                    ),
+                )
+                .with_temporary(false)
+                .with_context("peer", s.peer());
+                s.complete(Err(e));
                 continue;
             }
             let rkey = match lookup(keys, &s, ep.keys_done) {
@@ -859,7 +890,7 @@ impl Worker {
                 match fault {
                     Fault::Neutral => {
                         let rnic = rnic.clone();
-                        self.enqueue(s, rnic);
+                        self.requeue(s, rnic);
                     }
                     Fault::Path(e) => {
                         self.count_failed();
@@ -895,7 +926,7 @@ impl Worker {
                     // for good if they still name the refused key or none.
                     Fault::Neutral if remote_refused && current && s.refused_rkey.is_none() => {
                         s.refused_rkey = Some(inf.rkey);
-                        self.enqueue(s, key.1.clone());
+                        self.requeue(s, key.1.clone());
                     }
                     // Otherwise the slice's own fault: it alone fails.
                     Fault::Neutral => s.complete(Err(err)),
@@ -940,7 +971,7 @@ impl Worker {
         match fault {
             Fault::Neutral => {
                 for s in queued {
-                    self.enqueue(s, key.1.clone());
+                    self.requeue(s, key.1.clone());
                 }
             }
             Fault::Path(e) => {
@@ -1026,14 +1057,25 @@ impl Worker {
                 }
             }
         }
+        // A slice past its deadline fails only if the QP it waits on makes no progress:
+        // the engine timeout is how long a peer may make no progress (a deep queue behind a
+        // working QP is not a dead peer).
+        let timeout = self.sh.timeout;
+        let alive = |ep: &Endpoint, qp: Option<u64>| {
+            matches!(ep.state, EpState::Ready { qp_id, progress, .. }
+                if qp.is_none_or(|q| q == qp_id) && now.duration_since(progress) < timeout)
+        };
         for inf in self.inflight.values_mut() {
             if let Some(s) = inf.slice.as_mut()
                 && !s.is_done()
                 && now >= s.deadline
+                && !self
+                    .eps
+                    .get(&inf.key)
+                    .is_some_and(|ep| alive(ep, Some(inf.qp_id)))
             {
                 // The WR may still be in the NIC: the lease stays until it completes or is
-                // flushed, but the caller gets its answer now. The QP is left alone while it
-                // makes progress (a deep queue is not a dead peer).
+                // flushed, but the caller gets its answer now.
                 let peer = inf.key.0.clone();
                 s.complete(Err(Error::new(
                     ErrorKind::Timeout,
@@ -1064,8 +1106,9 @@ impl Worker {
         }
         let mut late_connects = Vec::new();
         for (k, ep) in self.eps.iter_mut() {
+            let alive = alive(ep, None);
             ep.backlog.retain_mut(|s| {
-                if now >= s.deadline {
+                if now >= s.deadline && !alive {
                     s.complete(Err(Error::new(
                         ErrorKind::Timeout,
                         "RDMA slice missed its deadline while queued",
@@ -1077,7 +1120,7 @@ impl Worker {
                 }
             });
             ep.parked.retain_mut(|s| {
-                if now >= s.deadline {
+                if now >= s.deadline && !alive {
                     s.complete(Err(Error::new(
                         ErrorKind::Timeout,
                         "RDMA slice missed its deadline waiting for the peer's keys",

@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mooncake_core::{
-    Access, EmbeddedMetadataStore, ErrorKind, LocalBuffer, MemorySegment, MetadataKeys,
-    MetadataStore, Opcode, SegmentDescriptor, SegmentHandle, TransferRequest, TransferStatus,
-    block_on,
+    Access, Batch, ClusterSecret, EmbeddedMetadataStore, ErrorKind, LocalBuffer, MemorySegment,
+    MetadataKeys, MetadataStore, Opcode, RemoteSegment, Requester, SegmentDescriptor,
+    SegmentHandle, TransferRequest, TransferStatus, TransferTask, block_on,
 };
 use mooncake_engine::TransferEngine;
 use mooncake_testkit::{pattern, unique};
@@ -960,8 +960,8 @@ fn handshake_hands_keys_only_to_qp_owners_and_floods_keep_active_qps() {
     // Keys for a QP we never set up, with a guessed token: refused, no keys.
     let r = exchange(
         &addr,
-        serde_json::json!({"op": "keys", "version": 2, "from": "mallory", "peer_nic": nic.name,
-            "qpn": 1, "token": "00000000000000000000000000000000"}),
+        serde_json::json!({"op": "keys", "version": 3, "from": "mallory", "to": tname,
+            "peer_nic": nic.name, "qpn": 1, "token": "00000000000000000000000000000000"}),
         None,
     );
     assert_eq!(r["status"], "refused", "{r}");
@@ -971,8 +971,8 @@ fn handshake_hands_keys_only_to_qp_owners_and_floods_keep_active_qps() {
         |qpn: u32| serde_json::json!({"qpn": qpn, "psn": 1, "gid": gid, "lid": 0, "mtu": 1024});
     let r = exchange(
         &addr,
-        serde_json::json!({"op": "connect", "version": 2, "from": "mallory", "generation": 1,
-            "local_nic": nic.name, "peer_nic": nic.name, "qp": qp(77)}),
+        serde_json::json!({"op": "connect", "version": 3, "from": "mallory", "generation": 1,
+            "to": tname, "local_nic": nic.name, "peer_nic": nic.name, "qp": qp(77)}),
         Some("not-the-nonce"),
     );
     assert_eq!(r["status"], "refused", "{r}");
@@ -982,8 +982,8 @@ fn handshake_hands_keys_only_to_qp_owners_and_floods_keep_active_qps() {
     for k in 0..40u32 {
         let r = exchange(
             &addr,
-            serde_json::json!({"op": "connect", "version": 2, "from": format!("mallory{k}"),
-                "generation": k, "local_nic": nic.name, "peer_nic": nic.name, "qp": qp(1000 + k)}),
+            serde_json::json!({"op": "connect", "version": 3, "from": format!("mallory{k}"),
+                "to": tname, "generation": k, "local_nic": nic.name, "peer_nic": nic.name, "qp": qp(1000 + k)}),
             None,
         );
         if r["status"] == "ok" {
@@ -991,8 +991,8 @@ fn handshake_hands_keys_only_to_qp_owners_and_floods_keep_active_qps() {
             // A QP owner may list the keys again with its token.
             let again = exchange(
                 &addr,
-                serde_json::json!({"op": "keys", "version": 2, "from": format!("mallory{k}"),
-                    "peer_nic": nic.name, "qpn": r["qp"]["qpn"], "token": r["token"]}),
+                serde_json::json!({"op": "keys", "version": 3, "from": format!("mallory{k}"),
+                    "generation": k, "to": tname, "peer_nic": nic.name, "qpn": r["qp"]["qpn"], "token": r["token"]}),
                 None,
             );
             assert_eq!(again["status"], "ok", "{again}");
@@ -1122,4 +1122,242 @@ fn forget_peer_honours_the_generation() {
         endpoints_created(&stats) > created,
         "forgetting this generation drops its endpoints"
     );
+}
+
+fn engine_secret(
+    name: &str,
+    cfg: RdmaConfig,
+    md: &Arc<dyn MetadataStore>,
+    secret: Option<&[u8]>,
+) -> TransferEngine {
+    TransferEngine::builder(name)
+        .with_metadata(md.clone())
+        .with_timeout(TIMEOUT)
+        .with_cluster_secret(secret.map(|s| ClusterSecret::from_bytes(s).unwrap()))
+        .with_transport(cfg)
+        .build()
+        .expect("engine with RDMA transport")
+}
+
+/// With a cluster secret, only peers that prove it get a QP or a key, both ways: an
+/// initiator without the secret or with another one is refused before any QP exists (the
+/// target's memory is untouched), an unauthenticated raw request is denied, a target that
+/// cannot prove the secret is refused by the initiator, and holders of the secret work.
+#[test]
+#[cfg_attr(
+    not(mooncake_rdma_tests),
+    ignore = "needs RDMA devices: run `cargo xtask rxe` (MOONCAKE_TEST_RDMA=1)"
+)]
+fn the_cluster_secret_guards_the_handshake() {
+    require_devices();
+    init_tracing();
+    const GOOD: &[u8] = b"rdma-test-secret-0123456789";
+    const OTHER: &[u8] = b"rdma-test-secret-9876543210";
+    let md = store();
+    let tname = unique("cs-t");
+    let tcfg = config();
+    let tstats = tcfg.stats();
+    let t = engine_secret(&tname, tcfg, &md, Some(GOOD));
+    let tbuf = patterned(&t, 1 << 20, 1);
+    let guard = pattern(1 << 20, 1);
+    for (what, secret) in [("no secret", None), ("another secret", Some(OTHER))] {
+        let cfg = config();
+        let stats = cfg.stats();
+        let i = engine_secret(&unique("cs-x"), cfg, &md, secret);
+        let ibuf = patterned(&i, 1 << 20, 2);
+        let refused = tstats.handshakes_refused();
+        let e = i
+            .transfer_sync_write(&tname, ibuf.base(), tbuf.base(), 1 << 20)
+            .expect_err(what);
+        assert_eq!(e.kind(), ErrorKind::PeerUnreachable, "{what}: {e}");
+        assert!(!e.is_temporary(), "{what}: {e}");
+        assert!(tstats.handshakes_refused() > refused, "{what}");
+        assert_eq!(endpoints_created(&stats), 0, "{what}: {:?}", stats.nics());
+        // A READ is refused the same way (no key ever reached the peer).
+        let e = i
+            .transfer_sync_read(&tname, ibuf.base(), tbuf.base(), 4096)
+            .expect_err(what);
+        assert_eq!(e.kind(), ErrorKind::PeerUnreachable, "{what}: {e}");
+        assert!(
+            ibuf.to_vec() == pattern(1 << 20, 2),
+            "{what}: bytes were read"
+        );
+        assert!(
+            tbuf.to_vec() == guard,
+            "{what}: the target's memory changed"
+        );
+    }
+    // A raw request without a proof: denied, no QP, no keys.
+    let nic = t.local_descriptor().devices[0].clone();
+    let gid = nic.gid.replace(':', "");
+    let r = exchange(
+        &handshake_addr(&t),
+        serde_json::json!({"op": "connect", "version": 3, "from": "mallory", "generation": 1,
+            "to": tname, "local_nic": nic.name, "peer_nic": nic.name,
+            "qp": {"qpn": 77, "psn": 1, "gid": gid, "lid": 0, "mtu": 1024}}),
+        None,
+    );
+    assert_eq!(r["status"], "refused", "{r}");
+    assert_eq!(r["denied"], true, "{r}");
+    assert!(r.get("keys").is_none() && r.get("token").is_none(), "{r}");
+    // An initiator with the secret refuses a target that cannot prove it.
+    let oname = unique("cs-open");
+    let open = engine_secret(&oname, config(), &md, None);
+    let obuf = patterned(&open, 1 << 16, 3);
+    let cfg = config();
+    let stats = cfg.stats();
+    let i = engine_secret(&unique("cs-i"), cfg, &md, Some(GOOD));
+    let ibuf = patterned(&i, 1 << 20, 4);
+    let e = i
+        .transfer_sync_write(&oname, ibuf.base(), obuf.base(), 1 << 16)
+        .expect_err("a target without the secret");
+    assert_eq!(e.kind(), ErrorKind::PeerUnreachable, "{e}");
+    assert!(
+        obuf.to_vec() == pattern(1 << 16, 3),
+        "bytes reached an impostor"
+    );
+    // Holders of the secret work, both ways.
+    i.transfer_sync_write(&tname, ibuf.base(), tbuf.base(), 1 << 20)
+        .unwrap();
+    assert!(tbuf.to_vec() == pattern(1 << 20, 4));
+    let back = patterned(&i, 1 << 20, 5);
+    i.transfer_sync_read(&tname, back.base(), tbuf.base(), 1 << 20)
+        .unwrap();
+    assert!(back.to_vec() == pattern(1 << 20, 4));
+    assert!(endpoints_created(&stats) > 0);
+}
+
+/// Submits one WRITE of `len` bytes from `buf` to `remote_addr` of `remote` straight to the
+/// engine's RDMA transport (so the test picks which descriptor the task carries).
+fn write_via(
+    e: &TransferEngine,
+    buf: &LocalBuffer,
+    remote: &SegmentDescriptor,
+    remote_addr: u64,
+    len: u64,
+) -> mooncake_core::Result<()> {
+    let batch = Batch::new(1);
+    let completer = batch.add_tasks(1).unwrap().pop().unwrap();
+    let local = e
+        .registry()
+        .lease(buf.base(), len, Requester::Local)
+        .unwrap();
+    e.transports()[0].submit(vec![TransferTask {
+        opcode: Opcode::Write,
+        local,
+        remote: Arc::new(RemoteSegment::new(remote.clone())),
+        remote_addr,
+        completer,
+    }]);
+    batch.wait_blocking(Some(Instant::now() + 3 * TIMEOUT))
+}
+
+/// A task still addressed to an earlier incarnation of a peer (its descriptor shows an older
+/// generation than the endpoint's) fails with a permanent `PeerUnreachable` instead of
+/// landing in the new incarnation's memory, even at an address that is valid there.
+#[test]
+#[cfg_attr(
+    not(mooncake_rdma_tests),
+    ignore = "needs RDMA devices: run `cargo xtask rxe` (MOONCAKE_TEST_RDMA=1)"
+)]
+fn a_request_for_an_earlier_generation_never_reaches_the_new_one() {
+    require_devices();
+    init_tracing();
+    const LEN: u64 = 64 << 10;
+    let md = store();
+    let tname = unique("gen-t");
+    let i = engine_md(&unique("gen-i"), config().with_nics(["rxe0"]), &md);
+    let ibuf = patterned(&i, LEN as usize, 1);
+    let first = engine_md(&tname, config().with_nics(["rxe0"]), &md);
+    let fbuf = patterned(&first, LEN as usize, 2);
+    let old = first.local_descriptor();
+    write_via(&i, &ibuf, &old, fbuf.base(), LEN).unwrap();
+    assert!(fbuf.to_vec() == pattern(LEN as usize, 1));
+    drop(first);
+    let second = engine_md(&tname, config().with_nics(["rxe0"]), &md);
+    let sbuf = patterned(&second, LEN as usize, 3);
+    let new = second.local_descriptor();
+    assert!(new.generation > old.generation);
+    // The new incarnation is reached through its own descriptor.
+    ibuf.write_at(0, &pattern(LEN as usize, 4)).unwrap();
+    write_via(&i, &ibuf, &new, sbuf.base(), LEN).unwrap();
+    assert!(sbuf.to_vec() == pattern(LEN as usize, 4));
+    // A task carrying the old descriptor, at an address valid in the new incarnation.
+    ibuf.write_at(0, &pattern(LEN as usize, 5)).unwrap();
+    let e = write_via(&i, &ibuf, &old, sbuf.base(), LEN).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PeerUnreachable, "{e}");
+    assert!(!e.is_temporary(), "{e}");
+    assert!(
+        sbuf.to_vec() == pattern(LEN as usize, 4),
+        "a request for the earlier incarnation wrote into the new one"
+    );
+}
+
+/// Dropping an engine mid-transfer: once the drop returns no byte lands in its memory any
+/// more, neither from its own READs (its QPs are destroyed before any lease is released) nor
+/// from a peer's WRITEs (the QPs peers connected and the MRs are gone).
+#[test]
+#[cfg_attr(
+    not(mooncake_rdma_tests),
+    ignore = "needs RDMA devices: run `cargo xtask rxe` (MOONCAKE_TEST_RDMA=1)"
+)]
+fn nothing_lands_after_an_engine_is_dropped() {
+    require_devices();
+    init_tracing();
+    const LEN: usize = 8 << 20;
+    let md = store();
+    // The initiator is dropped while its READs are in flight.
+    let tname = unique("dr-t");
+    let t = engine_md(&tname, config().with_nics(["rxe0"]), &md);
+    let tbuf = patterned(&t, LEN, 1);
+    let i = engine_md(&unique("dr-i"), config().with_nics(["rxe0"]), &md);
+    let ibuf = Arc::new(LocalBuffer::new(LEN).unwrap());
+    i.register(ibuf.clone()).unwrap();
+    let h = i.open_segment_blocking(&tname).unwrap();
+    let reads: Vec<_> = (0..(LEN as u64 >> 16))
+        .map(|k| {
+            req(
+                Opcode::Read,
+                ibuf.base() + (k << 16),
+                h,
+                tbuf.base() + (k << 16),
+                64 << 10,
+            )
+        })
+        .collect();
+    let batch = i.submit_batch(&reads).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(i);
+    let after = ibuf.to_vec();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        ibuf.to_vec() == after,
+        "a READ landed after the initiator was dropped"
+    );
+    let _ = batch.wait_blocking(Some(Instant::now() + 3 * TIMEOUT));
+    // The target is dropped while a peer's WRITEs are in flight.
+    let w = engine_md(&unique("dr-w"), config().with_nics(["rxe0"]), &md);
+    let wbuf = patterned(&w, LEN, 2);
+    let h = w.open_segment_blocking(&tname).unwrap();
+    let writes: Vec<_> = (0..(LEN as u64 >> 16))
+        .map(|k| {
+            req(
+                Opcode::Write,
+                wbuf.base() + (k << 16),
+                h,
+                tbuf.base() + (k << 16),
+                64 << 10,
+            )
+        })
+        .collect();
+    let batch = w.submit_batch(&writes).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(t);
+    let after = tbuf.to_vec();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        tbuf.to_vec() == after,
+        "a WRITE landed after the target was dropped"
+    );
+    let _ = batch.wait_blocking(Some(Instant::now() + 3 * TIMEOUT));
 }
