@@ -5,10 +5,12 @@
 //! - `cargo xtask test`: deps, services (etcd, redis), every workspace test (all features), the examples,
 //!   and the RDMA tests in the soft-RoCE VM. The README's test command.
 //! - `cargo xtask rxe`: only the VM part (see `rxe.rs`).
+//! - `cargo xtask fuzz [--seconds N]`: every cargo-fuzz target for a bounded time (see `fuzz.rs`).
 //! - `cargo xtask wheel`: the Python wheel (`crates/mooncake-py`) with the `mooncake` binary
 //!   bundled, into `target/wheels` (also built and tested by `cargo xtask test`).
 
 mod apt;
+mod fuzz;
 mod rxe;
 mod services;
 
@@ -32,6 +34,8 @@ enum Cmd {
     Test(TestArgs),
     /// Run the RDMA transport's tests (and benchmarks) in a soft-RoCE VM.
     Rxe(rxe::RxeArgs),
+    /// Run every fuzz target for a bounded time (installs cargo-fuzz if missing).
+    Fuzz(fuzz::FuzzArgs),
     /// Build the Python wheel (bundling the `mooncake` binary) into `target/wheels`.
     Wheel,
 }
@@ -150,6 +154,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test(a) => test(&a),
         Cmd::Rxe(a) => rxe::run(&a),
+        Cmd::Fuzz(a) => fuzz::run(&a),
         Cmd::Wheel => wheel(&python_venv()?).map(drop),
     }
 }

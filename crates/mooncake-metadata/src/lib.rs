@@ -9,6 +9,10 @@ use mooncake_core::{Error, ErrorKind, Result};
 
 #[cfg(any(feature = "http", feature = "p2p"))]
 mod net;
+#[cfg(any(feature = "http-server", feature = "p2p"))]
+mod serve;
+
+pub mod auth;
 
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
@@ -35,7 +39,7 @@ pub mod redis;
 pub use redis::{RedisConfig, RedisMetadataStore};
 
 pub mod loopback;
-pub use loopback::{LoopbackPair, loopback_pair, serve_http};
+pub use loopback::{LoopbackPair, loopback_pair, loopback_pair_with, serve_http};
 
 /// Default request-body limit of the HTTP metadata server (64 MiB).
 pub const HTTP_DEFAULT_MAX_BODY: usize = 64 * 1024 * 1024;
@@ -126,8 +130,11 @@ fn not_compiled(what: &str, backend: Backend) -> Error {
 /// Connects to the metadata backend `url` names and checks that it answers.
 ///
 /// - `""` → the process-wide embedded store;
-/// - `http://host:port/metadata` → `HttpMetadataStore` (default `HttpConfig`);
-/// - `P2PHANDSHAKE` → a `P2pHandshakeStore` on `127.0.0.1` and a free port (use
+/// - `http://host:port/metadata` → `HttpMetadataStore` (default `HttpConfig`: it sends the
+///   bearer token `MC_METADATA_TOKEN`, or the one derived from the cluster secret
+///   `MC_CLUSTER_SECRET_FILE`/`MC_CLUSTER_SECRET`);
+/// - `P2PHANDSHAKE` → a `P2pHandshakeStore` on `127.0.0.1` and a free port, authenticating
+///   peers with the environment's cluster secret when one is set (use
 ///   `P2pHandshakeStore::bind` to choose the host and port, and `mooncake::p2p_engine_builder`);
 /// - `etcd://h1:2379,h2:2379` or `h:2379` → `EtcdMetadataStore`;
 /// - `redis://[user:pass@]host:6379[/db]` → `RedisMetadataStore`.

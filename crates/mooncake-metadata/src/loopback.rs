@@ -5,7 +5,9 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use mooncake_core::{EmbeddedMetadataStore, Error, ErrorKind, MetadataStore, Result};
+use mooncake_core::{
+    ClusterSecret, EmbeddedMetadataStore, Error, ErrorKind, MetadataStore, Result,
+};
 
 use crate::{Backend, not_compiled};
 
@@ -32,7 +34,8 @@ impl std::fmt::Debug for LoopbackPair {
     }
 }
 
-/// Sets up a [`LoopbackPair`] of `backend`.
+/// Sets up a [`LoopbackPair`] of `backend`, with the credentials the environment configures
+/// (`MC_CLUSTER_SECRET_FILE`, `MC_CLUSTER_SECRET`, `MC_METADATA_TOKEN`).
 ///
 /// - embedded: two handles of one in-process store;
 /// - http: `url`, or an in-process `HttpMetadataServer` on a free loopback port
@@ -40,9 +43,22 @@ impl std::fmt::Debug for LoopbackPair {
 /// - p2p: two handshake stores on free loopback ports;
 /// - etcd, redis: `url` is required.
 pub fn loopback_pair(backend: Backend, url: Option<&str>) -> Result<LoopbackPair> {
+    loopback_pair_with(backend, url, None)
+}
+
+/// [`loopback_pair`] with an explicit cluster secret: `Some(None)` for none, `Some(Some(s))`
+/// for `s` (the HTTP server requires the token derived from it and the P2P stores
+/// authenticate each other with it), `None` for the environment's. etcd and redis ignore it.
+pub fn loopback_pair_with(
+    backend: Backend,
+    url: Option<&str>,
+    secret: Option<Option<ClusterSecret>>,
+) -> Result<LoopbackPair> {
     if !backend.is_compiled_in() {
         return Err(not_compiled("this tool", backend));
     }
+    #[cfg(not(any(feature = "http", feature = "p2p")))]
+    let _ = secret;
     let segment = format!("bench-{}", std::process::id());
     let need_url = |name: &str| {
         url.map(str::to_string).ok_or_else(|| {
@@ -65,23 +81,39 @@ pub fn loopback_pair(backend: Backend, url: Option<&str>) -> Result<LoopbackPair
         }
         #[cfg(feature = "http")]
         Backend::Http => {
+            let token = match &secret {
+                Some(s) => s.as_ref().map(crate::auth::metadata_token),
+                None => crate::auth::metadata_token_from_env()?,
+            };
             let (url, guard): (String, Option<Box<dyn Any + Send>>) = match url {
                 Some(u) => (u.to_string(), None),
-                None => start_http_server()?,
+                None => start_http_server(token.clone())?,
+            };
+            let client = || -> Result<Arc<dyn MetadataStore>> {
+                let s = crate::HttpMetadataStore::new(
+                    &url,
+                    crate::HttpConfig::default().with_token(token.clone()),
+                )?;
+                mooncake_core::block_on(s.check())?;
+                Ok(Arc::new(s))
             };
             Ok(LoopbackPair {
-                writer: crate::connect(&url)?,
-                reader: crate::connect(&url)?,
+                writer: client()?,
+                reader: client()?,
                 segment,
-                target: url,
+                target: url.clone(),
                 _guard: guard,
             })
         }
         #[cfg(feature = "p2p")]
         Backend::P2pHandshake => {
             use crate::p2p::{P2pConfig, P2pHandshakeStore};
-            let w = P2pHandshakeStore::bind("127.0.0.1", 0, P2pConfig::default())?;
-            let r = P2pHandshakeStore::bind("127.0.0.1", 0, P2pConfig::default())?;
+            let cfg = match secret {
+                Some(s) => P2pConfig::default().with_cluster_secret(s),
+                None => P2pConfig::default(),
+            };
+            let w = P2pHandshakeStore::bind("127.0.0.1", 0, cfg.clone())?;
+            let r = P2pHandshakeStore::bind("127.0.0.1", 0, cfg)?;
             let segment = w.local_name().to_string();
             Ok(LoopbackPair {
                 target: segment.clone(),
@@ -112,17 +144,18 @@ pub fn loopback_pair(backend: Backend, url: Option<&str>) -> Result<LoopbackPair
 }
 
 #[cfg(feature = "http")]
-fn start_http_server() -> Result<(String, Option<Box<dyn Any + Send>>)> {
+fn start_http_server(token: Option<String>) -> Result<(String, Option<Box<dyn Any + Send>>)> {
     #[cfg(feature = "http-server")]
     {
         let s = crate::http::HttpMetadataServer::bind(
             "127.0.0.1:0",
-            crate::http::HttpServerConfig::default(),
+            crate::http::HttpServerConfig::default().with_token(token),
         )?;
         Ok((s.url(), Some(Box::new(s))))
     }
     #[cfg(not(feature = "http-server"))]
     {
+        let _ = token;
         Err(Error::new(
             ErrorKind::Config,
             "no --url given and this build has no HTTP metadata server: pass --url http://host:port/metadata \
@@ -131,12 +164,13 @@ fn start_http_server() -> Result<(String, Option<Box<dyn Any + Send>>)> {
     }
 }
 
-/// Runs the HTTP metadata server on `bind` (e.g. `0.0.0.0:8080`) until the process ends,
-/// refusing bodies above `max_body` bytes with 413. Prints the URL on stderr.
+/// Runs the HTTP metadata server on `bind` (e.g. `127.0.0.1:8080`) until the process ends,
+/// refusing bodies above `max_body` bytes with 413 and requiring the token the environment
+/// configures ([`crate::auth::metadata_token_from_env`]). Prints the URL on stderr.
 pub fn serve_http(bind: &str, max_body: usize) -> Result<()> {
     #[cfg(feature = "http-server")]
     {
-        let cfg = crate::http::HttpServerConfig::default().with_max_body(max_body);
+        let cfg = crate::http::HttpServerConfig::from_env()?.with_max_body(max_body);
         let s = crate::http::HttpMetadataServer::bind(bind, cfg)?;
         eprintln!(
             "mooncake metadata server listening on {} (point metadata_server at {})",

@@ -6,24 +6,55 @@
 //! A frame is an 8-byte length (little-endian `u64`, the reference's host order on x86-64 and
 //! aarch64; it counts the type byte), a 1-byte type and a JSON body. Types: 0 Connection (RDMA
 //! QP handshake), 1 Metadata, 2 Notify, 3 Probe. A type byte above 3 is the legacy untyped
-//! form, whose whole length is JSON. A Metadata request carries the caller's own descriptor;
+//! form, whose whole length is JSON — except 0x10–0x13, the authentication frames below,
+//! which no JSON text starts with. A Metadata request carries the caller's own descriptor;
 //! the reply carries the callee's (an empty body: it has none published). Frames above the
 //! size limit (1 MiB by default, `MC_HANDSHAKE_MAX_LENGTH`) are refused.
+//!
+//! # Authentication (with a cluster secret)
+//! A store with a cluster secret ([`P2pConfig::with_cluster_secret`], or
+//! `MC_CLUSTER_SECRET_FILE`/`MC_CLUSTER_SECRET`) answers nothing — no descriptor, probe or
+//! notify — on a connection until the peer proved it holds the secret, and proves itself
+//! first, so neither side reveals its descriptor to an impostor:
+//!
+//! ```text
+//! initiator → target   AuthHello     (0x10)  target name, initiator name, nonce_i
+//! target → initiator   AuthChallenge (0x11)  nonce_t, proof_t = HMAC(secret, "target",    names, nonces)
+//! initiator → target   AuthProof     (0x12)  proof_i = HMAC(secret, "initiator", names, nonces)
+//!                      + the first request, in the same write
+//! target → initiator   the reply
+//! ```
+//! Both proofs cover both segment names (`host:port`) and both nonces ([`auth_proof`]), so a
+//! proof is good for one connection, one direction and one pair of names only; the target
+//! refuses a hello naming another segment. A refusal is an AuthRefused (0x13) frame with a
+//! message, then the connection closes. Setup costs one extra round trip per connection;
+//! connections are pooled, so steady-state lookups cost none. Without a secret everything
+//! works as in the reference, and a peer with a secret refuses one without (both ways).
+//!
+//! # Serving
+//! Connections are tasks on one thread (async-io), at most [`P2pConfig::max_connections`]
+//! (at the cap the longest-idle one is closed, and when none is idle a new one is); each
+//! frame must arrive whole within [`P2pConfig::io_timeout`] of its first byte (and the whole
+//! authentication within it of the connection), an idle connection is closed after
+//! [`P2pConfig::idle_timeout`], frames before authentication are at most
+//! [`MAX_AUTH_FRAME`] bytes, and the frames being received at once hold at most
+//! [`P2pConfig::max_inflight`] bytes. Accept errors (EMFILE) back off instead of spinning.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
+use async_io::Async;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use mooncake_core::auth::{NONCE_LEN, PROOF_LEN};
 use mooncake_core::{
-    BoxFuture, EmbeddedMetadataStore, Error, ErrorKind, MetadataStore, Result, RpcMeta,
-    SegmentDescriptor, WatchStream,
+    BoxFuture, ClusterSecret, EmbeddedMetadataStore, Error, ErrorKind, MetadataStore, Result,
+    RpcMeta, SegmentDescriptor, WatchStream,
 };
 
 use crate::net;
+use crate::serve::{self, Admit, Budget, ConnGuard, Conns, Runtime};
 
 /// The URL of this backend, as Mooncake spells it.
 pub const P2P_SCHEME: &str = "P2PHANDSHAKE";
@@ -36,11 +67,26 @@ pub const FRAME_METADATA: u8 = 1;
 pub const FRAME_NOTIFY: u8 = 2;
 /// Frame type: liveness probe.
 pub const FRAME_PROBE: u8 = 3;
+/// Frame type: an initiator opens authentication ([`AuthHello`]).
+pub const FRAME_AUTH_HELLO: u8 = 0x10;
+/// Frame type: the target's nonce and proof (48 bytes).
+pub const FRAME_AUTH_CHALLENGE: u8 = 0x11;
+/// Frame type: the initiator's proof (32 bytes).
+pub const FRAME_AUTH_PROOF: u8 = 0x12;
+/// Frame type: authentication refused (a UTF-8 message); the connection closes.
+pub const FRAME_AUTH_REFUSED: u8 = 0x13;
 /// Marks a legacy untyped frame in [`Frame::kind`].
 pub const FRAME_LEGACY: u8 = u8::MAX;
 
 /// Default frame size limit (1 MiB), as in the reference.
 pub const DEFAULT_MAX_MESSAGE: usize = 1 << 20;
+/// Size limit of every frame before a connection is authenticated (and of auth replies).
+pub const MAX_AUTH_FRAME: usize = 4096;
+
+/// The role tag of the target's proof.
+pub const AUTH_TARGET_ROLE: &[u8] = b"mooncake-p2p-target";
+/// The role tag of the initiator's proof.
+pub const AUTH_INITIATOR_ROLE: &[u8] = b"mooncake-p2p-initiator";
 
 /// One handshake frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,16 +125,17 @@ impl std::fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
-/// Decodes one frame from the start of `buf`: `Ok(None)` while incomplete, else the frame
-/// and the bytes it used. The length is checked against `max` before the body arrives.
-pub fn decode_frame(
-    buf: &[u8],
-    max: usize,
-) -> std::result::Result<Option<(Frame, usize)>, FrameError> {
-    if buf.len() < 8 {
+fn is_typed(kind: u8) -> bool {
+    kind <= FRAME_PROBE || (FRAME_AUTH_HELLO..=FRAME_AUTH_REFUSED).contains(&kind)
+}
+
+/// The declared length of the frame starting `buf` (once 8 bytes arrived), checked against
+/// `max`.
+fn frame_len(buf: &[u8], max: usize) -> std::result::Result<Option<usize>, FrameError> {
+    let Some(head) = buf.get(..8) else {
         return Ok(None);
-    }
-    let len = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+    };
+    let len = u64::from_le_bytes(head.try_into().unwrap_or_default());
     if len == 0 {
         return Err(FrameError::EmptyFrame);
     }
@@ -98,20 +145,38 @@ pub fn decode_frame(
             limit: max,
         });
     }
-    let total = 8 + len as usize;
-    if buf.len() < total {
+    usize::try_from(len)
+        .ok()
+        .and_then(|l| l.checked_add(8))
+        .map(Some)
+        .ok_or(FrameError::TooLarge {
+            declared: len,
+            limit: max,
+        })
+}
+
+/// Decodes one frame from the start of `buf`: `Ok(None)` while incomplete, else the frame
+/// and the bytes it used. The length is checked against `max` before the body arrives.
+pub fn decode_frame(
+    buf: &[u8],
+    max: usize,
+) -> std::result::Result<Option<(Frame, usize)>, FrameError> {
+    let Some(total) = frame_len(buf, max)? else {
         return Ok(None);
-    }
-    let kind = buf[8];
-    let frame = if kind <= FRAME_PROBE {
+    };
+    let Some(frame) = buf.get(8..total) else {
+        return Ok(None);
+    };
+    let kind = frame[0];
+    let frame = if is_typed(kind) {
         Frame {
             kind,
-            body: buf[9..total].to_vec(),
+            body: frame[1..].to_vec(),
         }
     } else {
         Frame {
             kind: FRAME_LEGACY,
-            body: buf[8..total].to_vec(),
+            body: frame.to_vec(),
         }
     };
     Ok(Some((frame, total)))
@@ -126,6 +191,95 @@ pub fn encode_frame(kind: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The body of a [`FRAME_AUTH_HELLO`]: who connects to whom.
+///
+/// ```text
+/// u16 target length | target name | u16 initiator length | initiator name | 16-byte nonce
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthHello {
+    /// The segment (`host:port`) the initiator means to reach.
+    pub target: String,
+    /// The initiator's own segment name.
+    pub initiator: String,
+    /// The initiator's fresh nonce.
+    pub nonce: [u8; NONCE_LEN],
+}
+
+impl AuthHello {
+    /// Encodes the body (names longer than 65,535 bytes are cut: no segment name is).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(4 + NONCE_LEN + self.target.len() + self.initiator.len());
+        for s in [&self.target, &self.initiator] {
+            let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+            v.extend_from_slice(&(b.len() as u16).to_le_bytes());
+            v.extend_from_slice(b);
+        }
+        v.extend_from_slice(&self.nonce);
+        v
+    }
+
+    /// Decodes a body; refuses truncated, trailing or non-UTF-8 input.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        fn name(b: &[u8], at: &mut usize) -> Option<String> {
+            let len = b.get(*at..at.checked_add(2)?)?;
+            let len = u16::from_le_bytes([len[0], len[1]]) as usize;
+            let s = b.get(*at + 2..(*at + 2).checked_add(len)?)?;
+            *at += 2 + len;
+            String::from_utf8(s.to_vec()).ok()
+        }
+        let mut at = 0;
+        let target = name(b, &mut at)?;
+        let initiator = name(b, &mut at)?;
+        let nonce = b.get(at..)?.try_into().ok()?;
+        Some(Self {
+            target,
+            initiator,
+            nonce,
+        })
+    }
+}
+
+/// The proof of `role` ([`AUTH_TARGET_ROLE`] or [`AUTH_INITIATOR_ROLE`]) for the connection
+/// `hello` opened and the target answered with `target_nonce`: HMAC-SHA256 under the cluster
+/// secret over both segment names and both nonces.
+pub fn auth_proof(
+    secret: &ClusterSecret,
+    role: &[u8],
+    hello: &AuthHello,
+    target_nonce: &[u8],
+) -> [u8; PROOF_LEN] {
+    secret.prove(
+        role,
+        &[
+            hello.target.as_bytes(),
+            hello.initiator.as_bytes(),
+            &hello.nonce,
+            target_nonce,
+        ],
+    )
+}
+
+/// Checks a proof made by [`auth_proof`] (constant-time).
+pub fn auth_verify(
+    secret: &ClusterSecret,
+    role: &[u8],
+    hello: &AuthHello,
+    target_nonce: &[u8],
+    proof: &[u8],
+) -> bool {
+    secret.verify(
+        role,
+        &[
+            hello.target.as_bytes(),
+            hello.initiator.as_bytes(),
+            &hello.nonce,
+            target_nonce,
+        ],
+        proof,
+    )
+}
+
 /// Configuration of [`P2pHandshakeStore`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -134,8 +288,18 @@ pub struct P2pConfig {
     pub max_message: usize,
     /// Connect deadline (default 5 s, or `MC_HANDSHAKE_CONNECT_TIMEOUT` seconds).
     pub connect_timeout: Duration,
-    /// Deadline of one exchange after connecting (default 5 s).
+    /// Deadline of one exchange after connecting (default 5 s). The server holds each whole
+    /// frame, and the whole authentication of a connection, to it as well.
     pub io_timeout: Duration,
+    /// The server closes a connection idle this long between frames (default 60 s).
+    pub idle_timeout: Duration,
+    /// Most connections the server keeps open (default 1024).
+    pub max_connections: usize,
+    /// Most bytes of frames the server receives at once, over all connections (default
+    /// 64 MiB, at least twice `max_message`).
+    pub max_inflight: usize,
+    /// `None`: from the environment at bind time; `Some(s)`: as given.
+    secret: Option<Option<ClusterSecret>>,
 }
 
 impl Default for P2pConfig {
@@ -149,6 +313,10 @@ impl Default for P2pConfig {
                 env("MC_HANDSHAKE_CONNECT_TIMEOUT").unwrap_or(5).max(1),
             ),
             io_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            max_inflight: 64 << 20,
+            secret: None,
         }
     }
 }
@@ -165,22 +333,50 @@ impl P2pConfig {
         self.connect_timeout = timeout;
         self
     }
+
+    /// Sets the exchange (and server frame) deadline.
+    pub fn with_io_timeout(mut self, timeout: Duration) -> Self {
+        self.io_timeout = timeout;
+        self
+    }
+
+    /// Sets the server's idle-connection deadline.
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Sets the server's connection cap.
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// Sets the cluster secret peers must prove (`None`: no authentication). Without this
+    /// call the secret comes from `MC_CLUSTER_SECRET_FILE`/`MC_CLUSTER_SECRET` at bind time.
+    pub fn with_cluster_secret(mut self, secret: Option<ClusterSecret>) -> Self {
+        self.secret = Some(secret);
+        self
+    }
 }
 
 struct Inner {
     name: String,
     local: EmbeddedMetadataStore,
     config: P2pConfig,
+    secret: Option<ClusterSecret>,
     shutdown: AtomicBool,
-    conns: Mutex<std::collections::HashMap<u64, TcpStream>>,
-    next_conn: AtomicU64,
-    /// Idle client connections to peers, reused by later lookups.
+    conns: Arc<Conns>,
+    inflight: Budget,
+    /// Idle client connections to peers (authenticated when we have a secret), reused by
+    /// later lookups.
     pool: Mutex<std::collections::HashMap<String, Vec<async_net::TcpStream>>>,
     /// Answers Notify frames (the Python API's `TransferNotify`), when set.
     notify: Mutex<Option<NotifyHandler>>,
 }
 
-/// Handles the body of a Notify frame on the RPC port and returns the reply's body.
+/// Handles the body of a Notify frame on the RPC port and returns the reply's body. It runs
+/// on a blocking-task thread, never on the thread that serves the port.
 pub type NotifyHandler = Arc<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
 
 impl Inner {
@@ -218,34 +414,84 @@ impl Inner {
 ///   name this process may publish, and the engine must use it as its segment name, with
 ///   [`rpc_port`](Self::rpc_port) as its RPC port (`mooncake::p2p_engine_builder` does both).
 /// - `put`/`delete`/`watch` act on this process's own keys (a local map; watch sees local
-///   changes only). The RPC port serves this process's descriptor to peers.
+///   changes only). The RPC port serves this process's descriptor to peers — with a cluster
+///   secret, only to peers that proved it (see the module docs).
 /// - `get` of a local key answers locally. `get("mooncake/[<cluster>/]ram/host:port")` of
-///   another peer connects to it and fetches its descriptor (one round trip). A peer that is
-///   gone gives [`ErrorKind::PeerUnreachable`]; one that publishes nothing gives `Ok(None)`;
-///   one that sends malformed JSON gives [`ErrorKind::Protocol`] naming the peer.
+///   another peer connects to it and fetches its descriptor (one round trip; two on a new
+///   connection with a secret). A peer that is gone gives [`ErrorKind::PeerUnreachable`]; one
+///   that publishes nothing gives `Ok(None)`; one that sends malformed JSON gives
+///   [`ErrorKind::Protocol`] naming the peer; one that cannot prove the secret (or refuses
+///   ours) gives a non-temporary [`ErrorKind::PeerUnreachable`] that says so.
 /// - `get("mooncake/rpc_meta/host:port")` of a peer is answered from the name itself.
 /// - Dropping the store closes the port: peers then find this node unreachable.
 pub struct P2pHandshakeStore {
     inner: Arc<Inner>,
     addr: SocketAddr,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    rt: Runtime,
 }
 
 impl std::fmt::Debug for P2pHandshakeStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("P2pHandshakeStore")
             .field("name", &self.inner.name)
+            .field("authenticated", &self.inner.secret.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+/// An authentication failure with `peer`: permanent (retrying cannot help).
+fn refused(peer: &str, why: &str) -> Error {
+    Error::new(
+        ErrorKind::PeerUnreachable,
+        format!("refused the P2P handshake with {peer}: {why}"),
+    )
+    .with_context("peer", peer)
+    .with_temporary(false)
+}
+
+/// Reads one frame of at most `max` bytes; also says whether bytes past it arrived.
+async fn read_frame(conn: &mut async_net::TcpStream, max: usize) -> Result<(Frame, bool)> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match decode_frame(&buf, max) {
+            Ok(Some((f, used))) => return Ok((f, used < buf.len())),
+            Ok(None) => {}
+            Err(e) => return Err(Error::new(ErrorKind::Protocol, e.to_string())),
+        }
+        // Read no further than the frame (its length is known once 8 bytes are in).
+        let want = match frame_len(&buf, max) {
+            Ok(Some(total)) => (total - buf.len()).min(chunk.len()),
+            _ => 8 - buf.len(),
+        };
+        let n = conn
+            .read(&mut chunk[..want])
+            .await
+            .map_err(|e| Error::io("reading the handshake", &e))?;
+        if n == 0 {
+            return Err(Error::new(
+                ErrorKind::PeerUnreachable,
+                "the peer closed the handshake connection",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
 impl P2pHandshakeStore {
     /// Binds the RPC port `host:port` (port 0 picks a free one). The segment name becomes
     /// `host:<bound port>`, so `host` must be an address peers can reach.
+    ///
+    /// The cluster secret is the config's, or (when it sets none) the environment's; a bad
+    /// secret file is an [`ErrorKind::Config`] error.
     pub fn bind(host: &str, port: u16, config: P2pConfig) -> Result<Self> {
-        let listener = TcpListener::bind((host, port))
-            .map_err(|e| Error::io(&format!("binding the handshake port {host}:{port}"), &e))?;
+        let secret = match &config.secret {
+            Some(s) => s.clone(),
+            None => ClusterSecret::from_env()?,
+        };
+        let listener = serve::bind((host, port), &format!("the handshake port {host}:{port}"))?;
         let addr = listener
+            .get_ref()
             .local_addr()
             .map_err(|e| Error::io("local_addr", &e))?;
         let name = if host.contains(':') {
@@ -253,27 +499,43 @@ impl P2pHandshakeStore {
         } else {
             format!("{host}:{}", addr.port())
         };
+        if secret.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                %name,
+                "the P2P handshake port listens beyond loopback without a cluster secret: anyone who can reach it \
+                 reads this node's segment descriptor (set MC_CLUSTER_SECRET_FILE)"
+            );
+        }
         let inner = Arc::new(Inner {
             name,
             local: EmbeddedMetadataStore::new(),
+            inflight: Budget::new(config.max_inflight.max(2 * config.max_message)),
+            conns: Conns::new(config.max_connections),
             config,
+            secret,
             shutdown: AtomicBool::new(false),
-            conns: Mutex::new(Default::default()),
-            next_conn: AtomicU64::new(0),
             pool: Mutex::new(Default::default()),
             notify: Mutex::new(None),
         });
+        let rt = Runtime::start("mooncake-p2p", 1)?;
+        let spawner = rt.spawner();
         let i = inner.clone();
-        let accept = std::thread::Builder::new()
-            .name("mooncake-p2p-accept".into())
-            .spawn(move || accept_loop(listener, i))
-            .map_err(|e| Error::io("spawning the handshake thread", &e))?;
-        tracing::info!(name = %inner.name, "P2P handshake port listening");
-        Ok(Self {
-            inner,
-            addr,
-            threads: Mutex::new(vec![accept]),
-        })
+        rt.spawn(serve::accept_loop(
+            listener,
+            "P2P handshake port",
+            move |stream| {
+                let stream = Arc::new(stream);
+                match i.conns.admit(stream.clone()) {
+                    Admit::Yes(guard) => spawner.spawn(serve_connection(i.clone(), stream, guard)),
+                    Admit::Full => {
+                        tracing::debug!("handshake connection cap reached and none idle: closing");
+                        let _ = stream.get_ref().shutdown(std::net::Shutdown::Both);
+                    }
+                }
+            },
+        ));
+        tracing::info!(name = %inner.name, authenticated = inner.secret.is_some(), "P2P handshake port listening");
+        Ok(Self { inner, addr, rt })
     }
 
     /// This process's segment name: `host:rpc_port`.
@@ -291,83 +553,122 @@ impl P2pHandshakeStore {
         self.addr
     }
 
+    /// Whether peers must prove the cluster secret (and this store proves it to them).
+    pub fn has_cluster_secret(&self) -> bool {
+        self.inner.secret.is_some()
+    }
+
+    /// Connections the RPC port holds open now.
+    pub fn open_connections(&self) -> usize {
+        self.inner.conns.len()
+    }
+
+    /// Closes the idle client connections this store keeps to peers (the next lookup of
+    /// each peer connects, and authenticates, again).
+    pub fn close_idle_connections(&self) {
+        self.inner
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// Serves Notify frames on the RPC port with `handler` (without one, a Notify frame
-    /// closes the connection).
+    /// closes the connection). With a cluster secret only authenticated peers reach it.
     pub fn set_notify_handler(&self, handler: NotifyHandler) {
         *self.inner.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(handler);
     }
 
-    fn stop(&self) {
-        self.inner.shutdown.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        for (_, c) in self
-            .inner
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-        {
-            let _ = c.shutdown(Shutdown::Both);
-        }
-        for t in self
-            .threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            let _ = t.join();
+    /// Sends one frame of `kind` (Notify, Probe, …) to `peer` (`host:port`) and returns its
+    /// reply, over a pooled connection, authenticated when this store has a cluster secret.
+    pub async fn call(&self, peer: &str, kind: u8, body: &[u8]) -> Result<Frame> {
+        self.request(peer, &encode_frame(kind, body)).await
+    }
+
+    /// A new connection to `peer`, authenticated when we have a secret. Returns it and the
+    /// bytes to send before the first request (our proof: it travels with the request, so
+    /// authentication costs one extra round trip).
+    async fn open(&self, peer: &str) -> Result<(async_net::TcpStream, Vec<u8>)> {
+        let cfg = &self.inner.config;
+        let mut conn = net::connect(peer, cfg.connect_timeout, "the peer's handshake port")
+            .await
+            .map_err(|e| e.with_context("peer", peer))?;
+        let Some(secret) = &self.inner.secret else {
+            return Ok((conn, Vec::new()));
+        };
+        let hello = AuthHello {
+            target: peer.to_string(),
+            initiator: self.inner.name.clone(),
+            nonce: mooncake_core::auth::nonce(),
+        };
+        let (reply, _) = net::with_timeout(
+            cfg.io_timeout,
+            &format!("authenticating with {peer}"),
+            async {
+                conn.write_all(&encode_frame(FRAME_AUTH_HELLO, &hello.encode()))
+                    .await
+                    .map_err(|e| Error::io("sending the handshake hello", &e))?;
+                read_frame(&mut conn, MAX_AUTH_FRAME).await
+            },
+        )
+        .await
+        .map_err(|e| e.with_context("peer", peer))?;
+        match reply.kind {
+            FRAME_AUTH_CHALLENGE if reply.body.len() == NONCE_LEN + PROOF_LEN => {
+                let (nonce, proof) = reply.body.split_at(NONCE_LEN);
+                if !auth_verify(secret, AUTH_TARGET_ROLE, &hello, nonce, proof) {
+                    return Err(refused(
+                        peer,
+                        "it did not prove the cluster secret (a different secret, or not the segment we asked for)",
+                    ));
+                }
+                let mine = auth_proof(secret, AUTH_INITIATOR_ROLE, &hello, nonce);
+                Ok((conn, encode_frame(FRAME_AUTH_PROOF, &mine)))
+            }
+            FRAME_AUTH_REFUSED => Err(refused(
+                peer,
+                &format!(
+                    "it said: {}",
+                    String::from_utf8_lossy(&reply.body[..reply.body.len().min(300)])
+                ),
+            )),
+            other => Err(refused(
+                peer,
+                &format!(
+                    "it did not prove the cluster secret (it answered frame type {other}: it has none configured, \
+                     or is not a mooncake-rs peer)"
+                ),
+            )),
         }
     }
 
     async fn exchange(
         &self,
         conn: &mut async_net::TcpStream,
+        prefix: &[u8],
         request: &[u8],
         peer: &str,
-    ) -> Result<Frame> {
+    ) -> Result<(Frame, bool)> {
         let cfg = &self.inner.config;
-        let max = cfg.max_message;
         net::with_timeout(
             cfg.io_timeout,
             &format!("metadata handshake with {peer}"),
             async {
-                conn.write_all(request)
-                    .await
-                    .map_err(|e| Error::io("sending the metadata handshake", &e))?;
-                let mut buf = Vec::with_capacity(4096);
-                let mut chunk = vec![0u8; 64 * 1024];
-                loop {
-                    match decode_frame(&buf, max) {
-                        Ok(Some((f, _))) => return Ok(f),
-                        Ok(None) => {}
-                        Err(e) => return Err(Error::new(ErrorKind::Protocol, e.to_string())),
-                    }
-                    let n = conn
-                        .read(&mut chunk)
-                        .await
-                        .map_err(|e| Error::io("reading the metadata handshake", &e))?;
-                    if n == 0 {
-                        return Err(Error::new(
-                            ErrorKind::PeerUnreachable,
-                            "the peer closed the handshake connection",
-                        ));
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
+                if prefix.is_empty() {
+                    conn.write_all(request).await
+                } else {
+                    conn.write_all(&[prefix, request].concat()).await
                 }
+                .map_err(|e| Error::io("sending the metadata handshake", &e))?;
+                read_frame(conn, cfg.max_message).await
             },
         )
         .await
     }
 
-    async fn fetch(&self, peer: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        let cfg = &self.inner.config;
-        let mine = self
-            .inner
-            .own_descriptor()
-            .unwrap_or_else(|| b"{}".to_vec());
-        let request = encode_frame(FRAME_METADATA, &mine);
+    async fn request(&self, peer: &str, request: &[u8]) -> Result<Frame> {
         let mut attempt = 0;
-        let frame = loop {
+        loop {
             attempt += 1;
             let pooled = if attempt == 1 {
                 self.inner.pool_take(peer)
@@ -375,16 +676,25 @@ impl P2pHandshakeStore {
                 None
             };
             let reused = pooled.is_some();
-            let mut conn = match pooled {
-                Some(c) => c,
-                None => net::connect(peer, cfg.connect_timeout, "the peer's handshake port")
-                    .await
-                    .map_err(|e| e.with_context("peer", peer))?,
+            let (mut conn, prefix) = match pooled {
+                Some(c) => (c, Vec::new()),
+                None => self.open(peer).await?,
             };
-            match self.exchange(&mut conn, &request, peer).await {
-                Ok(f) => {
-                    self.inner.pool_put(peer, conn);
-                    break f;
+            match self.exchange(&mut conn, &prefix, request, peer).await {
+                Ok((f, _)) if f.kind == FRAME_AUTH_REFUSED => {
+                    return Err(refused(
+                        peer,
+                        &format!(
+                            "it refused us: {}",
+                            String::from_utf8_lossy(&f.body[..f.body.len().min(300)])
+                        ),
+                    ));
+                }
+                Ok((f, extra)) => {
+                    if !extra {
+                        self.inner.pool_put(peer, conn);
+                    }
+                    return Ok(f);
                 }
                 // An idle pooled connection may have been closed by the peer: retry fresh.
                 Err(e) if reused && e.kind() != ErrorKind::Protocol => {
@@ -392,7 +702,17 @@ impl P2pHandshakeStore {
                 }
                 Err(e) => return Err(e.with_context("peer", peer)),
             }
-        };
+        }
+    }
+
+    async fn fetch(&self, peer: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let mine = self
+            .inner
+            .own_descriptor()
+            .unwrap_or_else(|| b"{}".to_vec());
+        let frame = self
+            .request(peer, &encode_frame(FRAME_METADATA, &mine))
+            .await?;
         if frame.kind != FRAME_METADATA && frame.kind != FRAME_LEGACY {
             return Err(Error::new(
                 ErrorKind::Protocol,
@@ -415,7 +735,9 @@ impl P2pHandshakeStore {
 
 impl Drop for P2pHandshakeStore {
     fn drop(&mut self) {
-        self.stop();
+        self.inner.shutdown.store(true, Ordering::SeqCst);
+        self.rt.stop();
+        self.inner.conns.close_all();
     }
 }
 
@@ -499,87 +821,193 @@ impl MetadataStore for P2pHandshakeStore {
     }
 }
 
-fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
-    for conn in listener.incoming() {
-        if inner.shutdown.load(Ordering::SeqCst) {
-            break;
-        }
-        let Ok(stream) = conn else { continue };
-        let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
-        if let Ok(c) = stream.try_clone() {
-            inner
-                .conns
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, c);
-        }
-        let i = inner.clone();
-        let _ = std::thread::Builder::new()
-            .name("mooncake-p2p-conn".into())
-            .spawn(move || {
-                let peer = stream
-                    .peer_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                if let Err(e) = serve(stream, &i) {
-                    tracing::debug!(%peer, "handshake connection ended: {e}");
-                }
-                i.conns
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-            });
+/// What a connection on the RPC port may do.
+enum Auth {
+    /// Nothing but an AuthHello (we have a secret).
+    Hello,
+    /// Nothing but the proof for the challenge we sent.
+    Proof(AuthHello, [u8; NONCE_LEN]),
+    /// Anything (proven, or no secret configured).
+    Open,
+}
+
+async fn serve_connection(inner: Arc<Inner>, stream: Arc<Async<TcpStream>>, guard: ConnGuard) {
+    let peer = stream
+        .get_ref()
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    if let Err(e) = serve(&inner, &stream, &guard).await {
+        tracing::debug!(%peer, "handshake connection ended: {e}");
     }
 }
 
-fn serve(mut stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let _ = stream.set_nodelay(true);
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = vec![0u8; 64 * 1024];
+/// Sends an AuthRefused frame and closes.
+async fn refuse(stream: &Async<TcpStream>, why: &str) {
+    let _ = serve::write_parts(
+        stream,
+        &[&encode_frame(FRAME_AUTH_REFUSED, why.as_bytes())],
+        serve::deadline_after(Duration::from_secs(1)),
+    )
+    .await;
+    serve::linger_close(stream, 64 * 1024, Duration::from_millis(500)).await;
+}
+
+async fn serve(inner: &Inner, stream: &Async<TcpStream>, guard: &ConnGuard) -> std::io::Result<()> {
+    let cfg = &inner.config;
+    let mut auth = if inner.secret.is_some() {
+        Auth::Hello
+    } else {
+        Auth::Open
+    };
+    // The whole authentication must finish within one exchange deadline of the accept.
+    let auth_deadline = serve::deadline_after(cfg.io_timeout);
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        let (frame, used) = match decode_frame(&buf, inner.config.max_message) {
-            Ok(Some(f)) => f,
-            Ok(None) => {
-                let n = stream.read(&mut chunk)?;
-                if n == 0 || inner.shutdown.load(Ordering::SeqCst) {
+        let open = matches!(auth, Auth::Open);
+        let max = if open {
+            cfg.max_message
+        } else {
+            MAX_AUTH_FRAME
+        };
+        // Wait for a frame's first byte: idle (evictable) meanwhile.
+        if buf.is_empty() {
+            guard.set_idle(true);
+            let idle = if open {
+                serve::deadline_after(cfg.idle_timeout)
+            } else {
+                auth_deadline
+            };
+            let n = serve::read_some(stream, &mut buf, 8, idle).await?;
+            if n == 0 || inner.shutdown.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            guard.set_idle(false);
+        }
+        // The whole frame must arrive within the deadline, however it trickles.
+        let deadline = if open {
+            serve::deadline_after(cfg.io_timeout)
+        } else {
+            auth_deadline
+        };
+        let mut reserved = None;
+        let (frame, used) = loop {
+            match decode_frame(&buf, max) {
+                Ok(Some(f)) => break f,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!("refusing a handshake frame: {e}");
+                    if !open {
+                        refuse(stream, &e.to_string()).await;
+                    }
                     return Ok(());
                 }
-                buf.extend_from_slice(&chunk[..n]);
-                continue;
             }
-            Err(e) => {
-                tracing::warn!("refusing a handshake frame: {e}");
+            let want = match frame_len(&buf, max) {
+                Ok(Some(total)) => {
+                    if reserved.is_none() {
+                        match inner.inflight.reserve(total) {
+                            Some(r) => reserved = Some(r),
+                            None => {
+                                tracing::warn!(
+                                    "too many handshake bytes in flight; closing a connection"
+                                );
+                                return Ok(());
+                            }
+                        }
+                    }
+                    (total - buf.len()).min(64 * 1024)
+                }
+                _ => 8 - buf.len(),
+            };
+            if serve::read_some(stream, &mut buf, want, deadline).await? == 0 {
                 return Ok(());
             }
         };
         buf.drain(..used);
-        match frame.kind {
-            FRAME_METADATA | FRAME_LEGACY => {
+        let reply_deadline = serve::deadline_after(cfg.io_timeout);
+        let reply = match (&auth, frame.kind) {
+            (Auth::Open, FRAME_METADATA | FRAME_LEGACY) => {
                 if let Ok(d) = SegmentDescriptor::from_json(&frame.body, "a handshake request") {
                     tracing::debug!(peer = %d.name, "metadata handshake");
                 }
-                let mine = inner.own_descriptor().unwrap_or_default();
-                stream.write_all(&encode_frame(FRAME_METADATA, &mine))?;
+                encode_frame(FRAME_METADATA, &inner.own_descriptor().unwrap_or_default())
             }
-            FRAME_PROBE => stream.write_all(&encode_frame(FRAME_PROBE, b"{}"))?,
-            FRAME_NOTIFY
-                if let Some(h) = inner
+            (Auth::Open, FRAME_PROBE) => encode_frame(FRAME_PROBE, b"{}"),
+            (Auth::Open, FRAME_NOTIFY) => {
+                let handler = inner
                     .notify
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .clone() =>
-            {
-                stream.write_all(&encode_frame(FRAME_NOTIFY, &h(&frame.body)))?
+                    .clone();
+                let Some(h) = handler else {
+                    tracing::warn!("a Notify frame and no notify handler; closing");
+                    return Ok(());
+                };
+                let body = frame.body;
+                encode_frame(FRAME_NOTIFY, &blocking::unblock(move || h(&body)).await)
             }
-            other => {
+            (Auth::Open, FRAME_AUTH_HELLO) => {
+                let why = if inner.secret.is_some() {
+                    "this connection is already authenticated"
+                } else {
+                    "this peer has no cluster secret configured, so it cannot prove one"
+                };
+                refuse(stream, why).await;
+                return Ok(());
+            }
+            (Auth::Open, other) => {
                 tracing::warn!(
                     kind = other,
                     "unsupported handshake frame type on the metadata port; closing"
                 );
                 return Ok(());
             }
-        }
+            (Auth::Hello, FRAME_AUTH_HELLO) => {
+                let Some(hello) = AuthHello::decode(&frame.body) else {
+                    refuse(stream, "malformed authentication hello").await;
+                    return Ok(());
+                };
+                if hello.target != inner.name {
+                    let why = format!("this is segment {:?}, not {:?}", inner.name, hello.target);
+                    refuse(stream, &why).await;
+                    return Ok(());
+                }
+                let Some(secret) = &inner.secret else {
+                    return Ok(());
+                };
+                let nonce = mooncake_core::auth::nonce();
+                let proof = auth_proof(secret, AUTH_TARGET_ROLE, &hello, &nonce);
+                auth = Auth::Proof(hello, nonce);
+                encode_frame(FRAME_AUTH_CHALLENGE, &[&nonce[..], &proof[..]].concat())
+            }
+            (Auth::Proof(hello, nonce), FRAME_AUTH_PROOF) => {
+                let ok = inner.secret.as_ref().is_some_and(|s| {
+                    auth_verify(s, AUTH_INITIATOR_ROLE, hello, nonce, &frame.body)
+                });
+                if !ok {
+                    tracing::warn!(
+                        initiator = %hello.initiator,
+                        "refused a handshake peer that did not prove the cluster secret"
+                    );
+                    refuse(stream, "you did not prove the cluster secret").await;
+                    return Ok(());
+                }
+                tracing::debug!(initiator = %hello.initiator, "handshake peer authenticated");
+                auth = Auth::Open;
+                continue;
+            }
+            (_, _) => {
+                refuse(
+                    stream,
+                    "this peer requires the cluster secret (set MC_CLUSTER_SECRET_FILE or MC_CLUSTER_SECRET)",
+                )
+                .await;
+                return Ok(());
+            }
+        };
+        drop(reserved);
+        serve::write_parts(stream, &[&reply], reply_deadline).await?;
     }
 }
 

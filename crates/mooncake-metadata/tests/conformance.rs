@@ -66,6 +66,86 @@ metadata_suite!(http, || {
     ))
 });
 
+/// The cluster secret of the authenticated harnesses.
+#[allow(dead_code)]
+fn secret() -> mooncake_core::ClusterSecret {
+    mooncake_core::ClusterSecret::from_bytes(b"conformance secret, 32 bytes long").unwrap()
+}
+
+/// The HTTP backend with a token on the server (derived from the cluster secret) and the
+/// secret on every client.
+#[cfg(all(feature = "http", feature = "http-server"))]
+struct HttpAuth(mooncake_metadata::http::HttpMetadataServer);
+
+#[cfg(all(feature = "http", feature = "http-server"))]
+impl Harness for HttpAuth {
+    fn name(&self) -> &str {
+        "http+token"
+    }
+    fn node(&self, hint: &str) -> Result<Node> {
+        use mooncake_metadata::{HttpConfig, HttpMetadataStore};
+        let s = HttpMetadataStore::new(
+            &self.0.url(),
+            HttpConfig::default()
+                .with_ttl(Some(TTL))
+                .with_cluster_secret(Some(&secret())),
+        )?;
+        Ok(Node {
+            store: Arc::new(s),
+            segment: hint.to_string(),
+        })
+    }
+    fn liveness(&self) -> Liveness {
+        Liveness::Ttl(TTL)
+    }
+}
+
+#[cfg(all(feature = "http", feature = "http-server"))]
+metadata_suite!(http_auth, || {
+    use mooncake_metadata::http::{HttpMetadataServer, HttpServerConfig};
+    let token = mooncake_metadata::auth::metadata_token(&secret());
+    Some(HttpAuth(
+        HttpMetadataServer::bind(
+            "127.0.0.1:0",
+            HttpServerConfig::default().with_token(Some(token)),
+        )
+        .unwrap(),
+    ))
+});
+
+/// The peer handshake with every node holding the cluster secret.
+#[cfg(feature = "p2p")]
+struct P2pAuth;
+
+#[cfg(feature = "p2p")]
+impl Harness for P2pAuth {
+    fn name(&self) -> &str {
+        "p2p+secret"
+    }
+    fn node(&self, _hint: &str) -> Result<Node> {
+        use mooncake_metadata::{P2pConfig, P2pHandshakeStore};
+        let s = P2pHandshakeStore::bind(
+            "127.0.0.1",
+            0,
+            P2pConfig::default().with_cluster_secret(Some(secret())),
+        )?;
+        let segment = s.local_name().to_string();
+        Ok(Node {
+            store: Arc::new(s),
+            segment,
+        })
+    }
+    fn liveness(&self) -> Liveness {
+        Liveness::Unreachable
+    }
+    fn remote_watch(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(feature = "p2p")]
+metadata_suite!(p2p_auth, || Some(P2pAuth));
+
 #[cfg(feature = "p2p")]
 struct P2p;
 

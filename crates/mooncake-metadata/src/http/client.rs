@@ -9,14 +9,14 @@ use async_net::TcpStream;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use mooncake_core::{BoxFuture, Error, ErrorKind, MetadataStore, Result, WatchEvent, WatchStream};
 
-use super::wire::{self, Response, ResponseStatus};
+use super::wire::{self, Decoded, Response};
 use crate::net;
 
 /// The URL scheme of this backend.
 pub const HTTP_SCHEME: &str = "http";
 
 /// Configuration of [`HttpMetadataStore`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct HttpConfig {
     /// Deadline of one request, connect included (default 5 s).
@@ -26,10 +26,32 @@ pub struct HttpConfig {
     /// C++ client does. Against a server without leases (Mooncake's Go or Python servers)
     /// keys are written plainly, with a warning.
     pub ttl: Option<Duration>,
-    /// Largest response body accepted (default 256 MiB).
+    /// Largest response body accepted (default 72 MiB: the server's 64 MiB value limit plus
+    /// room for a watch reply's framing).
     pub max_response: usize,
     /// Long-poll duration of watches (default 2 s).
     pub watch_poll: Duration,
+    /// `None`: from the environment when the store is made; `Some(t)`: as given.
+    token: Option<Option<String>>,
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("timeout", &self.timeout)
+            .field("ttl", &self.ttl)
+            .field("max_response", &self.max_response)
+            .field("watch_poll", &self.watch_poll)
+            .field(
+                "token",
+                &match &self.token {
+                    None => "from the environment",
+                    Some(None) => "none",
+                    Some(Some(_)) => "<redacted>",
+                },
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for HttpConfig {
@@ -37,8 +59,9 @@ impl Default for HttpConfig {
         Self {
             timeout: Duration::from_secs(5),
             ttl: Some(Duration::from_secs(10)),
-            max_response: 256 * 1024 * 1024,
+            max_response: crate::HTTP_DEFAULT_MAX_BODY + (8 << 20),
             watch_poll: Duration::from_secs(2),
+            token: None,
         }
     }
 }
@@ -55,6 +78,26 @@ impl HttpConfig {
         self.timeout = timeout;
         self
     }
+
+    /// Sets the bearer token sent with every request (`None`: none). Without this call the
+    /// token comes from the environment ([`crate::auth::metadata_token_from_env`]:
+    /// `MC_METADATA_TOKEN`, else derived from `MC_CLUSTER_SECRET_FILE`/`MC_CLUSTER_SECRET`).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = Some(token);
+        self
+    }
+
+    /// Sets the token derived from `secret` (what a server started with that cluster secret
+    /// requires), or none.
+    pub fn with_cluster_secret(self, secret: Option<&mooncake_core::ClusterSecret>) -> Self {
+        self.with_token(secret.map(crate::auth::metadata_token))
+    }
+
+    /// Sets the largest response body accepted.
+    pub fn with_max_response(mut self, bytes: usize) -> Self {
+        self.max_response = bytes;
+        self
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +111,7 @@ struct Inner {
     authority: String,
     path: String,
     config: HttpConfig,
+    token: Option<String>,
     pool: Mutex<Vec<TcpStream>>,
     lease: Mutex<LeaseState>,
     owned: Mutex<HashMap<String, Vec<u8>>>,
@@ -111,7 +155,8 @@ impl Drop for HttpMetadataStore {
 
 impl HttpMetadataStore {
     /// A client for `url` (`http://host:port/metadata`). Nothing is sent yet; see
-    /// [`check`](Self::check).
+    /// [`check`](Self::check). Fails with [`ErrorKind::Config`] on a bad URL, or a bad token
+    /// or cluster secret in the environment.
     pub fn new(url: &str, config: HttpConfig) -> Result<Self> {
         let rest = url.strip_prefix("http://").ok_or_else(|| {
             if url.starts_with("https://") {
@@ -142,11 +187,19 @@ impl HttpMetadataStore {
             "" => "/metadata".to_string(),
             p => p.to_string(),
         };
+        let token = match &config.token {
+            Some(t) => t.clone(),
+            None => crate::auth::metadata_token_from_env()?,
+        };
+        if let Some(t) = &token {
+            crate::auth::check_token(t)?;
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 authority,
                 path,
                 config,
+                token,
                 pool: Mutex::new(Vec::new()),
                 lease: Mutex::new(LeaseState::Unknown),
                 owned: Mutex::new(HashMap::new()),
@@ -171,33 +224,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn exchange(conn: &mut TcpStream, request: &[u8], max: usize) -> Result<Response> {
+/// Sends `request` and decodes the reply as it arrives (each byte once, the body bounded by
+/// `max`). Returns the response and whether the connection may be reused.
+async fn exchange(conn: &mut TcpStream, request: &[u8], max: usize) -> Result<(Response, bool)> {
     conn.write_all(request)
         .await
         .map_err(|e| Error::io("sending an HTTP request", &e))?;
-    let mut buf = Vec::with_capacity(4096);
+    let mut decoder = wire::ResponseDecoder::new(max);
     let mut chunk = vec![0u8; 64 * 1024];
+    let malformed = |e: wire::ResponseError| match e {
+        wire::ResponseError::Truncated => Error::new(
+            ErrorKind::PeerUnreachable,
+            "the server closed the connection mid-response",
+        ),
+        e => Error::new(ErrorKind::Protocol, format!("malformed HTTP response: {e}")),
+    };
     loop {
         let n = conn
             .read(&mut chunk)
             .await
             .map_err(|e| Error::io("reading an HTTP response", &e))?;
-        buf.extend_from_slice(&chunk[..n]);
-        match wire::decode_response(&buf, n == 0, max) {
-            Ok(ResponseStatus::Complete(resp, _)) => return Ok(resp),
-            Ok(ResponseStatus::Incomplete) if n == 0 => {
+        if n == 0 {
+            if !decoder.started() {
                 return Err(Error::new(
                     ErrorKind::PeerUnreachable,
-                    "the server closed the connection mid-response",
+                    "the server closed the connection",
                 ));
             }
-            Ok(ResponseStatus::Incomplete) => {}
-            Err(e) => {
-                return Err(Error::new(
-                    ErrorKind::Protocol,
-                    format!("malformed HTTP response: {e}"),
-                ));
-            }
+            return decoder.finish().map(|r| (r, false)).map_err(malformed);
+        }
+        match decoder.feed(&chunk[..n]).map_err(malformed)? {
+            // Bytes past the response: the stream is out of step, do not reuse it.
+            Decoded::Done(resp, used) => return Ok((resp, used == n)),
+            Decoded::NeedMore => {}
         }
     }
 }
@@ -214,7 +273,7 @@ impl Inner {
         body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Response> {
-        let bytes = wire::encode_request(method, &self.authority, pq, body);
+        let bytes = wire::encode_request(method, &self.authority, pq, body, self.token.as_deref());
         for attempt in 0..2 {
             let pooled = if attempt == 0 {
                 lock(&self.pool).pop()
@@ -239,13 +298,31 @@ impl Inner {
                             )
                         })?,
                 };
-                let resp = exchange(&mut conn, &bytes, self.config.max_response).await?;
-                Ok((conn, resp))
+                let (resp, reusable) =
+                    exchange(&mut conn, &bytes, self.config.max_response).await?;
+                Ok((conn, resp, reusable))
             })
             .await;
             match result {
-                Ok((conn, resp)) => {
-                    if resp.keep_alive {
+                Ok((_, resp, _)) if resp.status == 401 || resp.status == 403 => {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "the metadata server at {} refused our credentials (HTTP {}): {} — give this node the \
+                             server's cluster secret (MC_CLUSTER_SECRET_FILE or MC_CLUSTER_SECRET) or its token \
+                             (MC_METADATA_TOKEN)",
+                            self.url(),
+                            resp.status,
+                            if self.token.is_some() {
+                                "the token we sent is not the server's"
+                            } else {
+                                "we sent no token"
+                            }
+                        ),
+                    ));
+                }
+                Ok((conn, resp, reusable)) => {
+                    if resp.keep_alive && reusable {
                         let mut pool = lock(&self.pool);
                         if pool.len() < 16 {
                             pool.push(conn);

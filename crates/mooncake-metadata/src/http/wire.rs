@@ -1,11 +1,23 @@
-//! HTTP/1.1 framing for the metadata API: a request decoder (server side), a response
-//! decoder (client side), percent-encoding, and the binary body of watch replies.
+//! HTTP/1.1 framing for the metadata API: a request decoder (server side), an incremental,
+//! bounded response decoder (client side), percent-encoding, and the binary body of watch
+//! replies.
 //!
-//! Only what Mooncake's metadata API needs is supported: `GET`, `PUT`, `POST` and `DELETE`
-//! with `Content-Length` bodies (requests), and `Content-Length`, chunked or close-delimited
-//! bodies (responses, because Go's `net/http` answers large values chunked).
+//! Request and response heads are parsed by [`httparse`]; this module adds what the metadata
+//! API needs on top: body framing (`Content-Length` requests; `Content-Length`, chunked or
+//! close-delimited responses, because Go's `net/http` answers large values chunked), size
+//! limits checked before anything is buffered, and overflow-free arithmetic on every length a
+//! peer sends. No input makes a decoder panic (they are fuzzed: `fuzz/fuzz_targets/metadata_*`).
 
 use std::fmt;
+
+/// Most headers accepted in a request or a response head.
+pub const MAX_HEADERS: usize = 64;
+/// Largest response head the client accepts (status line, headers, or trailers).
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Longest chunk-size line (size and extensions) the client accepts.
+pub const MAX_CHUNK_LINE: usize = 1024;
+/// Most interim (1xx) responses the client skips before the final one.
+const MAX_INTERIM: usize = 8;
 
 /// Limits the request decoder enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +45,8 @@ pub const DEFAULT_MAX_BODY: usize = crate::HTTP_DEFAULT_MAX_BODY;
 pub enum RequestError {
     /// Syntax error (400).
     BadRequest(String),
-    /// The head is larger than [`HttpLimits::max_head`] (431).
+    /// The head is larger than [`HttpLimits::max_head`], or has more than [`MAX_HEADERS`]
+    /// headers (431).
     HeadTooLarge,
     /// The body is larger than [`HttpLimits::max_body`] (413).
     BodyTooLarge {
@@ -105,6 +118,16 @@ impl RequestHead {
     pub fn header(&self, name: &str) -> Option<&str> {
         lookup(&self.headers, name)
     }
+
+    /// The credentials of an `Authorization: Bearer <token>` header, if any.
+    pub fn bearer_token(&self) -> Option<&str> {
+        let v = self.header("authorization")?.trim();
+        let (scheme, token) = v.split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim())
+            .filter(|t| !t.is_empty())
+    }
 }
 
 /// A complete request.
@@ -130,53 +153,55 @@ pub enum HeadStatus {
     },
 }
 
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+/// Parses a strict decimal length (digits only, no sign, no overflow).
+fn parse_length(v: &str) -> Option<u64> {
+    if v.is_empty() || v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
 }
 
-/// Decodes a request head from the start of `buf`.
+/// Whether a comma-separated header value lists `token` (case-insensitive).
+fn has_token(value: &str, token: &str) -> bool {
+    value
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Decodes a request head from the start of `buf` (with [`httparse`]).
 ///
 /// # Behavior
-/// - Returns [`HeadStatus::Incomplete`] until `\r\n\r\n` arrives, and
-///   [`RequestError::HeadTooLarge`] if it has not arrived within `limits.max_head` bytes.
+/// - Returns [`HeadStatus::Incomplete`] until the empty line that ends the head arrives, and
+///   [`RequestError::HeadTooLarge`] if it has not arrived within `limits.max_head` bytes or
+///   the head has more than [`MAX_HEADERS`] headers.
 /// - `Content-Length` above `limits.max_body` gives [`RequestError::BodyTooLarge`] (413)
-///   before any body byte is read. `Transfer-Encoding` gives [`RequestError::NotImplemented`].
+///   before any body byte is read; a malformed or conflicting one gives 400.
+///   `Transfer-Encoding` gives [`RequestError::NotImplemented`].
 /// - HTTP/1.1 keeps the connection alive unless `Connection: close`; HTTP/1.0 closes it
 ///   unless `Connection: keep-alive`.
 pub fn decode_request_head(buf: &[u8], limits: &HttpLimits) -> Result<HeadStatus, RequestError> {
-    let Some(end) = find_head_end(&buf[..buf.len().min(limits.max_head)]) else {
-        return if buf.len() >= limits.max_head {
-            Err(RequestError::HeadTooLarge)
-        } else {
-            Ok(HeadStatus::Incomplete)
-        };
-    };
-    let text = std::str::from_utf8(&buf[..end - 4])
-        .map_err(|_| RequestError::BadRequest("request head is not UTF-8".into()))?;
-    let mut lines = text.split("\r\n");
-    let line = lines.next().unwrap_or_default();
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(RequestError::BadRequest(format!(
-            "malformed request line {line:?}"
-        )));
-    };
-    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(RequestError::BadRequest(format!(
-            "malformed method {method:?}"
-        )));
-    }
-    let http11 = match version {
-        "HTTP/1.1" => true,
-        "HTTP/1.0" => false,
-        _ => {
+    let window = &buf[..buf.len().min(limits.max_head)];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let end = match req.parse(window) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() >= limits.max_head {
+                Err(RequestError::HeadTooLarge)
+            } else {
+                Ok(HeadStatus::Incomplete)
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(RequestError::HeadTooLarge),
+        Err(e) => {
             return Err(RequestError::BadRequest(format!(
-                "unsupported version {version:?}"
+                "malformed request head: {e}"
             )));
         }
     };
+    let method = req.method.unwrap_or_default();
+    let target = req.path.unwrap_or_default();
+    let http11 = req.version == Some(1);
     if !target.starts_with('/') {
         return Err(RequestError::BadRequest(format!(
             "request target {target:?} is not an absolute path"
@@ -187,30 +212,19 @@ pub fn decode_request_head(buf: &[u8], limits: &HttpLimits) -> Result<HeadStatus
         None => (target, Vec::new()),
     };
     let path = percent_decode(path, false)?;
-    let mut headers = Vec::new();
+    let mut out_headers = Vec::with_capacity(req.headers.len());
     let mut content_length: Option<u64> = None;
     let mut keep_alive = http11;
     let mut expect_continue = false;
-    for l in lines {
-        let Some((name, value)) = l.split_once(':') else {
-            return Err(RequestError::BadRequest(format!(
-                "malformed header line {l:?}"
-            )));
-        };
-        if name.is_empty()
-            || name
-                .bytes()
-                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-        {
-            return Err(RequestError::BadRequest(format!(
-                "malformed header name {name:?}"
-            )));
-        }
-        let name = name.to_ascii_lowercase();
-        let value = value.trim().to_string();
+    for h in req.headers.iter() {
+        let name = h.name.to_ascii_lowercase();
+        let value = std::str::from_utf8(h.value)
+            .map_err(|_| RequestError::BadRequest(format!("header {name} is not UTF-8")))?
+            .trim()
+            .to_string();
         match name.as_str() {
             "content-length" => {
-                let n: u64 = value.parse().map_err(|_| {
+                let n = parse_length(&value).ok_or_else(|| {
                     RequestError::BadRequest(format!("bad Content-Length {value:?}"))
                 })?;
                 if content_length.is_some_and(|c| c != n) {
@@ -226,17 +240,16 @@ pub fn decode_request_head(buf: &[u8], limits: &HttpLimits) -> Result<HeadStatus
                 )));
             }
             "connection" => {
-                let v = value.to_ascii_lowercase();
-                if v.split(',').any(|t| t.trim() == "close") {
+                if has_token(&value, "close") {
                     keep_alive = false;
-                } else if v.split(',').any(|t| t.trim() == "keep-alive") {
+                } else if has_token(&value, "keep-alive") {
                     keep_alive = true;
                 }
             }
             "expect" => expect_continue = value.eq_ignore_ascii_case("100-continue"),
             _ => {}
         }
-        headers.push((name, value));
+        out_headers.push((name, value));
     }
     let declared = content_length.unwrap_or(0);
     if declared > limits.max_body as u64 {
@@ -249,12 +262,68 @@ pub fn decode_request_head(buf: &[u8], limits: &HttpLimits) -> Result<HeadStatus
         method: method.to_string(),
         path,
         query,
-        headers,
+        headers: out_headers,
+        // Checked against `max_body` (a usize) above.
         content_length: declared as usize,
         keep_alive,
         expect_continue,
     };
     Ok(HeadStatus::Complete { head, len: end })
+}
+
+/// Finds request heads in a growing buffer without re-scanning it: each byte is looked at
+/// once until the empty line that ends a head arrives, and only then is [`httparse`] run
+/// (a client trickling a head one byte at a time costs O(head), not O(head²)).
+#[derive(Debug, Default, Clone)]
+pub struct HeadReader {
+    scanned: usize,
+}
+
+impl HeadReader {
+    /// A reader for a fresh buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Looks for a complete head at the start of `buf`, which grew since the last call (or
+    /// was consumed up to a previous request's end: call [`reset`](Self::reset) then). Empty
+    /// lines before a request are dropped from `buf`, as RFC 9112 allows.
+    pub fn poll(
+        &mut self,
+        buf: &mut Vec<u8>,
+        limits: &HttpLimits,
+    ) -> Result<HeadStatus, RequestError> {
+        let lead = buf
+            .iter()
+            .take_while(|&&b| b == b'\r' || b == b'\n')
+            .count();
+        if lead > 0 {
+            buf.drain(..lead);
+            self.scanned = 0;
+        }
+        let window = buf.len().min(limits.max_head);
+        let from = self.scanned.saturating_sub(3).min(window);
+        let found = buf[from..window].windows(2).any(|w| w == b"\n\n")
+            || buf[from..window].windows(3).any(|w| w == b"\n\r\n");
+        self.scanned = window;
+        if !found {
+            return if buf.len() >= limits.max_head {
+                Err(RequestError::HeadTooLarge)
+            } else {
+                Ok(HeadStatus::Incomplete)
+            };
+        }
+        let r = decode_request_head(buf, limits);
+        if matches!(r, Ok(HeadStatus::Complete { .. }) | Err(_)) {
+            self.scanned = 0;
+        }
+        r
+    }
+
+    /// Forgets the scan position (the buffer's start moved).
+    pub fn reset(&mut self) {
+        self.scanned = 0;
+    }
 }
 
 /// Decodes one whole request (head and body) from the start of `buf`.
@@ -267,7 +336,9 @@ pub fn decode_request(
     match decode_request_head(buf, limits)? {
         HeadStatus::Incomplete => Ok(None),
         HeadStatus::Complete { head, len } => {
-            let total = len + head.content_length;
+            let Some(total) = len.checked_add(head.content_length) else {
+                return Err(RequestError::HeadTooLarge);
+            };
             if buf.len() < total {
                 return Ok(None);
             }
@@ -277,17 +348,22 @@ pub fn decode_request(
     }
 }
 
-/// Encodes a request (client side). `path_and_query` must already be percent-encoded.
+/// Encodes a request (client side). `path_and_query` must already be percent-encoded;
+/// `token`, when given, goes in an `Authorization: Bearer` header.
 pub fn encode_request(
     method: &str,
     host: &str,
     path_and_query: &str,
     body: Option<&[u8]>,
+    token: Option<&str>,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(128 + body.map_or(0, <[u8]>::len));
+    let mut out = Vec::with_capacity(192 + body.map_or(0, <[u8]>::len));
     out.extend_from_slice(
         format!("{method} {path_and_query} HTTP/1.1\r\nHost: {host}\r\n").as_bytes(),
     );
+    if let Some(t) = token {
+        out.extend_from_slice(format!("Authorization: Bearer {t}\r\n").as_bytes());
+    }
     if let Some(b) = body {
         out.extend_from_slice(format!("Content-Length: {}\r\n", b.len()).as_bytes());
     } else if method == "PUT" || method == "POST" {
@@ -300,16 +376,16 @@ pub fn encode_request(
     out
 }
 
-/// Encodes a response (server side).
-pub fn encode_response(
+/// Encodes a response head (server side) for a body of `body_len` bytes.
+pub fn encode_response_head(
     status: u16,
     extra_headers: &[(&str, String)],
-    body: &[u8],
+    body_len: usize,
     keep_alive: bool,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(128 + body.len());
+    let mut out = Vec::with_capacity(128);
     out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
-    out.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+    out.extend_from_slice(format!("Content-Length: {body_len}\r\n").as_bytes());
     for (k, v) in extra_headers {
         out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
     }
@@ -317,6 +393,17 @@ pub fn encode_response(
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Encodes a response (server side).
+pub fn encode_response(
+    status: u16,
+    extra_headers: &[(&str, String)],
+    body: &[u8],
+    keep_alive: bool,
+) -> Vec<u8> {
+    let mut out = encode_response_head(status, extra_headers, body.len(), keep_alive);
     out.extend_from_slice(body);
     out
 }
@@ -328,13 +415,17 @@ pub fn reason(status: u16) -> &'static str {
         200 => "OK",
         204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         410 => "Gone",
         413 => "Payload Too Large",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
+        503 => "Service Unavailable",
+        507 => "Insufficient Storage",
         _ => "Unknown",
     }
 }
@@ -405,7 +496,7 @@ fn parse_query(q: &str) -> Result<Vec<(String, String)>, RequestError> {
 }
 
 /// A decoded response (client side).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Response {
     /// Status code.
     pub status: u16,
@@ -424,6 +515,407 @@ impl Response {
     }
 }
 
+/// Why a response could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponseError {
+    /// The head (or the trailers) exceeds [`MAX_RESPONSE_HEAD`] bytes or [`MAX_HEADERS`]
+    /// headers.
+    HeadTooLarge,
+    /// The body exceeds the limit the decoder was made with.
+    BodyTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The bytes do not follow HTTP/1.1.
+    Malformed(String),
+    /// The stream ended before the response did.
+    Truncated,
+}
+
+impl fmt::Display for ResponseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::HeadTooLarge => write!(
+                f,
+                "response head too large (over {MAX_RESPONSE_HEAD} bytes or {MAX_HEADERS} headers)"
+            ),
+            Self::BodyTooLarge { limit } => write!(f, "response body exceeds {limit} bytes"),
+            Self::Malformed(m) => write!(f, "malformed response: {m}"),
+            Self::Truncated => f.write_str("the connection closed mid-response"),
+        }
+    }
+}
+
+impl std::error::Error for ResponseError {}
+
+/// What [`ResponseDecoder::feed`] made of its input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded {
+    /// The response is not complete: feed more (or call [`ResponseDecoder::finish`] at EOF).
+    NeedMore,
+    /// The response, and how many bytes of the last input it used (the rest, if any, is
+    /// not part of it).
+    Done(Response, usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Head,
+    /// `Content-Length` body: bytes still to come.
+    Length(u64),
+    /// Reading a chunk-size line (into `line`).
+    ChunkSize,
+    /// Bytes of the current chunk still to come.
+    ChunkData(u64),
+    /// The CRLF after a chunk: how many of its bytes arrived.
+    ChunkEnd(u8),
+    /// Trailer lines after the last chunk (into `line`).
+    Trailers,
+    /// Body delimited by the end of the stream.
+    Close,
+    /// The response is complete (returned by the next step).
+    Done,
+    /// The response was returned; nothing more is decoded.
+    Finished,
+}
+
+/// An incremental, bounded HTTP/1.1 response decoder: bytes are fed as they arrive and each
+/// is looked at once (no re-decoding of what came before).
+///
+/// # Behavior
+/// - The head is at most [`MAX_RESPONSE_HEAD`] bytes and [`MAX_HEADERS`] headers; interim
+///   (1xx) responses are skipped, at most 8.
+/// - The body is at most `max_body` bytes, whatever its framing: a `Content-Length` or a
+///   chunk size beyond it fails before any of it is buffered. Lengths and chunk sizes are
+///   parsed without overflow (a 17-digit chunk size is an error, not a panic).
+/// - `Content-Length` must be digits only, and repeated ones must agree; a response with
+///   both `Content-Length` and `Transfer-Encoding`, or a transfer coding other than
+///   `chunked`, is refused.
+/// - Chunk-size lines are at most [`MAX_CHUNK_LINE`] bytes; trailers are skipped, bounded
+///   like the head.
+#[derive(Debug, Clone)]
+pub struct ResponseDecoder {
+    max_body: usize,
+    phase: Phase,
+    /// The head being read, or the current chunk-size or trailer line.
+    line: Vec<u8>,
+    scanned: usize,
+    interim: usize,
+    trailer_bytes: usize,
+    resp: Response,
+}
+
+/// The end of a head in `buf` (the index after its empty line), scanning from `from`.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let from = from.saturating_sub(3);
+    (from..buf.len()).find_map(|i| {
+        if buf[i] != b'\n' {
+            return None;
+        }
+        match buf.get(i + 1) {
+            Some(b'\n') => Some(i + 2),
+            Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => Some(i + 3),
+            _ => None,
+        }
+    })
+}
+
+impl ResponseDecoder {
+    /// A decoder for one response whose body may be at most `max_body` bytes.
+    pub fn new(max_body: usize) -> Self {
+        Self {
+            max_body,
+            phase: Phase::Head,
+            line: Vec::new(),
+            scanned: 0,
+            interim: 0,
+            trailer_bytes: 0,
+            resp: Response::default(),
+        }
+    }
+
+    fn done(&mut self) -> Response {
+        self.phase = Phase::Finished;
+        std::mem::take(&mut self.resp)
+    }
+
+    fn room(&self) -> u64 {
+        (self.max_body as u64).saturating_sub(self.resp.body.len() as u64)
+    }
+
+    /// Parses the head in `self.line` and picks the body framing.
+    fn parse_head(&mut self) -> Result<(), ResponseError> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut r = httparse::Response::new(&mut headers);
+        match r.parse(&self.line) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => {
+                return Err(ResponseError::Malformed("incomplete status line".into()));
+            }
+            Err(httparse::Error::TooManyHeaders) => return Err(ResponseError::HeadTooLarge),
+            Err(e) => return Err(ResponseError::Malformed(e.to_string())),
+        }
+        let status = r.code.unwrap_or_default();
+        if !(100..600).contains(&status) {
+            return Err(ResponseError::Malformed(format!("status {status}")));
+        }
+        let mut keep_alive = r.version == Some(1);
+        let mut length: Option<u64> = None;
+        let mut coding: Option<String> = None;
+        let mut out = Vec::with_capacity(r.headers.len());
+        for h in r.headers.iter() {
+            let name = h.name.to_ascii_lowercase();
+            let value = String::from_utf8_lossy(h.value).trim().to_string();
+            match name.as_str() {
+                "content-length" => {
+                    let n = parse_length(&value).ok_or_else(|| {
+                        ResponseError::Malformed(format!("bad Content-Length {value:?}"))
+                    })?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(ResponseError::Malformed(
+                            "conflicting Content-Length headers".into(),
+                        ));
+                    }
+                    length = Some(n);
+                }
+                "transfer-encoding" => coding = Some(value.to_ascii_lowercase()),
+                "connection" => {
+                    if has_token(&value, "close") {
+                        keep_alive = false;
+                    } else if has_token(&value, "keep-alive") {
+                        keep_alive = true;
+                    }
+                }
+                _ => {}
+            }
+            out.push((name, value));
+        }
+        if (100..200).contains(&status) {
+            if status == 101 {
+                return Err(ResponseError::Malformed("unexpected 101".into()));
+            }
+            self.interim += 1;
+            if self.interim > MAX_INTERIM {
+                return Err(ResponseError::Malformed(
+                    "too many interim responses".into(),
+                ));
+            }
+            self.phase = Phase::Head;
+            return Ok(());
+        }
+        self.resp = Response {
+            status,
+            headers: out,
+            body: Vec::new(),
+            keep_alive,
+        };
+        if status == 204 || status == 304 {
+            self.phase = Phase::Done;
+            return Ok(());
+        }
+        self.phase = match (coding, length) {
+            (Some(_), Some(_)) => {
+                return Err(ResponseError::Malformed(
+                    "both Content-Length and Transfer-Encoding".into(),
+                ));
+            }
+            (Some(c), None) => {
+                if c.rsplit(',').next().map(str::trim) != Some("chunked") {
+                    return Err(ResponseError::Malformed(format!(
+                        "unsupported Transfer-Encoding {c:?}"
+                    )));
+                }
+                Phase::ChunkSize
+            }
+            (None, Some(n)) => {
+                if n > self.max_body as u64 {
+                    return Err(ResponseError::BodyTooLarge {
+                        limit: self.max_body,
+                    });
+                }
+                self.resp.body.reserve(n.min(64 * 1024) as usize);
+                if n == 0 {
+                    Phase::Done
+                } else {
+                    Phase::Length(n)
+                }
+            }
+            (None, None) => {
+                self.resp.keep_alive = false;
+                Phase::Close
+            }
+        };
+        Ok(())
+    }
+
+    /// Feeds the next bytes of the stream.
+    pub fn feed(&mut self, input: &[u8]) -> Result<Decoded, ResponseError> {
+        let mut pos = 0;
+        loop {
+            let rest = &input[pos..];
+            match self.phase {
+                Phase::Done => {
+                    return Ok(Decoded::Done(self.done(), pos));
+                }
+                Phase::Finished => {
+                    return Err(ResponseError::Malformed(
+                        "bytes after a complete response".into(),
+                    ));
+                }
+                Phase::Head => {
+                    let room = MAX_RESPONSE_HEAD - self.line.len();
+                    let take = room.min(rest.len());
+                    let before = self.line.len();
+                    self.line.extend_from_slice(&rest[..take]);
+                    match head_end(&self.line, self.scanned) {
+                        None => {
+                            self.scanned = self.line.len();
+                            if self.line.len() >= MAX_RESPONSE_HEAD {
+                                return Err(ResponseError::HeadTooLarge);
+                            }
+                            return Ok(Decoded::NeedMore);
+                        }
+                        Some(end) => {
+                            pos += end.saturating_sub(before);
+                            self.line.truncate(end);
+                            self.parse_head()?;
+                            self.line.clear();
+                            self.scanned = 0;
+                        }
+                    }
+                }
+                Phase::Length(left) => {
+                    let take = left.min(rest.len() as u64) as usize;
+                    self.resp.body.extend_from_slice(&rest[..take]);
+                    pos += take;
+                    let left = left - take as u64;
+                    if left == 0 {
+                        self.phase = Phase::Done;
+                    } else {
+                        self.phase = Phase::Length(left);
+                        return Ok(Decoded::NeedMore);
+                    }
+                }
+                Phase::ChunkSize | Phase::Trailers => {
+                    let limit = if self.phase == Phase::ChunkSize {
+                        MAX_CHUNK_LINE
+                    } else {
+                        MAX_RESPONSE_HEAD
+                    };
+                    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+                        if self.line.len() + rest.len() > limit {
+                            return Err(if self.phase == Phase::ChunkSize {
+                                ResponseError::Malformed("chunk-size line too long".into())
+                            } else {
+                                ResponseError::HeadTooLarge
+                            });
+                        }
+                        self.line.extend_from_slice(rest);
+                        return Ok(Decoded::NeedMore);
+                    };
+                    if self.line.len() + nl + 1 > limit {
+                        return Err(if self.phase == Phase::ChunkSize {
+                            ResponseError::Malformed("chunk-size line too long".into())
+                        } else {
+                            ResponseError::HeadTooLarge
+                        });
+                    }
+                    self.line.extend_from_slice(&rest[..=nl]);
+                    pos += nl + 1;
+                    let mut line = std::mem::take(&mut self.line);
+                    if self.phase == Phase::ChunkSize {
+                        self.chunk_size(&line)?;
+                    } else if line == b"\r\n" || line == b"\n" {
+                        self.phase = Phase::Done;
+                    } else {
+                        self.trailer_bytes += line.len();
+                        if self.trailer_bytes > MAX_RESPONSE_HEAD {
+                            return Err(ResponseError::HeadTooLarge);
+                        }
+                    }
+                    line.clear();
+                    self.line = line;
+                }
+                Phase::ChunkData(left) => {
+                    let take = left.min(rest.len() as u64) as usize;
+                    self.resp.body.extend_from_slice(&rest[..take]);
+                    pos += take;
+                    let left = left - take as u64;
+                    self.phase = if left == 0 {
+                        Phase::ChunkEnd(0)
+                    } else {
+                        Phase::ChunkData(left)
+                    };
+                    if left > 0 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                }
+                Phase::ChunkEnd(seen) => {
+                    let Some(&b) = rest.first() else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    let want = if seen == 0 { b'\r' } else { b'\n' };
+                    if b != want {
+                        return Err(ResponseError::Malformed(
+                            "chunk not terminated by CRLF".into(),
+                        ));
+                    }
+                    pos += 1;
+                    self.phase = if seen == 0 {
+                        Phase::ChunkEnd(1)
+                    } else {
+                        Phase::ChunkSize
+                    };
+                }
+                Phase::Close => {
+                    if rest.len() as u64 > self.room() {
+                        return Err(ResponseError::BodyTooLarge {
+                            limit: self.max_body,
+                        });
+                    }
+                    self.resp.body.extend_from_slice(rest);
+                    return Ok(Decoded::NeedMore);
+                }
+            }
+        }
+    }
+
+    fn chunk_size(&mut self, line: &[u8]) -> Result<(), ResponseError> {
+        if !line.first().is_some_and(u8::is_ascii_hexdigit) {
+            return Err(ResponseError::Malformed("bad chunk size".into()));
+        }
+        let size = match httparse::parse_chunk_size(line) {
+            Ok(httparse::Status::Complete((_, size))) => size,
+            _ => return Err(ResponseError::Malformed("bad chunk size".into())),
+        };
+        if size == 0 {
+            self.phase = Phase::Trailers;
+        } else if size > self.room() {
+            return Err(ResponseError::BodyTooLarge {
+                limit: self.max_body,
+            });
+        } else {
+            self.phase = Phase::ChunkData(size);
+        }
+        Ok(())
+    }
+
+    /// The stream ended: completes a close-delimited body, or fails with
+    /// [`ResponseError::Truncated`].
+    pub fn finish(&mut self) -> Result<Response, ResponseError> {
+        match self.phase {
+            Phase::Close | Phase::Done => Ok(self.done()),
+            Phase::Finished => Err(ResponseError::Malformed("response already returned".into())),
+            _ => Err(ResponseError::Truncated),
+        }
+    }
+
+    /// Whether any byte of a response was decoded yet.
+    pub fn started(&self) -> bool {
+        !(self.phase == Phase::Head && self.line.is_empty() && self.interim == 0)
+    }
+}
+
 /// Result of [`decode_response`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResponseStatus {
@@ -433,156 +925,22 @@ pub enum ResponseStatus {
     Complete(Response, usize),
 }
 
-/// Decodes one response from `buf`. `eof` says the peer closed the stream (which completes a
+/// Decodes one response from the whole of `buf` at once (a convenience over
+/// [`ResponseDecoder`]). `eof` says the peer closed the stream (which completes a
 /// close-delimited body). `max_body` bounds the body.
-pub fn decode_response(buf: &[u8], eof: bool, max_body: usize) -> Result<ResponseStatus, String> {
-    let Some(end) = find_head_end(&buf[..buf.len().min(64 * 1024)]) else {
-        return if buf.len() >= 64 * 1024 {
-            Err("response head too large".into())
-        } else {
-            Ok(ResponseStatus::Incomplete)
-        };
-    };
-    let text = std::str::from_utf8(&buf[..end - 4])
-        .map_err(|_| "response head is not UTF-8".to_string())?;
-    let mut lines = text.split("\r\n");
-    let line = lines.next().unwrap_or_default();
-    let mut parts = line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .filter(|s| (100..600).contains(s))
-        .ok_or_else(|| format!("malformed status line {line:?}"))?;
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("malformed status line {line:?}"));
-    }
-    let mut headers = Vec::new();
-    let mut keep_alive = version == "HTTP/1.1";
-    let mut length: Option<usize> = None;
-    let mut chunked = false;
-    for l in lines {
-        let (name, value) = l
-            .split_once(':')
-            .ok_or_else(|| format!("malformed header line {l:?}"))?;
-        let name = name.trim().to_ascii_lowercase();
-        let value = value.trim().to_string();
-        match name.as_str() {
-            "content-length" => {
-                length = Some(
-                    value
-                        .parse()
-                        .map_err(|_| format!("bad Content-Length {value:?}"))?,
-                )
-            }
-            "transfer-encoding" => chunked = value.to_ascii_lowercase().contains("chunked"),
-            "connection" => {
-                let v = value.to_ascii_lowercase();
-                if v.contains("close") {
-                    keep_alive = false;
-                } else if v.contains("keep-alive") {
-                    keep_alive = true;
-                }
-            }
-            _ => {}
+pub fn decode_response(
+    buf: &[u8],
+    eof: bool,
+    max_body: usize,
+) -> Result<ResponseStatus, ResponseError> {
+    let mut d = ResponseDecoder::new(max_body);
+    match d.feed(buf)? {
+        Decoded::Done(r, used) => Ok(ResponseStatus::Complete(r, used)),
+        Decoded::NeedMore if eof => {
+            let r = d.finish()?;
+            Ok(ResponseStatus::Complete(r, buf.len()))
         }
-        headers.push((name, value));
-    }
-    let no_body = status == 204 || status == 304 || (100..200).contains(&status);
-    if no_body {
-        return Ok(ResponseStatus::Complete(
-            Response {
-                status,
-                headers,
-                body: Vec::new(),
-                keep_alive,
-            },
-            end,
-        ));
-    }
-    if chunked {
-        let mut body = Vec::new();
-        let mut pos = end;
-        loop {
-            let Some(nl) = buf[pos..].windows(2).position(|w| w == b"\r\n") else {
-                return Ok(ResponseStatus::Incomplete);
-            };
-            let size_line = std::str::from_utf8(&buf[pos..pos + nl])
-                .map_err(|_| "bad chunk size".to_string())?;
-            let size_hex = size_line.split(';').next().unwrap_or_default().trim();
-            let size = usize::from_str_radix(size_hex, 16)
-                .map_err(|_| format!("bad chunk size {size_line:?}"))?;
-            pos += nl + 2;
-            if size == 0 {
-                // Trailers end with an empty line.
-                loop {
-                    let Some(nl) = buf[pos..].windows(2).position(|w| w == b"\r\n") else {
-                        return Ok(ResponseStatus::Incomplete);
-                    };
-                    pos += nl + 2;
-                    if nl == 0 {
-                        return Ok(ResponseStatus::Complete(
-                            Response {
-                                status,
-                                headers,
-                                body,
-                                keep_alive,
-                            },
-                            pos,
-                        ));
-                    }
-                }
-            }
-            if body.len() + size > max_body {
-                return Err(format!("response body exceeds {max_body} bytes"));
-            }
-            if buf.len() < pos + size + 2 {
-                return Ok(ResponseStatus::Incomplete);
-            }
-            body.extend_from_slice(&buf[pos..pos + size]);
-            if &buf[pos + size..pos + size + 2] != b"\r\n" {
-                return Err("chunk not terminated by CRLF".into());
-            }
-            pos += size + 2;
-        }
-    }
-    match length {
-        Some(n) => {
-            if n > max_body {
-                return Err(format!(
-                    "response body of {n} bytes exceeds {max_body} bytes"
-                ));
-            }
-            if buf.len() < end + n {
-                return Ok(ResponseStatus::Incomplete);
-            }
-            Ok(ResponseStatus::Complete(
-                Response {
-                    status,
-                    headers,
-                    body: buf[end..end + n].to_vec(),
-                    keep_alive,
-                },
-                end + n,
-            ))
-        }
-        None => {
-            if buf.len() - end > max_body {
-                return Err(format!("response body exceeds {max_body} bytes"));
-            }
-            if !eof {
-                return Ok(ResponseStatus::Incomplete);
-            }
-            Ok(ResponseStatus::Complete(
-                Response {
-                    status,
-                    headers,
-                    body: buf[end..].to_vec(),
-                    keep_alive: false,
-                },
-                buf.len(),
-            ))
-        }
+        Decoded::NeedMore => Ok(ResponseStatus::Incomplete),
     }
 }
 
@@ -662,6 +1020,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn feed_all(d: &mut ResponseDecoder, bytes: &[u8]) -> Result<Decoded, ResponseError> {
+        d.feed(bytes)
+    }
+
     #[test]
     fn decodes_a_put() {
         let req = b"PUT /metadata?key=mooncake%2Fram%2Fa+b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcEXTRA";
@@ -674,6 +1036,32 @@ mod tests {
         assert_eq!(r.head.query("key"), Some("mooncake/ram/a b"));
         assert_eq!(r.body, b"abc");
         assert!(r.head.keep_alive);
+        assert_eq!(r.head.bearer_token(), None);
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        let req = encode_request("GET", "h", "/metadata?key=k", None, Some("t0k"));
+        let HeadStatus::Complete { head, .. } =
+            decode_request_head(&req, &HttpLimits::default()).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(head.bearer_token(), Some("t0k"));
+        for (v, want) in [
+            ("bearer abc", Some("abc")),
+            ("Basic abc", None),
+            ("Bearer", None),
+            ("Bearer  ", None),
+        ] {
+            let req = format!("GET / HTTP/1.1\r\nAuthorization: {v}\r\n\r\n");
+            let HeadStatus::Complete { head, .. } =
+                decode_request_head(req.as_bytes(), &HttpLimits::default()).unwrap()
+            else {
+                panic!()
+            };
+            assert_eq!(head.bearer_token(), want, "{v}");
+        }
     }
 
     #[test]
@@ -692,9 +1080,82 @@ mod tests {
         );
     }
 
+    /// Overflowing and malformed lengths in requests are 400/413, never a panic.
+    #[test]
+    fn request_lengths_are_checked() {
+        let l = HttpLimits::default();
+        for cl in [
+            "-1",
+            "+5",
+            "1 2",
+            "0x10",
+            "",
+            "99999999999999999999999",
+            "18446744073709551616",
+        ] {
+            let req = format!("PUT /metadata?key=k HTTP/1.1\r\nContent-Length: {cl}\r\n\r\n");
+            assert_eq!(
+                decode_request(req.as_bytes(), &l).unwrap_err().status(),
+                400,
+                "{cl}"
+            );
+        }
+        let req = b"PUT /m HTTP/1.1\r\nContent-Length: 18446744073709551615\r\n\r\n";
+        assert_eq!(decode_request(req, &l).unwrap_err().status(), 413);
+        let req = b"PUT /m HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
+        assert_eq!(decode_request(req, &l).unwrap_err().status(), 400);
+        let req = b"PUT /m HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(decode_request(req, &l).unwrap_err().status(), 501);
+        let many: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("X-{i}: v\r\n"))
+            .collect();
+        let req = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(
+            decode_request(req.as_bytes(), &l).unwrap_err().status(),
+            431
+        );
+        assert_eq!(
+            decode_request(b"GARBAGE\r\n\r\n", &l).unwrap_err().status(),
+            400
+        );
+    }
+
+    /// A head trickled one byte at a time decodes as it would at once, and empty lines
+    /// before a request are skipped.
+    #[test]
+    fn head_reader_is_incremental() {
+        let req = encode_request("PUT", "h", "/metadata?key=a", Some(b"xyz"), Some("t"));
+        let mut stream = b"\r\n\r\n".to_vec();
+        stream.extend_from_slice(&req);
+        let mut r = HeadReader::new();
+        let mut buf = Vec::new();
+        let mut got = None;
+        for &b in &stream {
+            buf.push(b);
+            match r.poll(&mut buf, &HttpLimits::default()).unwrap() {
+                HeadStatus::Incomplete => {}
+                HeadStatus::Complete { head, len } => {
+                    got = Some((head, len));
+                    break;
+                }
+            }
+        }
+        let (head, len) = got.unwrap();
+        assert_eq!(head.query("key"), Some("a"));
+        assert_eq!(len, req.len() - 3);
+        let mut r = HeadReader::new();
+        let mut big = vec![b'a'; 20_000];
+        assert_eq!(
+            r.poll(&mut big, &HttpLimits::default())
+                .unwrap_err()
+                .status(),
+            431
+        );
+    }
+
     #[test]
     fn decodes_chunked_responses() {
-        let r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n";
+        let r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\nTrailer: 1\r\n\r\n";
         let ResponseStatus::Complete(resp, used) = decode_response(r, false, 100).unwrap() else {
             panic!()
         };
@@ -716,6 +1177,152 @@ mod tests {
             (resp.status, resp.body.as_slice(), resp.keep_alive),
             (404, &b"nope"[..], false)
         );
+        // Interim responses are skipped.
+        let r = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let ResponseStatus::Complete(resp, _) = decode_response(r, false, 100).unwrap() else {
+            panic!()
+        };
+        assert_eq!((resp.status, resp.body.as_slice()), (200, &b"ok"[..]));
+    }
+
+    /// What a hostile server can send: chunk sizes that overflow, lengths beyond the limit,
+    /// endless heads, bad terminators. Each is an error, none a panic, none buffers past the
+    /// limit.
+    #[test]
+    fn hostile_responses_are_errors() {
+        let cases: &[(&[u8], &str)] = &[
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\nFFFFFFFFFFFFFFFF\r\n",
+                "exceeds",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFF\r\n",
+                "chunk size",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n",
+                "chunk size",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\r\n",
+                "chunk size",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY",
+                "CRLF",
+            ),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "Content-Length"),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                "Content-Length",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\n",
+                "exceeds",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                "conflicting",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "both",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                "Transfer-Encoding",
+            ),
+            (b"HTTP/1.1 999 What\r\n\r\n", "status"),
+            (b"SMTP/1.1 200 OK\r\n\r\n", "malformed"),
+        ];
+        for (bytes, want) in cases {
+            let e = decode_response(bytes, false, 1024).unwrap_err();
+            assert!(
+                e.to_string().contains(want),
+                "{}: {e}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        // An endless head fails at the limit.
+        let mut d = ResponseDecoder::new(1024);
+        assert_eq!(d.feed(b"HTTP/1.1 200 OK\r\n").unwrap(), Decoded::NeedMore);
+        let mut err = None;
+        for _ in 0..100_000 {
+            match d.feed(b"X-Endless: header\r\n") {
+                Ok(Decoded::NeedMore) => {}
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        assert_eq!(err, Some(ResponseError::HeadTooLarge));
+        // An endless chunk-size line (extensions) fails at its limit.
+        let mut d = ResponseDecoder::new(1024);
+        d.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;")
+            .unwrap();
+        let e = (0..10_000).find_map(|_| d.feed(b"xxxxxxxx").err()).unwrap();
+        assert!(e.to_string().contains("too long"), "{e}");
+        // Endless trailers too.
+        let mut d = ResponseDecoder::new(1024);
+        d.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n")
+            .unwrap();
+        assert!((0..100_000).any(|_| d.feed(b"T: v\r\n").is_err()));
+        // A close-delimited body past the limit.
+        let mut d = ResponseDecoder::new(10);
+        d.feed(b"HTTP/1.1 200 OK\r\n\r\n0123456789").unwrap();
+        assert!(d.feed(b"x").is_err());
+        // Endless interim responses.
+        let mut d = ResponseDecoder::new(10);
+        assert!((0..100).any(|_| d.feed(b"HTTP/1.1 100 Continue\r\n\r\n").is_err()));
+        // Truncation.
+        let mut d = ResponseDecoder::new(10);
+        assert!(!d.started());
+        d.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+            .unwrap();
+        assert!(d.started());
+        assert_eq!(d.finish().unwrap_err(), ResponseError::Truncated);
+    }
+
+    /// Decoding is linear: a 4 MiB chunked body fed 1 KiB at a time does not re-decode what
+    /// came before (the old decoder did, quadratically).
+    #[test]
+    fn decoding_is_incremental() {
+        let body = vec![b'x'; 4 << 20];
+        let mut wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for c in body.chunks(1000) {
+            wire.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+            wire.extend_from_slice(c);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"0\r\n\r\n");
+        let t = std::time::Instant::now();
+        let mut d = ResponseDecoder::new(8 << 20);
+        let mut done = None;
+        for piece in wire.chunks(1024) {
+            if let Decoded::Done(r, _) = d.feed(piece).unwrap() {
+                done = Some(r);
+            }
+        }
+        assert_eq!(done.unwrap().body, body);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn watch_events_with_hostile_lengths_are_errors() {
+        let mut b = 1u64.to_le_bytes().to_vec();
+        b.push(1);
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_events(&b).is_err());
+        let mut b = 1u64.to_le_bytes().to_vec();
+        b.push(9);
+        b.extend_from_slice(&0u32.to_le_bytes());
+        assert!(decode_events(&b).is_err());
     }
 
     proptest! {
@@ -723,7 +1330,7 @@ mod tests {
         fn request_roundtrip(key in "[ -~]{0,40}", body in proptest::collection::vec(any::<u8>(), 0..300),
                              split in 0usize..400) {
             let q = format!("/metadata?key={}", percent_encode(&key));
-            let bytes = encode_request("PUT", "h:1", &q, Some(&body));
+            let bytes = encode_request("PUT", "h:1", &q, Some(&body), None);
             // Any prefix is incomplete, never an error.
             let cut = split.min(bytes.len() - 1);
             prop_assert_eq!(decode_request(&bytes[..cut], &HttpLimits::default()).unwrap(), None);
@@ -741,11 +1348,59 @@ mod tests {
                 prop_assert!(used <= bytes.len());
                 prop_assert!(r.body.len() <= max_body);
             }
+            let mut buf = bytes.clone();
+            let _ = HeadReader::new().poll(&mut buf, &limits);
         }
 
         #[test]
         fn response_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600), eof: bool) {
-            let _ = decode_response(&bytes, eof, 128);
+            if let Ok(ResponseStatus::Complete(r, used)) = decode_response(&bytes, eof, 128) {
+                prop_assert!(used <= bytes.len());
+                prop_assert!(r.body.len() <= 128);
+            }
+        }
+
+        /// Fed in any pieces, a response decodes as it does at once.
+        #[test]
+        fn response_pieces_match_whole(body in proptest::collection::vec(any::<u8>(), 0..400),
+                                       chunked: bool, cuts in proptest::collection::vec(1usize..50, 0..20)) {
+            let mut wire = if chunked {
+                let mut w = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                for c in body.chunks(37) {
+                    w.extend_from_slice(format!("{:X};ext=1\r\n", c.len()).as_bytes());
+                    w.extend_from_slice(c);
+                    w.extend_from_slice(b"\r\n");
+                }
+                w.extend_from_slice(b"0\r\n\r\n");
+                w
+            } else {
+                let mut w = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+                w.extend_from_slice(&body);
+                w
+            };
+            wire.extend_from_slice(b"TRAILING");
+            let ResponseStatus::Complete(whole, used) = decode_response(&wire, false, 1024).unwrap() else {
+                panic!("incomplete")
+            };
+            prop_assert_eq!(used, wire.len() - 8);
+            prop_assert_eq!(&whole.body, &body);
+            let mut d = ResponseDecoder::new(1024);
+            let mut at = 0;
+            let mut got = None;
+            for c in cuts.iter().copied().chain(std::iter::repeat(64)) {
+                let end = (at + c).min(wire.len());
+                match feed_all(&mut d, &wire[at..end]).unwrap() {
+                    Decoded::NeedMore => {}
+                    Decoded::Done(r, n) => {
+                        prop_assert_eq!(at + n, used);
+                        got = Some(r);
+                        break;
+                    }
+                }
+                at = end;
+                prop_assert!(at < wire.len());
+            }
+            prop_assert_eq!(got.unwrap(), whole);
         }
 
         #[test]
