@@ -16,9 +16,17 @@ fn secret(s: &str) -> Option<ClusterSecret> {
     Some(ClusterSecret::from_bytes(s.as_bytes()).unwrap())
 }
 
+/// An engine proving `s` to the master; its metadata client holds the master's metadata
+/// token (the metadata port is not what this test attacks).
 fn engine(md: &str, s: Option<ClusterSecret>) -> TransferEngine {
+    let right = secret("the master's secret");
+    let md = mooncake_metadata::HttpMetadataStore::new(
+        md,
+        mooncake_metadata::HttpConfig::default().with_cluster_secret(right.as_ref()),
+    )
+    .unwrap();
     TransferEngine::builder(mooncake_testkit::unique("auth"))
-        .with_metadata(mooncake_metadata::connect(md).unwrap())
+        .with_metadata(std::sync::Arc::new(md))
         .with_cluster_secret(s)
         .with_transport(TcpConfig::new())
         .with_timeout(Duration::from_secs(2))

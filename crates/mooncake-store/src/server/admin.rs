@@ -8,17 +8,19 @@
 //! | `GET /query_key?key=K[&tenant=T]` | JSON of what the master knows about a key (no lease) |
 //! | `POST /remove_all?force=true[&tenant=T]` (also `/api/v1/remove_all`) | `{"removed":N}` |
 //!
-//! Requests are parsed with `httparse`; one short-lived thread per connection, at most 64;
-//! the whole head must arrive within 10 s. With a cluster secret, every route but `/health`
+//! Requests are parsed with `httparse`; one short-lived thread per connection, at most 64 (at
+//! the cap the oldest connection is closed to make room); the whole head must arrive within
+//! the server's request timeout (10 s by default). With a cluster secret, every route but `/health`
 //! and `/metrics` requires `Authorization: Bearer <ClusterSecret::token("store-admin")>`.
 
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -46,25 +48,45 @@ impl AdminServer {
         let thread = std::thread::Builder::new()
             .name("mooncake-master-admin".into())
             .spawn(move || {
-                let active = Arc::new(AtomicUsize::new(0));
+                // Open connections by id (ids grow: the smallest is the oldest).
+                let open: Arc<Mutex<BTreeMap<u64, TcpStream>>> = Arc::default();
+                let mut next = 0u64;
                 for conn in listener.incoming() {
                     if st.load(Ordering::Acquire) {
                         return;
                     }
-                    let Ok(conn) = conn else { continue };
-                    if active.load(Ordering::Acquire) >= MAX_CONNS {
+                    let conn = match conn {
+                        Ok(c) => c,
+                        Err(_) => {
+                            // EMFILE and friends: back off rather than spin.
+                            std::thread::sleep(Duration::from_millis(50));
+                            continue;
+                        }
+                    };
+                    let Ok(clone) = conn.try_clone() else {
                         continue;
+                    };
+                    {
+                        let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
+                        if o.len() >= MAX_CONNS {
+                            // Every request is short: at the cap the oldest connection (a
+                            // slow one, if any is) makes room for the new one.
+                            if let Some((_, old)) = o.pop_first() {
+                                let _ = old.shutdown(Shutdown::Both);
+                            }
+                        }
+                        next += 1;
+                        o.insert(next, clone);
                     }
-                    active.fetch_add(1, Ordering::AcqRel);
-                    let (s, a) = (shared.clone(), active.clone());
+                    let (s, o, id) = (shared.clone(), open.clone(), next);
                     let spawned = std::thread::Builder::new()
                         .name("mooncake-admin-conn".into())
                         .spawn(move || {
                             let _ = serve(conn, &s);
-                            a.fetch_sub(1, Ordering::AcqRel);
+                            o.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                         });
                     if spawned.is_err() {
-                        active.fetch_sub(1, Ordering::AcqRel);
+                        open.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                     }
                 }
             })?;
@@ -112,11 +134,11 @@ impl Reply {
     }
 }
 
-/// The whole request head must arrive within this (a client trickling bytes is dropped).
-const HEAD_DEADLINE: Duration = Duration::from_secs(10);
-
 fn serve(mut conn: TcpStream, s: &Shared) -> io::Result<()> {
-    let deadline = std::time::Instant::now() + HEAD_DEADLINE;
+    // The whole request head must arrive within the request timeout (trickled bytes do not
+    // extend it).
+    let deadline = std::time::Instant::now() + s.request_timeout;
+    conn.set_write_timeout(Some(s.request_timeout))?;
     let mut buf = vec![0u8; 4096];
     let mut used = 0;
     loop {

@@ -24,7 +24,7 @@
 pub mod admin;
 
 use std::collections::HashMap;
-use std::io::{self, BufReader};
+use std::io::{self, BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -80,6 +80,10 @@ pub struct ServerConfig {
     /// Clients must prove they hold this secret on every connection before any request is
     /// served (default: from `MC_CLUSTER_SECRET_FILE` / `MC_CLUSTER_SECRET`).
     pub cluster_secret: Option<mooncake_core::ClusterSecret>,
+    /// A whole RPC frame must arrive within this plus its length at 1 MiB/s once its first
+    /// byte did; with a cluster secret, a connection must also prove it within this. The
+    /// admin port's whole request head must arrive within it. Default 10 s.
+    pub request_timeout: Duration,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -92,6 +96,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("tick_interval", &self.tick_interval)
             .field("max_connections", &self.max_connections)
             .field("request_spin", &self.request_spin)
+            .field("request_timeout", &self.request_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -108,6 +113,7 @@ impl Default for ServerConfig {
             clock: Arc::new(unix_ms),
             request_spin: Duration::from_micros(env_us("MC_MASTER_SPIN_US", 0)),
             cluster_secret: None,
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -126,6 +132,12 @@ impl ServerConfig {
     /// Requires clients to prove `secret` on every connection (`None`: no authentication).
     pub fn with_cluster_secret(mut self, secret: Option<mooncake_core::ClusterSecret>) -> Self {
         self.cluster_secret = secret;
+        self
+    }
+
+    /// Sets the request deadline ([`ServerConfig::request_timeout`]).
+    pub fn with_request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d.max(Duration::from_millis(1));
         self
     }
 
@@ -183,7 +195,7 @@ pub(crate) struct Shared {
     stop_cv: Condvar,
     stop_lock: Mutex<()>,
     sessions: Mutex<HashMap<ClientId, u64>>,
-    conns: Mutex<HashMap<u64, TcpStream>>,
+    conns: Mutex<HashMap<u64, Conn>>,
     next_conn: AtomicU64,
     max_connections: usize,
     pub(crate) counters: Vec<RpcCounter>,
@@ -191,6 +203,14 @@ pub(crate) struct Shared {
     pub(crate) started: Instant,
     request_spin: Duration,
     secret: Option<mooncake_core::ClusterSecret>,
+    pub(crate) request_timeout: Duration,
+}
+
+/// An open RPC connection, for shutting it down (on stop, or to evict it).
+struct Conn {
+    stream: TcpStream,
+    /// It proved the cluster secret (or none is required).
+    proven: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -260,12 +280,17 @@ impl MasterServer {
             started: Instant::now(),
             request_spin: cfg.request_spin,
             secret: cfg.cluster_secret.clone(),
+            request_timeout: cfg.request_timeout,
         });
         let metadata = match cfg.http_metadata_addr {
             Some(a) => Some(
                 mooncake_metadata::http::HttpMetadataServer::bind(
                     a,
-                    mooncake_metadata::http::HttpServerConfig::default(),
+                    mooncake_metadata::http::HttpServerConfig::default().with_token(
+                        cfg.cluster_secret
+                            .as_ref()
+                            .map(mooncake_metadata::auth::metadata_token),
+                    ),
                 )
                 .map_err(|e| io::Error::other(e.to_string()))?,
             ),
@@ -303,6 +328,15 @@ impl MasterServer {
     /// The bound admin HTTP address.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|a| a.addr())
+    }
+
+    /// RPC connections open now (authenticated or not).
+    pub fn rpc_connections(&self) -> usize {
+        self.shared
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// The URL of the in-process HTTP metadata server, if started.
@@ -344,7 +378,7 @@ impl MasterServer {
             .unwrap_or_else(|p| p.into_inner())
             .drain()
         {
-            let _ = c.shutdown(std::net::Shutdown::Both);
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -418,28 +452,149 @@ fn accept_loop(listener: TcpListener, s: Arc<Shared>) {
         if s.stopping() {
             return;
         }
-        let Ok(conn) = conn else { continue };
-        let open = s.conns.lock().unwrap_or_else(|p| p.into_inner()).len();
-        if open >= s.max_connections {
-            tracing::warn!(open, "refusing an RPC connection: too many open");
-            continue;
-        }
-        let _ = conn.set_nodelay(true);
-        let id = s.next_conn.fetch_add(1, Ordering::Relaxed);
-        if let Ok(c) = conn.try_clone() {
-            s.conns
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, c);
-        }
-        let s2 = s.clone();
-        if spawn("mooncake-master-conn", move || serve_conn(conn, id, s2)).is_err() {
-            s.conns
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: the connection stays in the backlog; back off rather
+                // than spinning.
+                tracing::warn!("RPC accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let proven = Arc::new(AtomicBool::new(s.secret.is_none()));
+        {
+            let mut conns = s.conns.lock().unwrap_or_else(|p| p.into_inner());
+            if conns.len() >= s.max_connections {
+                // Evict the oldest connection that has not proven the secret (an attacker's
+                // connections cannot keep authenticated clients out); refuse if there is none.
+                let oldest = conns
+                    .iter()
+                    .filter(|(_, c)| !c.proven.load(Ordering::Acquire))
+                    .map(|(id, _)| *id)
+                    .min();
+                match oldest.and_then(|id| conns.remove(&id)) {
+                    Some(old) => {
+                        let _ = old.stream.shutdown(std::net::Shutdown::Both);
+                    }
+                    None => {
+                        tracing::warn!(
+                            open = conns.len(),
+                            "refusing an RPC connection: too many open"
+                        );
+                        continue;
+                    }
+                }
+            }
+            let _ = conn.set_nodelay(true);
+            let id = s.next_conn.fetch_add(1, Ordering::Relaxed);
+            let Ok(stream) = conn.try_clone() else {
+                continue;
+            };
+            conns.insert(
+                id,
+                Conn {
+                    stream,
+                    proven: proven.clone(),
+                },
+            );
+            drop(conns);
+            let s2 = s.clone();
+            if spawn("mooncake-master-conn", move || {
+                serve_conn(conn, id, proven, s2)
+            })
+            .is_err()
+            {
+                s.conns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            }
         }
     }
+}
+
+/// The socket under a connection's reader, with a deadline: each read waits at most until it
+/// (`TimedOut` past it); `None` waits without one.
+struct DeadlineReader<'a> {
+    stream: &'a TcpStream,
+    deadline: Option<Instant>,
+    /// The read timeout last set on the socket (saves a system call per read).
+    set: Option<Option<Duration>>,
+}
+
+impl Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let timeout = match self.deadline {
+            None => None,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "request deadline"));
+                }
+                // Round up to whole milliseconds so that re-arming is rare.
+                Some(Duration::from_millis(left.as_millis() as u64 + 1))
+            }
+        };
+        if self.set != Some(timeout) {
+            self.stream.set_read_timeout(timeout)?;
+            self.set = Some(timeout);
+        }
+        match (&*self.stream).read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Err(io::Error::new(io::ErrorKind::TimedOut, "request deadline"))
+            }
+            r => r,
+        }
+    }
+}
+
+/// The largest frame a connection may send before it proves the cluster secret (the
+/// authentication messages are far smaller).
+const PRE_AUTH_MAX_PAYLOAD: u64 = 4096;
+
+/// The slowest rate a frame's payload may arrive at before its deadline.
+const MIN_RATE: u64 = 1 << 20;
+
+/// Reads one request frame under deadlines: before its first byte, until `idle` (`None`:
+/// no limit); then the whole frame within the request timeout plus its length at
+/// [`MIN_RATE`]. The payload grows with the bytes that arrive, never to what a header
+/// declares up front; a frame over `max` bytes is `InvalidData`.
+fn read_request(
+    reader: &mut BufReader<DeadlineReader<'_>>,
+    payload: &mut Vec<u8>,
+    idle: Option<Instant>,
+    timeout: Duration,
+    max: u64,
+) -> io::Result<rpc::FrameHeader> {
+    if reader.buffer().is_empty() {
+        reader.get_mut().deadline = idle;
+        if reader.fill_buf()?.is_empty() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    let start = Instant::now();
+    reader.get_mut().deadline = Some(start + timeout);
+    let mut h = [0u8; rpc::HEADER_LEN];
+    reader.read_exact(&mut h)?;
+    let header = rpc::frame::decode_header(&h)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    if header.len as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of {} bytes over the limit of {max}", header.len),
+        ));
+    }
+    reader.get_mut().deadline =
+        Some(start + timeout + Duration::from_secs_f64(header.len as f64 / MIN_RATE as f64));
+    payload.clear();
+    let n = (&mut *reader)
+        .take(header.len as u64)
+        .read_to_end(payload)?;
+    if n as u64 != header.len as u64 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(header)
 }
 
 fn tick_loop(s: Arc<Shared>, interval: Duration) {
@@ -467,14 +622,23 @@ fn tick_loop(s: Arc<Shared>, interval: Duration) {
     }
 }
 
-fn serve_conn(stream: TcpStream, id: u64, s: Arc<Shared>) {
+fn serve_conn(stream: TcpStream, id: u64, proven: Arc<AtomicBool>, s: Arc<Shared>) {
     s.connections.fetch_add(1, Ordering::Relaxed);
     let mut session: Option<ClientId> = None;
     let mut auth = ConnAuth {
         proven: s.secret.is_none(),
         nonces: None,
     };
-    let mut reader = BufReader::with_capacity(64 << 10, &stream);
+    // With a secret, the connection must prove it by this deadline.
+    let auth_deadline = Instant::now() + s.request_timeout;
+    let mut reader = BufReader::with_capacity(
+        64 << 10,
+        DeadlineReader {
+            stream: &stream,
+            deadline: None,
+            set: None,
+        },
+    );
     let mut payload = Vec::new();
     let mut out = Vec::new();
     let mut writer = &stream;
@@ -484,11 +648,19 @@ fn serve_conn(stream: TcpStream, id: u64, s: Arc<Shared>) {
             // the transfer of a small value): poll briefly before sleeping in read.
             rpc::spin_for_data(&stream, s.request_spin);
         }
-        let header = match rpc::read_frame(&mut reader, &mut payload) {
+        let (idle, max) = if auth.proven {
+            (None, rpc::MAX_PAYLOAD as u64)
+        } else {
+            (Some(auth_deadline), PRE_AUTH_MAX_PAYLOAD)
+        };
+        let header = match read_request(&mut reader, &mut payload, idle, s.request_timeout, max) {
             Ok(h) => h,
             Err(e) => {
-                if e.kind() == io::ErrorKind::InvalidData {
-                    tracing::debug!("closing an RPC connection after a malformed frame: {e}");
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::InvalidData | io::ErrorKind::TimedOut
+                ) {
+                    tracing::debug!("closing an RPC connection: {e}");
                 }
                 break;
             }
@@ -500,6 +672,7 @@ fn serve_conn(stream: TcpStream, id: u64, s: Arc<Shared>) {
             Ok(req @ (Request::Auth { .. } | Request::Prove { .. })) => {
                 let r = auth.step(s.secret.as_ref(), req);
                 let refused = matches!(r, Response::Error(_));
+                proven.store(auth.proven, Ordering::Release);
                 if refused {
                     let _ = rpc::write_frame(
                         &mut writer,
