@@ -24,6 +24,21 @@ pub(crate) struct FuzzArgs {
     targets: Vec<String>,
 }
 
+impl FuzzArgs {
+    /// Every target for `seconds` each.
+    pub(crate) fn bounded(seconds: u64) -> Self {
+        Self {
+            seconds,
+            targets: Vec::new(),
+        }
+    }
+}
+
+/// Whether the nightly toolchain and cargo-fuzz are installed (nothing is installed).
+pub(crate) fn tools_present() -> bool {
+    has_nightly() && has_cargo_fuzz()
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -3,7 +3,8 @@
 //!
 //! - `cargo xtask deps`: installs the system packages the build and the tests need.
 //! - `cargo xtask test`: deps, services (etcd, redis), every workspace test (all features), the examples,
-//!   and the RDMA tests in the soft-RoCE VM. The README's test command.
+//!   every fuzz target for 10 s (when nightly and cargo-fuzz are installed), and the RDMA tests in
+//!   the soft-RoCE VM. The README's test command.
 //! - `cargo xtask rxe`: only the VM part (see `rxe.rs`).
 //! - `cargo xtask fuzz [--seconds N]`: every cargo-fuzz target for a bounded time (see `fuzz.rs`).
 //! - `cargo xtask wheel`: the Python wheel (`crates/mooncake-py`) with the `mooncake` binary
@@ -45,6 +46,10 @@ struct TestArgs {
     /// Skip the soft-RoCE VM (for quick local runs; CI never passes this).
     #[arg(long)]
     no_vm: bool,
+    /// Seconds each fuzz target runs after the tests (0: none). Fuzzing runs only when the
+    /// nightly toolchain and cargo-fuzz are installed (`cargo xtask fuzz` installs them).
+    #[arg(long, default_value_t = 10)]
+    fuzz_seconds: u64,
     /// Extra arguments for `cargo test` (after `--`).
     #[arg(last = true)]
     cargo_args: Vec<String>,
@@ -136,6 +141,16 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
         run(cargo().args(["run", "--quiet", "-p", pkg, "--example", example]))?;
     }
     python_tests()?;
+    if args.fuzz_seconds == 0 {
+        eprintln!("xtask: --fuzz-seconds 0: the fuzz targets were NOT run");
+    } else if fuzz::tools_present() {
+        fuzz::run(&fuzz::FuzzArgs::bounded(args.fuzz_seconds))?;
+    } else {
+        eprintln!(
+            "xtask: the nightly toolchain or cargo-fuzz is missing: the fuzz targets were NOT \
+             run (`cargo xtask fuzz` installs both)"
+        );
+    }
     if args.no_vm {
         eprintln!("xtask: --no-vm given: the soft-RoCE VM tests were NOT run");
     } else {

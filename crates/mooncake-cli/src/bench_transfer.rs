@@ -95,6 +95,15 @@ pub(crate) struct TransferArgs {
     /// Output directory of `--sweep`.
     #[arg(long, default_value = "bench-out")]
     out: std::path::PathBuf,
+    /// Cluster secret of the engines (role both): `env` (MC_CLUSTER_SECRET_FILE /
+    /// MC_CLUSTER_SECRET), `off`, `on` (a random one for this run), or `both`: the run
+    /// without and with one, alternated twice, with the ratios and the connection setup
+    /// time (a fresh initiator's first 4 KiB write) of each.
+    #[arg(long, value_enum, default_value_t = crate::metadata::AuthMode::Env)]
+    auth: crate::metadata::AuthMode,
+    /// The engines' cluster secret for this run: `None` keeps the environment's.
+    #[arg(skip)]
+    secret: Option<Option<mooncake_core::ClusterSecret>>,
 }
 
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
@@ -209,6 +218,9 @@ impl Metadata {
             }
             other => b = b.with_boxed_transport(mooncake::transport_builder(other)?),
         }
+        if let Some(secret) = &args.secret {
+            b = b.with_cluster_secret(secret.clone());
+        }
         Ok(b.build()?)
     }
 }
@@ -228,6 +240,18 @@ pub(crate) fn run(args: TransferArgs) -> anyhow::Result<()> {
         .and_then(|v| v.checked_mul(args.threads as u64))
         .filter(|&v| v <= 8 << 30)
         .context("threads × batch × block must be at most 8 GiB")?;
+    let mut args = args;
+    match args.auth {
+        crate::metadata::AuthMode::Env => {}
+        crate::metadata::AuthMode::Off => args.secret = Some(None),
+        crate::metadata::AuthMode::On => {
+            args.secret = Some(Some(crate::metadata::random_secret()?))
+        }
+        crate::metadata::AuthMode::Both => {
+            ensure!(args.role == Role::Both, "--auth both needs --role both");
+            return auth_both(&args, region);
+        }
+    }
     match args.role {
         Role::Target => run_target(&args, region),
         Role::Initiator => {
@@ -256,6 +280,105 @@ fn run_both(args: &TransferArgs, region: u64) -> anyhow::Result<Report> {
         baseline(args, &mut report)?;
     }
     Ok(report)
+}
+
+/// A fresh initiator's first write of 4 KiB to `target` (connect, hello, and the proof of
+/// the cluster secret when one is set): the wall time of each of `n`, sorted, in µs.
+fn setup_times(
+    md: &Metadata,
+    args: &TransferArgs,
+    target: &str,
+    n: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let init = md.engine(&format!("bench-setup-{i}"), args)?;
+        let local = Arc::new(LocalBuffer::new(4096)?);
+        init.register(local.clone())?;
+        let handle = init.open_segment_blocking(target)?;
+        let addr = init.segment(handle)?.descriptor().buffers[0].addr;
+        let t = Instant::now();
+        init.transfer_sync_write(target, local.base(), addr, 4096)?;
+        out.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    out.sort_by(f64::total_cmp);
+    Ok(out)
+}
+
+/// `--auth both`: the run without and with a cluster secret, alternated twice (off, on,
+/// off, on), each with the setup time of fresh initiators; prints the ratios on/off.
+fn auth_both(args: &TransferArgs, region: u64) -> anyhow::Result<()> {
+    let secret = crate::metadata::random_secret()?;
+    let mut rows: Vec<(bool, Report, Vec<f64>)> = Vec::new();
+    for round in 0..4 {
+        let on = round % 2 == 1;
+        let mut a = args.clone();
+        a.secret = Some(on.then(|| secret.clone()));
+        let md = Metadata::open(&a, true)?;
+        let target = md.engine(&a.segment, &a)?;
+        let tbuf = Arc::new(LocalBuffer::new(region.max(4096) as usize)?);
+        target.register(tbuf.clone())?;
+        let init = md.engine("bench-initiator", &a)?;
+        let report = drive(&a, &init, target.local_name(), Some(&tbuf))?;
+        drop(init);
+        let setup = setup_times(&md, &a, target.local_name(), 50)?;
+        drop(target);
+        eprintln!(
+            "auth {}: {:.3} GB/s, batch p50 {:.1} µs, p99 {:.1} µs; setup p50 {:.1} µs",
+            if on { "on " } else { "off" },
+            report.gb_per_s,
+            report.p50_us,
+            report.p99_us,
+            percentile(&setup, 0.5)
+        );
+        rows.push((on, report, setup));
+    }
+    let mean = |on: bool, f: &dyn Fn(&Report, &[f64]) -> f64| {
+        let v: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.0 == on)
+            .map(|r| f(&r.1, &r.2))
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let gbs = |r: &Report, _: &[f64]| r.gb_per_s;
+    let p50 = |r: &Report, _: &[f64]| r.p50_us;
+    let p99 = |r: &Report, _: &[f64]| r.p99_us;
+    let setup = |_: &Report, s: &[f64]| percentile(s, 0.5);
+    let line = |what: &str, f: &dyn Fn(&Report, &[f64]) -> f64, unit: &str| {
+        let (off, on) = (mean(false, f), mean(true, f));
+        println!(
+            "{what:<22} off {off:>10.3} {unit:<5} on {on:>10.3} {unit:<5} on/off {:.3}",
+            on / off
+        );
+        on / off
+    };
+    println!(
+        "{} {:?} block={} batch={} threads={} conns={}: cluster secret off vs on (mean of 2 runs each)",
+        args.protocol, args.op, args.block_size, args.batch_size, args.threads, args.conns
+    );
+    let r_gbs = line("throughput", &gbs, "GB/s");
+    let r_p50 = line("batch latency p50", &p50, "µs");
+    let r_p99 = line("batch latency p99", &p99, "µs");
+    let r_setup = line("setup (first 4 KiB) p50", &setup, "µs");
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "protocol": args.protocol,
+                "block_size": args.block_size,
+                "batch_size": args.batch_size,
+                "threads": args.threads,
+                "gb_per_s_ratio": r_gbs,
+                "p50_ratio": r_p50,
+                "p99_ratio": r_p99,
+                "setup_p50_ratio": r_setup,
+                "setup_p50_us_off": mean(false, &setup),
+                "setup_p50_us_on": mean(true, &setup),
+            })
+        );
+    }
+    Ok(())
 }
 
 /// Block sizes of `--sweep`.

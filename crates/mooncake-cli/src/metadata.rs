@@ -468,7 +468,8 @@ impl Samples {
     }
 }
 
-fn random_secret() -> anyhow::Result<ClusterSecret> {
+/// A random cluster secret (32 random bytes, hex) for one benchmark run.
+pub(crate) fn random_secret() -> anyhow::Result<ClusterSecret> {
     let hex: String = [mooncake_core::auth::nonce(), mooncake_core::auth::nonce()]
         .concat()
         .iter()
