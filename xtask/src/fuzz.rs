@@ -64,6 +64,14 @@ fn target_dir_args() -> Vec<String> {
     }
 }
 
+/// Where `cargo fuzz build` puts its output (see [`target_dir_args`]).
+fn fuzz_target_dir() -> PathBuf {
+    match std::env::var("CARGO_TARGET_DIR") {
+        Ok(d) if !d.is_empty() => PathBuf::from(d).join("fuzz"),
+        _ => root().join("fuzz").join("target"),
+    }
+}
+
 fn has_nightly() -> bool {
     Command::new("rustup")
         .args(["run", "nightly", "rustc", "--version"])
@@ -172,20 +180,42 @@ pub(crate) fn run(args: &FuzzArgs) -> anyhow::Result<()> {
         let log = std::fs::File::create(&log_path)?;
         eprintln!("xtask: fuzzing {t} for {} s", args.seconds);
         let started = Instant::now();
-        let status = cargo_fuzz()
-            .args(["run", t.as_str()])
-            .args(target_dir_args())
-            .args([
-                "--",
-                &format!("-max_total_time={}", args.seconds),
-                "-print_final_stats=1",
-                // Small inputs: every decoder here takes bytes from one read or one frame.
-                "-max_len=16384",
-            ])
+        let flags = [
+            format!("-max_total_time={}", args.seconds),
+            "-print_final_stats=1".to_string(),
+            // Small inputs: every decoder here takes bytes from one read or one frame.
+            "-max_len=16384".to_string(),
+        ];
+        // The binary `cargo fuzz build` made, run directly with what `cargo fuzz run` would
+        // pass (saves a build check per target); `cargo fuzz run` where it is not found.
+        let bin = fuzz_target_dir()
+            .join("x86_64-unknown-linux-gnu")
+            .join("release")
+            .join(t);
+        let mut cmd = if bin.is_file() {
+            let corpus = root().join("fuzz").join("corpus").join(t);
+            let artifacts = root().join("fuzz").join("artifacts").join(t);
+            std::fs::create_dir_all(&corpus)?;
+            std::fs::create_dir_all(&artifacts)?;
+            let mut c = Command::new(&bin);
+            c.current_dir(root())
+                .arg(format!("-artifact_prefix={}/", artifacts.display()))
+                .args(&flags)
+                .arg(&corpus);
+            c
+        } else {
+            let mut c = cargo_fuzz();
+            c.args(["run", t.as_str()])
+                .args(target_dir_args())
+                .arg("--")
+                .args(&flags);
+            c
+        };
+        let status = cmd
             .stdout(log.try_clone()?)
             .stderr(log)
             .status()
-            .with_context(|| format!("cannot run cargo fuzz run {t}"))?;
+            .with_context(|| format!("cannot run the fuzz target {t}"))?;
         let secs = started.elapsed().as_secs_f64();
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         let o = parse(&text);

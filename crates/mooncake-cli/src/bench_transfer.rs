@@ -206,7 +206,12 @@ impl Metadata {
                 let store = Arc::new(mooncake::metadata::P2pHandshakeStore::bind(
                     &args.hostname,
                     0,
-                    mooncake::metadata::P2pConfig::default(),
+                    match &args.secret {
+                        Some(s) => {
+                            mooncake::metadata::P2pConfig::default().with_cluster_secret(s.clone())
+                        }
+                        None => mooncake::metadata::P2pConfig::default(),
+                    },
                 )?);
                 mooncake::p2p_engine_builder(&store)
             }
