@@ -37,6 +37,14 @@ enum Command {
     /// A standalone storage node: contributes memory to the pool and shares it with
     /// same-host clients over a Unix socket.
     StoreNode(store::StoreNodeArgs),
+    /// Prints a bearer token derived from the cluster secret (MC_CLUSTER_SECRET_FILE /
+    /// MC_CLUSTER_SECRET): `store-admin` for the master's admin port, `metadata` for the HTTP
+    /// metadata server.
+    Token {
+        /// What the token is for.
+        #[arg(value_parser = ["store-admin", "metadata"])]
+        purpose: String,
+    },
 }
 
 /// `mooncake bench …`.
@@ -83,5 +91,14 @@ fn main() -> anyhow::Result<()> {
         Command::MetadataServer(a) => metadata::run_server(a),
         Command::Trace(t) => trace::run(t),
         Command::Simulate(a) => simulate::run(*a),
+        Command::Token { purpose } => {
+            let secret = mooncake_core::ClusterSecret::from_env()?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no cluster secret: set MC_CLUSTER_SECRET_FILE or MC_CLUSTER_SECRET"
+                )
+            })?;
+            println!("{}", secret.token(&purpose));
+            Ok(())
+        }
     }
 }
