@@ -101,6 +101,9 @@ pub(crate) struct TransferArgs {
     /// time (a fresh initiator's first 4 KiB write) of each.
     #[arg(long, value_enum, default_value_t = crate::metadata::AuthMode::Env)]
     auth: crate::metadata::AuthMode,
+    /// Runs of `--auth both` (off and on alternated; the median of each side is compared).
+    #[arg(long, default_value_t = 4)]
+    rounds: usize,
     /// The engines' cluster secret for this run: `None` keeps the environment's.
     #[arg(skip)]
     secret: Option<Option<mooncake_core::ClusterSecret>>,
@@ -310,12 +313,14 @@ fn setup_times(
     Ok(out)
 }
 
-/// `--auth both`: the run without and with a cluster secret, alternated twice (off, on,
-/// off, on), each with the setup time of fresh initiators; prints the ratios on/off.
+/// `--auth both`: the run without and with a cluster secret, alternated (off, on, off, on, …:
+/// `--rounds` runs), each with the setup time of fresh initiators; prints the ratios of the
+/// medians on/off.
 fn auth_both(args: &TransferArgs, region: u64) -> anyhow::Result<()> {
     let secret = crate::metadata::random_secret()?;
     let mut rows: Vec<(bool, Report, Vec<f64>)> = Vec::new();
-    for round in 0..4 {
+    ensure!(args.rounds >= 2, "--rounds must be at least 2");
+    for round in 0..args.rounds {
         let on = round % 2 == 1;
         let mut a = args.clone();
         a.secret = Some(on.then(|| secret.clone()));
@@ -338,20 +343,21 @@ fn auth_both(args: &TransferArgs, region: u64) -> anyhow::Result<()> {
         );
         rows.push((on, report, setup));
     }
-    let mean = |on: bool, f: &dyn Fn(&Report, &[f64]) -> f64| {
-        let v: Vec<f64> = rows
+    let median = |on: bool, f: &dyn Fn(&Report, &[f64]) -> f64| {
+        let mut v: Vec<f64> = rows
             .iter()
             .filter(|r| r.0 == on)
             .map(|r| f(&r.1, &r.2))
             .collect();
-        v.iter().sum::<f64>() / v.len() as f64
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 0.5)
     };
     let gbs = |r: &Report, _: &[f64]| r.gb_per_s;
     let p50 = |r: &Report, _: &[f64]| r.p50_us;
     let p99 = |r: &Report, _: &[f64]| r.p99_us;
     let setup = |_: &Report, s: &[f64]| percentile(s, 0.5);
     let line = |what: &str, f: &dyn Fn(&Report, &[f64]) -> f64, unit: &str| {
-        let (off, on) = (mean(false, f), mean(true, f));
+        let (off, on) = (median(false, f), median(true, f));
         println!(
             "{what:<22} off {off:>10.3} {unit:<5} on {on:>10.3} {unit:<5} on/off {:.3}",
             on / off
@@ -359,8 +365,14 @@ fn auth_both(args: &TransferArgs, region: u64) -> anyhow::Result<()> {
         on / off
     };
     println!(
-        "{} {:?} block={} batch={} threads={} conns={}: cluster secret off vs on (mean of 2 runs each)",
-        args.protocol, args.op, args.block_size, args.batch_size, args.threads, args.conns
+        "{} {:?} block={} batch={} threads={} conns={}: cluster secret off vs on (median of {} runs each)",
+        args.protocol,
+        args.op,
+        args.block_size,
+        args.batch_size,
+        args.threads,
+        args.conns,
+        args.rounds / 2
     );
     let r_gbs = line("throughput", &gbs, "GB/s");
     let r_p50 = line("batch latency p50", &p50, "µs");
@@ -378,8 +390,8 @@ fn auth_both(args: &TransferArgs, region: u64) -> anyhow::Result<()> {
                 "p50_ratio": r_p50,
                 "p99_ratio": r_p99,
                 "setup_p50_ratio": r_setup,
-                "setup_p50_us_off": mean(false, &setup),
-                "setup_p50_us_on": mean(true, &setup),
+                "setup_p50_us_off": median(false, &setup),
+                "setup_p50_us_on": median(true, &setup),
             })
         );
     }

@@ -197,14 +197,30 @@ pub(crate) fn run_master(args: MasterArgs) -> anyhow::Result<()> {
         eprintln!("warning: {w}");
     }
     let secret = mooncake::ClusterSecret::from_env()?;
-    if secret.is_none() && !flags.server.rpc_addr.ip().is_loopback() {
-        let w = format!(
-            "the master listens on {} without a cluster secret: anyone who can reach it can \
-             read and change the pool's metadata (set MC_CLUSTER_SECRET_FILE)",
-            flags.server.rpc_addr
-        );
-        tracing::warn!("{w}");
-        eprintln!("warning: {w}");
+    if secret.is_none() {
+        let open: Vec<String> = [
+            Some(("RPC", flags.server.rpc_addr)),
+            flags.server.admin_addr.map(|a| ("admin", a)),
+            flags
+                .server
+                .http_metadata_addr
+                .map(|a| ("HTTP metadata", a)),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|(_, a)| !a.ip().is_loopback())
+        .map(|(what, a)| format!("{what} {a}"))
+        .collect();
+        if !open.is_empty() {
+            let w = format!(
+                "the master listens beyond loopback without a cluster secret ({}): anyone who \
+                 can reach it can read and change the pool's metadata, and remove every object \
+                 (set MC_CLUSTER_SECRET_FILE)",
+                open.join(", ")
+            );
+            tracing::warn!("{w}");
+            eprintln!("warning: {w}");
+        }
     }
     let server = MasterServer::start(flags.server.clone().with_cluster_secret(secret))
         .with_context(|| format!("cannot start the master on {}", flags.server.rpc_addr))?;
