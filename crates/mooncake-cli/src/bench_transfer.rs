@@ -320,10 +320,17 @@ fn auth_both(args: &TransferArgs, region: u64) -> anyhow::Result<()> {
     let secret = crate::metadata::random_secret()?;
     let mut rows: Vec<(bool, Report, Vec<f64>)> = Vec::new();
     ensure!(args.rounds >= 2, "--rounds must be at least 2");
-    for round in 0..args.rounds {
-        let on = round % 2 == 1;
+    let with = |on: bool| {
         let mut a = args.clone();
         a.secret = Some(on.then(|| secret.clone()));
+        a
+    };
+    // Throughput and latency first, then (in separate rounds) the setup of 50 fresh
+    // initiators each: their teardown would otherwise overlap the next round's transfers.
+    // A pause between rounds lets the last round's engines finish stopping.
+    for round in 0..args.rounds {
+        let on = round % 2 == 1;
+        let a = with(on);
         let md = Metadata::open(&a, true)?;
         let target = md.engine(&a.segment, &a)?;
         let tbuf = Arc::new(LocalBuffer::new(region.max(4096) as usize)?);
@@ -331,17 +338,30 @@ fn auth_both(args: &TransferArgs, region: u64) -> anyhow::Result<()> {
         let init = md.engine("bench-initiator", &a)?;
         let report = drive(&a, &init, target.local_name(), Some(&tbuf))?;
         drop(init);
-        let setup = setup_times(&md, &a, target.local_name(), 50)?;
         drop(target);
+        std::thread::sleep(Duration::from_millis(300));
         eprintln!(
-            "auth {}: {:.3} GB/s, batch p50 {:.1} µs, p99 {:.1} µs; setup p50 {:.1} µs",
+            "auth {}: {:.3} GB/s, batch p50 {:.1} µs, p99 {:.1} µs",
             if on { "on " } else { "off" },
             report.gb_per_s,
             report.p50_us,
             report.p99_us,
-            percentile(&setup, 0.5)
         );
-        rows.push((on, report, setup));
+        rows.push((on, report, Vec::new()));
+    }
+    for (round, row) in rows.iter_mut().enumerate() {
+        let a = with(row.0);
+        let md = Metadata::open(&a, true)?;
+        let target = md.engine(&a.segment, &a)?;
+        target.register(Arc::new(LocalBuffer::new(region.max(4096) as usize)?))?;
+        row.2 = setup_times(&md, &a, target.local_name(), 50)?;
+        drop(target);
+        std::thread::sleep(Duration::from_millis(300));
+        eprintln!(
+            "auth {} setup round {round}: p50 {:.1} µs",
+            if row.0 { "on " } else { "off" },
+            percentile(&row.2, 0.5)
+        );
     }
     let median = |on: bool, f: &dyn Fn(&Report, &[f64]) -> f64| {
         let mut v: Vec<f64> = rows
