@@ -3,7 +3,7 @@
 //!
 //! - `cargo xtask deps`: installs the system packages the build and the tests need.
 //! - `cargo xtask test`: deps, services (etcd, redis), every workspace test (all features), the examples,
-//!   every fuzz target for 10 s (when nightly and cargo-fuzz are installed), and the RDMA tests in
+//!   every fuzz target for 8 s (when nightly and cargo-fuzz are installed), and the RDMA tests in
 //!   the soft-RoCE VM. The README's test command.
 //! - `cargo xtask rxe`: only the VM part (see `rxe.rs`).
 //! - `cargo xtask fuzz [--seconds N]`: every cargo-fuzz target for a bounded time (see `fuzz.rs`).
@@ -48,7 +48,7 @@ struct TestArgs {
     no_vm: bool,
     /// Seconds each fuzz target runs after the tests (0: none). Fuzzing runs only when the
     /// nightly toolchain and cargo-fuzz are installed (`cargo xtask fuzz` installs them).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 8)]
     fuzz_seconds: u64,
     /// Extra arguments for `cargo test` (after `--`).
     #[arg(last = true)]
