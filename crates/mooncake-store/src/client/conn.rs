@@ -98,15 +98,19 @@ pub(crate) fn connect_blocking(addr: SocketAddr, timeout: Duration) -> io::Resul
     Ok(s)
 }
 
-/// The client half of the cluster-secret challenge-response on a fresh connection (two
-/// round trips, once per pooled connection): send a nonce, check the master's proof, prove.
+/// The client half of the cluster-secret challenge-response on a fresh connection (one round
+/// trip, once per pooled connection): send a nonce and check the master's proof. Returns our
+/// proof, which the caller writes without waiting for its `Pong`: the master handles a
+/// connection's requests in order, so the request written after it is served proven, and
+/// the reader skips the `Pong` (another request id). A master that refuses the proof closes
+/// the connection, so that request then fails.
 pub(crate) fn authenticate(
     secret: &ClusterSecret,
     call: &mut dyn FnMut(&Request) -> io::Result<Response>,
-) -> io::Result<()> {
+) -> io::Result<Request> {
     let cn = mooncake_core::auth::nonce();
     let proof = check_challenge(secret, &cn, call(&Request::Auth { nonce: cn })?)?;
-    check_accepted(call(&Request::Prove { proof })?)
+    Ok(Request::Prove { proof })
 }
 
 fn denied(msg: String) -> io::Error {
@@ -128,14 +132,6 @@ fn check_challenge(secret: &ClusterSecret, cn: &[u8; 16], r: Response) -> io::Re
         }
         Response::Error(e) => Err(denied(format!("the master refused authentication: {e}"))),
         _ => Err(denied("unexpected reply to authentication".into())),
-    }
-}
-
-fn check_accepted(r: Response) -> io::Result<()> {
-    match r {
-        Response::Pong => Ok(()),
-        Response::Error(e) => Err(denied(format!("the master refused our proof: {e}"))),
-        _ => Err(denied("unexpected reply to our proof".into())),
     }
 }
 
@@ -252,7 +248,14 @@ impl MasterConns {
                     req,
                 )
             };
-            authenticate(secret, &mut call)?;
+            let prove = authenticate(secret, &mut call)?;
+            rpc::write_frame(
+                &mut c.stream,
+                &mut c.buf,
+                FrameKind::Request,
+                self.id(),
+                &prove,
+            )?;
         }
         Ok(c)
     }
@@ -312,10 +315,16 @@ impl MasterConns {
                 .exchange_async(&mut c, &Request::Auth { nonce: cn })
                 .await?;
             let proof = check_challenge(secret, &cn, r)?;
-            let r = self
-                .exchange_async(&mut c, &Request::Prove { proof })
-                .await?;
-            check_accepted(r)?;
+            // Not waiting for the `Pong` (see `authenticate`).
+            let id = self.id();
+            rpc::write_frame_async(
+                &mut c.stream,
+                &mut c.buf,
+                FrameKind::Request,
+                id,
+                &Request::Prove { proof },
+            )
+            .await?;
         }
         Ok(c)
     }

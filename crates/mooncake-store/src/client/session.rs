@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::conn::call_on;
 use super::{Inner, SessionState, session_socket};
 use crate::master::{ClientStatus, JournalDrain, JournalEntry, MountRequest};
-use crate::rpc::{Request, Response};
+use crate::rpc::{self, FrameKind, Request, Response};
 use crate::types::{StoreError, StoreErrorCode, StoreResult};
 
 /// The session connection.
@@ -47,9 +47,18 @@ impl SessionConn {
                     req,
                 )
             };
-            super::conn::authenticate(secret, &mut call).map_err(|e| {
+            let prove = super::conn::authenticate(secret, &mut call).map_err(|e| {
                 StoreError::new(StoreErrorCode::IllegalClient, format!("master: {e}"))
             })?;
+            c.next_id += 1;
+            rpc::write_frame(
+                &mut c.stream,
+                &mut c.buf,
+                FrameKind::Request,
+                c.next_id,
+                &prove,
+            )
+            .map_err(|e| super::conn::rpc_err(&e))?;
         }
         Ok(c)
     }
