@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod events;
 
 use std::collections::HashMap;
 use std::io::{self, BufReader};
@@ -191,6 +192,8 @@ pub(crate) struct Shared {
     pub(crate) started: Instant,
     request_spin: Duration,
     secret: Option<mooncake_core::ClusterSecret>,
+    /// Puts, removes and evictions for `GET /kv_events` on the admin port.
+    pub(crate) kv_events: events::KvEventLog,
 }
 
 impl Shared {
@@ -207,7 +210,7 @@ impl Shared {
         self.secret.as_ref().map(|s| s.token("store-admin"))
     }
 
-    fn stopping(&self) -> bool {
+    pub(crate) fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
 }
@@ -260,6 +263,7 @@ impl MasterServer {
             started: Instant::now(),
             request_spin: cfg.request_spin,
             secret: cfg.cluster_secret.clone(),
+            kv_events: events::KvEventLog::default(),
         });
         let metadata = match cfg.http_metadata_addr {
             Some(a) => Some(
@@ -336,6 +340,7 @@ impl MasterServer {
             let _g = self.shared.stop_lock.lock();
             self.shared.stop_cv.notify_all();
         }
+        self.shared.kv_events.wake_all();
         let _ = TcpStream::connect_timeout(&wake_addr(self.rpc_addr), Duration::from_secs(1));
         for (_, c) in self
             .shared
@@ -455,7 +460,11 @@ fn tick_loop(s: Arc<Shared>, interval: Duration) {
             return;
         }
         let now = s.now();
-        let report = s.lock().tick(now);
+        let mut m = s.lock();
+        let report = m.tick(now);
+        let lost = report.lost_objects > 0 || !report.dropped_segments.is_empty();
+        s.kv_events.reconcile(&m, lost);
+        drop(m);
         if !report.expired_clients.is_empty() {
             tracing::info!(
                 clients = ?report.expired_clients,
@@ -676,7 +685,10 @@ fn handle_inner(s: &Shared, req: Request, conn: u64, session: &mut Option<Client
             }
         }
         Request::UnmountSegment { client, segment } => {
-            match s.lock().unmount_segment(client, segment, now) {
+            let mut m = s.lock();
+            let r = m.unmount_segment(client, segment, now);
+            s.kv_events.reconcile(&m, true);
+            match r {
                 Ok(()) => Response::Done,
                 Err(e) => Response::Error(e),
             }
@@ -706,6 +718,8 @@ fn handle_inner(s: &Shared, req: Request, conn: u64, session: &mut Option<Client
                     m.put_start(client, &tenant, &it.key, it.size, cfg, now)
                 });
             }
+            // A put may have evicted objects to make room.
+            s.kv_events.reconcile(&m, false);
             Response::PutStarted(out)
         }
         Request::BatchPutFinish {
@@ -719,14 +733,23 @@ fn handle_inner(s: &Shared, req: Request, conn: u64, session: &mut Option<Client
             for seg in &failed_segments {
                 let _ = m.report_failure(seg, now);
             }
-            let end = end
+            let end: Vec<_> = end
                 .iter()
-                .map(|k| m.put_end(client, &tenant, k, now))
+                .map(|k| (k, m.put_end(client, &tenant, k, now)))
                 .collect();
             let revoke = revoke
                 .iter()
                 .map(|k| m.put_revoke(client, &tenant, k, now))
                 .collect();
+            let stored = end
+                .iter()
+                .filter(|(_, r)| r.is_ok())
+                .map(|(k, _)| (*k).clone())
+                .collect();
+            s.kv_events
+                .record(events::KvEventKind::Stored, &tenant, stored);
+            drop(m);
+            let end = end.into_iter().map(|(_, r)| r).collect();
             Response::PutFinished { end, revoke }
         }
         Request::BatchGetReplicas { tenant, keys } => {
@@ -751,14 +774,25 @@ fn handle_inner(s: &Shared, req: Request, conn: u64, session: &mut Option<Client
             force,
         } => {
             let mut m = s.lock();
-            Response::Removed(
-                keys.iter()
-                    .map(|k| m.remove(&tenant, k, force, now))
-                    .collect(),
-            )
+            let out: Vec<_> = keys
+                .iter()
+                .map(|k| m.remove(&tenant, k, force, now))
+                .collect();
+            let removed = keys
+                .iter()
+                .zip(&out)
+                .filter(|(_, r)| r.is_ok())
+                .map(|(k, _)| k.clone())
+                .collect();
+            s.kv_events
+                .record(events::KvEventKind::Removed, &tenant, removed);
+            Response::Removed(out)
         }
         Request::RemoveAll { tenant, force } => {
-            Response::RemovedAll(s.lock().remove_all(&tenant, force, now))
+            let mut m = s.lock();
+            let n = m.remove_all(&tenant, force, now);
+            s.kv_events.reconcile(&m, true);
+            Response::RemovedAll(n)
         }
         Request::ReportFailure { segments } => {
             let mut m = s.lock();
