@@ -229,16 +229,15 @@ pub(crate) async fn handle(
             .await
         {
             Ok(b) => b,
-            Err(e) if e.instance_failed() => {
+            Err(HopError::Status(code, b)) if code < 500 => {
+                report(&svc, id, Lifecycle::Dropped);
+                return passthrough(code, b);
+            }
+            Err(e) => {
                 failed(&svc, &a.prefill.name, id, "prefill_failed", &e);
                 last = Some(e);
                 continue;
             }
-            Err(HopError::Status(code, b)) => {
-                report(&svc, id, Lifecycle::Dropped);
-                return passthrough(code, b);
-            }
-            Err(e) => unreachable!("{e}"),
         };
         report(&svc, id, Lifecycle::PrefillFinished);
         let params = serde_json::from_slice::<Value>(&pbody)

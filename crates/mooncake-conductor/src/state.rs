@@ -1049,6 +1049,51 @@ mod tests {
     }
 
     #[test]
+    fn kv_events_store_remove_and_clear() {
+        let mut cfg = StateConfig::default();
+        cfg.conductor.expected_ttl_s = None;
+        let mut s = ConductorState::new(cfg).unwrap();
+        for n in ["p0", "p1"] {
+            s.register(reg(n, Role::Prefill)).unwrap();
+        }
+        s.register(reg("d0", Role::Decode)).unwrap();
+        s.apply_kv_batch("p0", &stored((0..30).collect()), 0.0);
+        s.apply_kv_batch("p1", &stored((0..10).collect()), 0.0);
+        let local = |s: &mut ConductorState| {
+            let a = s.schedule(&by_hashes((0..30).collect()), 0.0).unwrap();
+            s.lifecycle(a.request_id, Lifecycle::Dropped, 0.0);
+            (a.prefill.name, a.local_prefix_blocks)
+        };
+        assert_eq!(local(&mut s), ("p0".into(), 30));
+        // p0 evicts the middle of the prefix: its match stops there, p1 still has ten.
+        let removed = KvEventBatch {
+            ts: 0.0,
+            events: vec![KvEvent::BlockRemoved {
+                block_hashes: (5..30).collect(),
+                medium: None,
+            }],
+            data_parallel_rank: None,
+        };
+        s.apply_kv_batch("p0", &removed, 0.0);
+        assert_eq!(s.instance("p0").unwrap().blocks, 5);
+        assert_eq!(local(&mut s), ("p1".into(), 10));
+        // p1 drops its whole cache: nothing of it is left in the index.
+        let cleared = KvEventBatch {
+            ts: 0.0,
+            events: vec![KvEvent::AllBlocksCleared],
+            data_parallel_rank: None,
+        };
+        s.apply_kv_batch("p1", &cleared, 0.0);
+        assert_eq!(s.instance("p1").unwrap().blocks, 0);
+        assert_eq!(s.conductor().index().count_instance(1), 0);
+        assert_eq!(s.conductor().index().len(), 5);
+        assert_eq!(local(&mut s), ("p0".into(), 5));
+        // A decode-only instance's events count as batches but index nothing.
+        s.apply_kv_batch("d0", &stored((100..110).collect()), 0.0);
+        assert_eq!(s.conductor().index().holders(100), 0);
+    }
+
+    #[test]
     fn store_blocks_are_a_prefix_source() {
         let mut s = ConductorState::new(StateConfig::default()).unwrap();
         s.register(reg("p0", Role::Prefill)).unwrap();

@@ -134,8 +134,10 @@ async fn on_batch(
                 }),
                 None => Vec::new(),
             };
+            // Complete: every batch of [expected, got) came back, in order.
             let complete = batches.first().is_some_and(|(s, _)| *s == expected)
-                && batches.windows(2).all(|w| w[1].0 == w[0].0 + 1);
+                && batches.windows(2).all(|w| w[1].0 == w[0].0 + 1)
+                && batches.last().is_some_and(|(s, _)| s + 1 >= got);
             tracing::info!(instance = name, expected, got, complete, "KV event gap");
             if !first {
                 svc.with_state(|s| s.kv_gap(name, complete));
@@ -167,5 +169,72 @@ fn apply(svc: &Service, name: &str, payload: &[u8]) {
             svc.with_state(|s| s.apply_kv_batch(name, &b, now));
         }
         Err(e) => tracing::warn!(instance = name, "{e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{HashEncoding, OutEvent, encode_batch};
+    use crate::service::ServiceConfig;
+    use crate::state::{Registration, Role};
+
+    fn stored(first: u8) -> Vec<u8> {
+        encode_batch(
+            0.0,
+            &[OutEvent::Stored {
+                hashes: vec![[first; 32], [first + 1; 32]],
+                parent: None,
+                token_ids: vec![],
+                block_size: 16,
+            }],
+            HashEncoding::Int,
+            0,
+        )
+    }
+
+    fn held(svc: &Service, first: u8) -> bool {
+        let h = crate::hash::digest_to_u64(&[first; 32]);
+        svc.with_state(|s| s.conductor().index().holders(h) != 0)
+    }
+
+    /// The subscriber's sequence handling without sockets (no replay endpoint): in order,
+    /// duplicate, gap (view cleared, rebuilt from what follows), publisher restart.
+    #[tokio::test]
+    async fn sequence_numbers_drive_the_view() {
+        let svc = Service::new(ServiceConfig::default()).unwrap();
+        svc.with_state(|s| {
+            s.register(Registration {
+                name: "p0".into(),
+                role: Role::Prefill,
+                url: None,
+                kv_events_endpoint: None,
+                kv_replay_endpoint: None,
+                kv_topic: None,
+                kv_capacity_tokens: None,
+            })
+            .map(|_| ())
+        })
+        .unwrap();
+        let mut t = SeqTracker::default();
+        on_batch(&svc, "p0", None, &mut t, 0, &stored(10)).await;
+        on_batch(&svc, "p0", None, &mut t, 1, &stored(20)).await;
+        assert!(held(&svc, 10) && held(&svc, 20));
+        // A repeated batch is skipped: it does not bring back what was cleared since.
+        svc.with_state(|s| s.clear_view("p0"));
+        on_batch(&svc, "p0", None, &mut t, 1, &stored(20)).await;
+        assert!(!held(&svc, 20));
+        on_batch(&svc, "p0", None, &mut t, 2, &stored(25)).await;
+        assert!(held(&svc, 25));
+        // Batches 3 and 4 are lost and cannot be replayed: the view is cleared, then 5 applies.
+        on_batch(&svc, "p0", None, &mut t, 5, &stored(30)).await;
+        assert!(!held(&svc, 25) && held(&svc, 30));
+        let info = svc.with_state(|s| s.instance("p0").unwrap().clone());
+        assert_eq!((info.kv_gaps, info.kv_replays, info.kv_rebuilds), (1, 0, 2));
+        assert_eq!(t.next(), Some(6));
+        // The publisher restarts (sequence back to 0): its old view goes.
+        on_batch(&svc, "p0", None, &mut t, 0, &stored(40)).await;
+        assert!(!held(&svc, 30) && held(&svc, 40));
+        assert_eq!(t.next(), Some(1));
     }
 }

@@ -104,6 +104,18 @@ async fn post(url: &str, body: Value) -> (u16, Value) {
     (status, v)
 }
 
+async fn delete(url: &str) -> Result<Bytes, mooncake_conductor::service::HopError> {
+    http()
+        .call(
+            hyper::Method::DELETE,
+            url,
+            None,
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+}
+
 async fn get(url: &str) -> Value {
     http()
         .get_json(url, None, Duration::from_secs(5))
@@ -337,6 +349,12 @@ async fn a_killed_prefill_or_decode_is_retried_elsewhere() {
     })
     .await;
     let h = holder.unwrap();
+    // A request the engine refuses (4xx) is the client's fault: passed through, no retry,
+    // nobody marked down.
+    let (st, v) = post(&url, json!({"max_tokens": 2})).await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["message"], "no prompt", "{v}");
+    assert!(c.svc.with_state(|s| s.instances().all(|i| i.healthy)));
     // The holder dies: the same prefix is retried on the other prefill instance.
     ps[h].kill();
     let (st, v) = post(&url, json!({"prompt": prompt(&prefix, 1), "max_tokens": 8})).await;
@@ -396,6 +414,17 @@ async fn overload_is_rejected_early_with_its_reason() {
     state.conductor.ttft_slo_s = 2.0;
     let c = conductor(cfg(), Vec::new()).await;
     let base = format!("http://{}", c.addr);
+    let health = http()
+        .call(
+            hyper::Method::GET,
+            &format!("{base}/health"),
+            None,
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(&health[..], b"OK\n");
     // No instance yet: 503 with the reason.
     let (st, v) = post(&format!("{base}/v1/schedule"), json!({"input_tokens": 100})).await;
     assert_eq!(
@@ -492,6 +521,25 @@ async fn overload_is_rejected_early_with_its_reason() {
         1.0
     );
     assert!(metric(&m, "mooncake_conductor_decision_seconds_count") >= 3.0);
+    // Deregistering the only prefill instance: listed no more, and nothing can be placed.
+    delete(&format!("{base}/v1/instances/p0")).await.unwrap();
+    let names: Vec<Value> = get(&format!("{base}/v1/instances"))
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("d0")]);
+    let (st, v) = post(&format!("{base}/v1/schedule"), json!({"input_tokens": 100})).await;
+    assert_eq!(
+        (st, &v["reason"]),
+        (503, &json!({"kind": "no_instance", "pool": "prefill"}))
+    );
+    assert!(matches!(
+        delete(&format!("{base}/v1/instances/p0")).await,
+        Err(mooncake_conductor::service::HopError::Status(404, _))
+    ));
     c.stop();
     c2.stop();
 }
