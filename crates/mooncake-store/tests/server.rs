@@ -275,7 +275,7 @@ fn eviction_under_pressure_end_to_end() {
         .filter(|i| !c.is_exist(&format!("fill{i}")).unwrap())
         .count();
     assert!(
-        removed.len() >= gone + 1,
+        removed.len() > gone,
         "{} removed, {gone} fills gone",
         removed.len()
     );
