@@ -111,6 +111,7 @@ fn bench(crit: &mut Criterion) {
         (Policy::LoadBalance, Admission::None, false),
         (Policy::Mooncake, Admission::None, false),
         (Policy::Mooncake, Admission::Predicted, false),
+        (Policy::Mooncake, Admission::Early, false),
         (Policy::Mooncake, Admission::Early, true),
         (Policy::LocalCache, Admission::None, false),
     ];

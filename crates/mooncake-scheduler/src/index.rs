@@ -280,82 +280,140 @@ impl CacheIndex {
 /// Blocks the Conductor expects on an instance because it just sent a request there
 /// (Algorithm 1 step 8: "Conductor immediately updates p's cache view"), until KV events
 /// confirm them or the request's expectation lapses.
+///
+/// One map entry per block: its instance bitset and, in the common case of a single
+/// expecting instance, that instance's count of requests inline; only blocks expected on
+/// several instances keep per-instance counts in a side map.
 #[derive(Debug, Clone, Default)]
 pub struct ExpectedBlocks {
-    bits: BlockMap<u128>,
-    /// Requests expecting each (block, instance).
-    counts: HashMap<(u64, u32), u32, std::hash::BuildHasherDefault<crate::lru::BlockHasher>>,
+    blocks: BlockMap<Expected>,
+    /// Requests expecting (block, instance), for blocks expected on two or more instances.
+    multi: HashMap<(u64, u32), u32, std::hash::BuildHasherDefault<crate::lru::BlockHasher>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Expected {
+    bits: u128,
+    /// Requests expecting the block on its one instance (unused while `bits` has several).
+    n: u32,
+}
+
+impl Expected {
+    fn single(&self) -> bool {
+        self.bits.is_power_of_two()
+    }
 }
 
 impl ExpectedBlocks {
     /// Instances expected to hold `key`.
     #[inline]
     pub fn get(&self, key: u64) -> u128 {
-        self.bits.get(&key).copied().unwrap_or(0)
+        self.blocks.get(&key).map_or(0, |e| e.bits)
     }
 
     /// Whether nothing is expected.
     pub fn is_empty(&self) -> bool {
-        self.bits.is_empty()
+        self.blocks.is_empty()
     }
 
     /// Distinct blocks expected somewhere.
     pub fn len(&self) -> usize {
-        self.bits.len()
+        self.blocks.len()
     }
 
     /// One more request expects `keys` on `instance`.
     pub fn add(&mut self, instance: u32, keys: &[u64]) {
         let bit = 1u128 << instance;
         for &k in keys {
-            *self.counts.entry((k, instance)).or_insert(0) += 1;
-            *self.bits.entry(k).or_insert(0) |= bit;
+            let e = self.blocks.entry(k).or_insert(Expected { bits: 0, n: 0 });
+            if e.bits == 0 {
+                *e = Expected { bits: bit, n: 1 };
+            } else if e.bits == bit {
+                e.n += 1;
+            } else {
+                if e.single() {
+                    // A second instance: spill the first one's count to the side map.
+                    self.multi.insert((k, e.bits.trailing_zeros()), e.n);
+                    e.n = 0;
+                }
+                e.bits |= bit;
+                *self.multi.entry((k, instance)).or_insert(0) += 1;
+            }
         }
     }
 
     /// One request no longer expects `keys` on `instance`.
     pub fn release(&mut self, instance: u32, keys: &[u64]) {
-        for &k in keys {
-            if let Some(c) = self.counts.get_mut(&(k, instance)) {
-                *c -= 1;
-                if *c == 0 {
-                    self.counts.remove(&(k, instance));
-                    self.clear_bit(k, instance);
-                }
-            }
-        }
+        self.drop_expectations(instance, keys, false);
     }
 
     /// Events confirmed (or refuted) `keys` on `instance`: the expectation is settled for
     /// every request.
     pub fn settle(&mut self, instance: u32, keys: &[u64]) {
-        if self.bits.is_empty() {
+        if self.blocks.is_empty() {
             return;
         }
+        self.drop_expectations(instance, keys, true);
+    }
+
+    fn drop_expectations(&mut self, instance: u32, keys: &[u64], all: bool) {
+        let bit = 1u128 << instance;
         for &k in keys {
-            if self.counts.remove(&(k, instance)).is_some() {
-                self.clear_bit(k, instance);
+            let Some(e) = self.blocks.get_mut(&k) else {
+                continue;
+            };
+            if e.bits & bit == 0 {
+                continue;
             }
+            if e.single() {
+                e.n = if all { 0 } else { e.n - 1 };
+                if e.n == 0 {
+                    self.blocks.remove(&k);
+                }
+                continue;
+            }
+            let gone = match self.multi.get_mut(&(k, instance)) {
+                Some(c) if !all && *c > 1 => {
+                    *c -= 1;
+                    false
+                }
+                _ => true,
+            };
+            if gone {
+                self.multi.remove(&(k, instance));
+                e.bits &= !bit;
+                Self::collapse(&mut self.multi, k, e);
+            }
+        }
+    }
+
+    /// Back to the inline count when one instance is left.
+    fn collapse(
+        multi: &mut HashMap<(u64, u32), u32, impl std::hash::BuildHasher>,
+        k: u64,
+        e: &mut Expected,
+    ) {
+        if e.single() {
+            e.n = multi.remove(&(k, e.bits.trailing_zeros())).unwrap_or(1);
         }
     }
 
     /// Drops every expectation on `instance`.
     pub fn clear_instance(&mut self, instance: u32) {
         let bit = 1u128 << instance;
-        self.counts.retain(|&(_, i), _| i != instance);
-        self.bits.retain(|_, b| {
-            *b &= !bit;
-            *b != 0
-        });
-    }
-
-    fn clear_bit(&mut self, k: u64, instance: u32) {
-        if let Some(b) = self.bits.get_mut(&k) {
-            *b &= !(1u128 << instance);
-            if *b == 0 {
-                self.bits.remove(&k);
+        let multi = &mut self.multi;
+        self.blocks.retain(|&k, e| {
+            if e.bits & bit == 0 {
+                return true;
             }
-        }
+            if e.single() {
+                return false;
+            }
+            multi.remove(&(k, instance));
+            e.bits &= !bit;
+            Self::collapse(multi, k, e);
+            true
+        });
     }
 }
 
@@ -402,6 +460,47 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// The expected view answers like a plain map of per-(block, instance) counts.
+        #[test]
+        fn expected_matches_reference_model(ops in proptest::collection::vec((0u8..4, 0u32..4, proptest::collection::vec(0u64..12, 0..6)), 0..150)) {
+            let mut e = ExpectedBlocks::default();
+            let mut model: std::collections::HashMap<(u64, u32), u32> = Default::default();
+            for (op, inst, keys) in ops {
+                match op {
+                    0 => {
+                        e.add(inst, &keys);
+                        for &k in &keys { *model.entry((k, inst)).or_insert(0) += 1; }
+                    }
+                    1 => {
+                        e.release(inst, &keys);
+                        for &k in &keys {
+                            if let Some(c) = model.get_mut(&(k, inst)) {
+                                *c -= 1;
+                                if *c == 0 {
+                                    model.remove(&(k, inst));
+                                }
+                            }
+                        }
+                    }
+                    2 => {
+                        e.settle(inst, &keys);
+                        for &k in &keys { model.remove(&(k, inst)); }
+                    }
+                    _ => {
+                        e.clear_instance(inst);
+                        model.retain(|&(_, i), _| i != inst);
+                    }
+                }
+                model.retain(|_, c| *c != 0);
+                for k in 0..12 {
+                    let want = model.keys().filter(|(mk, _)| *mk == k).fold(0u128, |b, (_, i)| b | 1 << i);
+                    proptest::prop_assert_eq!(e.get(k), want);
+                }
+                let distinct: std::collections::HashSet<u64> = model.keys().map(|(k, _)| *k).collect();
+                proptest::prop_assert_eq!(e.len(), distinct.len());
+            }
+        }
+
         /// The compact index answers like a plain map of bitsets.
         #[test]
         fn matches_reference_model(ops in proptest::collection::vec((0u8..4, 0u32..6, proptest::collection::vec(0u64..40, 0..8)), 0..120)) {
