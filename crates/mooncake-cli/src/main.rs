@@ -6,6 +6,7 @@ mod bench_kv;
 mod bench_scale;
 mod bench_store;
 mod bench_transfer;
+mod conductor;
 mod metadata;
 mod simulate;
 mod store;
@@ -32,6 +33,8 @@ enum Command {
     Trace(trace::TraceCommand),
     /// Trace-driven simulation of the Conductor and the paper's experiments.
     Simulate(Box<simulate::SimulateArgs>),
+    /// The online Conductor: scheduling API, KV event subscriber and P/D routing proxy.
+    Conductor(Box<conductor::ConductorArgs>),
     /// The Mooncake Store master (accepts the reference `mooncake_master` flags).
     Master(store::MasterArgs),
     /// A standalone storage node: contributes memory to the pool and shares it with
@@ -100,5 +103,6 @@ fn main() -> anyhow::Result<()> {
             println!("{}", secret.token(&purpose));
             Ok(())
         }
+        Command::Conductor(a) => conductor::run(*a),
     }
 }

@@ -9,6 +9,8 @@
 //! independent of how many blocks each instance caches and of the number of instances (≤ 128).
 //! Per-instance terms are then O(1) each.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -19,6 +21,7 @@ use mooncake_core::scheduler::{
 use serde::{Deserialize, Serialize};
 
 use crate::cost::CostModel;
+pub use crate::index::{CacheIndex, ExpectedBlocks};
 use crate::lru::BlockMap;
 
 /// Most prefill instances one Conductor tracks (the cache index keeps one bit per instance).
@@ -201,6 +204,13 @@ pub struct ConductorConfig {
     pub decode_time_s: f64,
     /// Seed of the random policy.
     pub seed: u64,
+    /// Algorithm 1 step 8, the cache half: when set, an accepted request's blocks are booked
+    /// at once as *expected* on the chosen prefill instance (so the next request with the same
+    /// prefix goes there too), until KV events confirm or refute them (`BlocksStored` /
+    /// `BlocksRemoved` for that instance), the request ends (`DecodeFinished` / `Dropped`),
+    /// or this many seconds pass after its predicted TTFT. `None` (the default, and what the
+    /// simulator uses) indexes blocks only when they are reported stored.
+    pub expected_ttl_s: Option<f64>,
 }
 
 impl Default for ConductorConfig {
@@ -218,78 +228,8 @@ impl Default for ConductorConfig {
             load_threshold: 1.0,
             decode_time_s: 10.0,
             seed: 0x6d6f_6f6e_6361_6b65,
+            expected_ttl_s: None,
         }
-    }
-}
-
-/// Global index of prefill caches: block key → bitset of instances holding it.
-#[derive(Debug, Clone, Default)]
-pub struct CacheIndex {
-    holders: BlockMap<u128>,
-}
-
-impl CacheIndex {
-    /// Records that `instance` holds `keys`.
-    pub fn store(&mut self, instance: InstanceId, keys: &[u64]) {
-        let bit = 1u128 << instance;
-        for &k in keys {
-            *self.holders.entry(k).or_insert(0) |= bit;
-        }
-    }
-
-    /// Records that `instance` no longer holds `keys`.
-    pub fn remove(&mut self, instance: InstanceId, keys: &[u64]) {
-        let bit = 1u128 << instance;
-        for &k in keys {
-            if let Some(h) = self.holders.get_mut(&k) {
-                *h &= !bit;
-                if *h == 0 {
-                    self.holders.remove(&k);
-                }
-            }
-        }
-    }
-
-    /// Instances holding `key`, as a bitset.
-    pub fn holders(&self, key: u64) -> u128 {
-        self.holders.get(&key).copied().unwrap_or(0)
-    }
-
-    /// Distinct keys indexed.
-    pub fn len(&self) -> usize {
-        self.holders.len()
-    }
-
-    /// Whether no key is indexed.
-    pub fn is_empty(&self) -> bool {
-        self.holders.is_empty()
-    }
-
-    /// Writes each instance's prefix match length (in blocks) into `out[..instances]` and
-    /// returns the longest and the bitset of instances reaching it. One lookup per block until
-    /// no instance matches any more.
-    pub fn match_prefix(&self, keys: &[u64], instances: u32, out: &mut Vec<u32>) -> (u32, u128) {
-        out.clear();
-        out.resize(instances as usize, keys.len() as u32);
-        let mut alive: u128 = if instances >= 128 {
-            u128::MAX
-        } else {
-            (1u128 << instances) - 1
-        };
-        for (i, &k) in keys.iter().enumerate() {
-            let h = self.holders(k) & alive;
-            let mut dropped = alive & !h;
-            while dropped != 0 {
-                let b = dropped.trailing_zeros();
-                out[b as usize] = i as u32;
-                dropped &= dropped - 1;
-            }
-            if h == 0 {
-                return (i as u32, alive);
-            }
-            alive = h;
-        }
-        (keys.len() as u32, alive)
     }
 }
 
@@ -313,6 +253,8 @@ struct Booked {
     kv_tokens: u64,
     stage: Stage,
     decode_start_s: f64,
+    /// Blocks booked as expected on the prefill instance.
+    expected: Option<Box<[u64]>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -459,6 +401,15 @@ pub struct Conductor {
     decode_time_n: u64,
     decode_time_hist: DurationHistogram,
     stats: ConductorStats,
+    expected: ExpectedBlocks,
+    /// (deadline as f64 bits, request): when a request's expectation lapses.
+    expected_deadlines: BinaryHeap<Reverse<(u64, u64)>>,
+    /// Prefill instances a request may be placed on.
+    candidates: u128,
+    /// Instances that serve as prefix sources only (the store's pseudo-instance).
+    sources: u128,
+    decode_enabled: Vec<bool>,
+    decode_vram: Vec<u64>,
 }
 
 /// What a candidate prefill instance would give.
@@ -487,6 +438,9 @@ impl Conductor {
         if cfg.block_tokens == 0 {
             return Err(ScheduleError::Config("block_tokens must be ≥ 1".into()));
         }
+        if cfg.expected_ttl_s.is_some_and(|t| t.is_nan() || t < 0.0) {
+            return Err(ScheduleError::Config("expected_ttl_s must be ≥ 0".into()));
+        }
         if !(cfg.ttft_slo_s > 0.0 && cfg.tbt_slo_s > 0.0 && cfg.load_threshold > 0.0) {
             return Err(ScheduleError::Config(
                 "SLOs and load threshold must be positive".into(),
@@ -504,6 +458,12 @@ impl Conductor {
             decode_time_n: 0,
             decode_time_hist: DurationHistogram::default(),
             stats: ConductorStats::default(),
+            expected: ExpectedBlocks::default(),
+            expected_deadlines: BinaryHeap::new(),
+            candidates: all_bits(cfg.prefill_instances),
+            sources: 0,
+            decode_enabled: vec![true; cfg.decode_instances as usize],
+            decode_vram: vec![cfg.cost.vram_tokens; cfg.decode_instances as usize],
             cfg,
         })
     }
@@ -526,6 +486,160 @@ impl Conductor {
     /// Predicted queue time of prefill instance `i` at `now_s`.
     pub fn prefill_queue_s(&self, i: InstanceId, now_s: f64) -> f64 {
         self.prefill[i as usize].queue_s(now_s)
+    }
+
+    /// Prefill instance slots (enabled or not, source-only included).
+    pub fn prefill_instances(&self) -> u32 {
+        self.cfg.prefill_instances
+    }
+
+    /// Decode instance slots (enabled or not).
+    pub fn decode_instances(&self) -> u32 {
+        self.cfg.decode_instances
+    }
+
+    /// Adds a prefill instance slot (enabled, empty cache, idle) and returns its id.
+    pub fn add_prefill_instance(&mut self) -> Result<InstanceId, ScheduleError> {
+        let i = self.cfg.prefill_instances;
+        if i >= MAX_PREFILL_INSTANCES {
+            return Err(ScheduleError::Config(format!(
+                "at most {MAX_PREFILL_INSTANCES} prefill instances"
+            )));
+        }
+        self.cfg.prefill_instances += 1;
+        self.prefill.push(PrefillView::default());
+        self.candidates |= 1u128 << i;
+        Ok(i)
+    }
+
+    /// Adds a decode instance slot (enabled, idle, the cost model's HBM) and returns its id.
+    pub fn add_decode_instance(&mut self) -> InstanceId {
+        let d = self.cfg.decode_instances;
+        self.cfg.decode_instances += 1;
+        self.decode.push(DecodeView::default());
+        self.decode_enabled.push(true);
+        self.decode_vram.push(self.cfg.cost.vram_tokens);
+        d
+    }
+
+    /// Whether prefill instance `i` may be chosen for new requests. A disabled instance keeps
+    /// its bookings (they are released as usual) and is no fetch source either.
+    pub fn set_prefill_enabled(&mut self, i: InstanceId, enabled: bool) {
+        if i >= self.cfg.prefill_instances {
+            return;
+        }
+        let bit = 1u128 << i;
+        self.sources &= !bit;
+        if enabled {
+            self.candidates |= bit;
+        } else {
+            self.candidates &= !bit;
+        }
+    }
+
+    /// Makes instance `i` a prefix source only (e.g. the store's pseudo-instance): its blocks
+    /// can be fetched (Algorithm 1's fetch branch) but no request is placed on it.
+    pub fn set_source_only(&mut self, i: InstanceId) {
+        if i < self.cfg.prefill_instances {
+            let bit = 1u128 << i;
+            self.candidates &= !bit;
+            self.sources |= bit;
+        }
+    }
+
+    /// Whether prefill instance `i` may be chosen.
+    pub fn prefill_enabled(&self, i: InstanceId) -> bool {
+        i < self.cfg.prefill_instances && self.candidates & (1u128 << i) != 0
+    }
+
+    /// Whether decode instance `d` may be chosen for new requests.
+    pub fn set_decode_enabled(&mut self, d: InstanceId, enabled: bool) {
+        if let Some(e) = self.decode_enabled.get_mut(d as usize) {
+            *e = enabled;
+        }
+    }
+
+    /// Whether decode instance `d` may be chosen.
+    pub fn decode_enabled(&self, d: InstanceId) -> bool {
+        self.decode_enabled
+            .get(d as usize)
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// Sets the KV capacity (tokens of HBM) of decode instance `d` (default: the cost model's
+    /// `vram_tokens`).
+    pub fn set_decode_capacity(&mut self, d: InstanceId, tokens: u64) {
+        if let Some(v) = self.decode_vram.get_mut(d as usize) {
+            *v = tokens;
+        }
+    }
+
+    /// Forgets every block prefill instance `i` holds or is expected to hold (its engine
+    /// cleared its cache, restarted, or left). O(blocks indexed).
+    pub fn clear_instance_blocks(&mut self, i: InstanceId) {
+        if i < self.cfg.prefill_instances {
+            self.index.clear_instance(i);
+            self.expected.clear_instance(i);
+        }
+    }
+
+    /// Resets prefill instance `i`'s queue and NIC views (its slot is reused for a new
+    /// instance).
+    pub fn reset_prefill_view(&mut self, i: InstanceId) {
+        if let Some(v) = self.prefill.get_mut(i as usize) {
+            *v = PrefillView::default();
+        }
+    }
+
+    /// Resets decode instance `d`'s load view and capacity (its slot is reused).
+    pub fn reset_decode_view(&mut self, d: InstanceId) {
+        if let Some(v) = self.decode.get_mut(d as usize) {
+            *v = DecodeView::default();
+            self.decode_vram[d as usize] = self.cfg.cost.vram_tokens;
+        }
+    }
+
+    /// Sets the TTFT and TBT SLOs (seconds) later decisions are admitted against.
+    pub fn set_slo(&mut self, ttft_s: f64, tbt_s: f64) {
+        if ttft_s > 0.0 {
+            self.cfg.ttft_slo_s = ttft_s;
+        }
+        if tbt_s > 0.0 {
+            self.cfg.tbt_slo_s = tbt_s;
+        }
+    }
+
+    /// The blocks booked as expected and not yet settled.
+    pub fn expected(&self) -> &ExpectedBlocks {
+        &self.expected
+    }
+
+    /// Accepted requests not yet finished or dropped.
+    pub fn in_flight(&self) -> usize {
+        self.booked.len()
+    }
+
+    /// Requests (and their predicted KV tokens) booked on decode instance `d`: decoding, and
+    /// on their way.
+    pub fn decode_load(&self, d: InstanceId) -> (u64, u64) {
+        self.decode.get(d as usize).map_or((0, 0), |v| {
+            (v.running.n + v.incoming.n, v.running.kv + v.incoming.kv)
+        })
+    }
+
+    fn expire_expected(&mut self, now: f64) {
+        while let Some(&Reverse((deadline, req))) = self.expected_deadlines.peek() {
+            if f64::from_bits(deadline) > now {
+                break;
+            }
+            self.expected_deadlines.pop();
+            if let Some(b) = self.booked.get_mut(&req)
+                && let Some(keys) = b.expected.take()
+            {
+                self.expected.release(b.prefill, &keys);
+            }
+        }
     }
 
     /// Current uniform decode-duration estimate `t_d`, seconds.
@@ -578,16 +692,35 @@ impl Conductor {
     fn pick_prefill(&mut self, req: &ScheduleRequest, now: f64) -> Candidate {
         let np = self.cfg.prefill_instances;
         let mut lens = std::mem::take(&mut self.scratch);
-        let (best_len, best_set) = self.index.match_prefix(&req.block_hashes, np, &mut lens);
+        let holders = self.candidates | self.sources;
+        let (best_len, best_set) = if self.expected.is_empty() {
+            self.index
+                .match_prefix_masked(&req.block_hashes, np, holders, &mut lens, |_| 0)
+        } else {
+            let ex = &self.expected;
+            self.index
+                .match_prefix_masked(&req.block_hashes, np, holders, &mut lens, |k| ex.get(k))
+        };
         let start = self.rr_next % np;
         let chosen = match self.cfg.policy {
             Policy::Random => {
-                let i = self.rng.below(u64::from(np)) as u32;
+                let n = self.candidates.count_ones();
+                let mut k = self.rng.below(u64::from(n)) as u32;
+                let mut set = self.candidates;
+                while k > 0 {
+                    set &= set - 1;
+                    k -= 1;
+                }
+                let i = set.trailing_zeros();
                 self.candidate(req, i, lens[i as usize], None, 0.0, now)
             }
             Policy::RoundRobin => {
-                self.rr_next = self.rr_next.wrapping_add(1);
-                self.candidate(req, start, lens[start as usize], None, 0.0, now)
+                let i = (0..np)
+                    .map(|k| (start + k) % np)
+                    .find(|&i| self.candidates & (1u128 << i) != 0)
+                    .unwrap_or(start);
+                self.rr_next = i.wrapping_add(1);
+                self.candidate(req, i, lens[i as usize], None, 0.0, now)
             }
             Policy::LoadBalance => {
                 let i = self.argmin(start, |s, i| s.prefill[i as usize].queue_s(now));
@@ -603,6 +736,9 @@ impl Conductor {
                 let mut best: Option<Candidate> = None;
                 for k in 0..np {
                     let i = (start + k) % np;
+                    if self.candidates & (1u128 << i) == 0 {
+                        continue;
+                    }
                     let c = self.candidate(req, i, lens[i as usize], None, 0.0, now);
                     if best.is_none_or(|b| c.ttft < b.ttft) {
                         best = Some(c);
@@ -626,6 +762,9 @@ impl Conductor {
                 let mut best: Option<Candidate> = None;
                 for k in 0..np {
                     let i = (start + k) % np;
+                    if self.candidates & (1u128 << i) == 0 {
+                        continue;
+                    }
                     let local = lens[i as usize];
                     let local_c = self.candidate(req, i, local, None, 0.0, now);
                     let mut c = local_c;
@@ -669,6 +808,9 @@ impl Conductor {
         let mut best = (start, f64::INFINITY);
         for k in 0..np {
             let i = (start + k) % np;
+            if self.candidates & (1u128 << i) == 0 {
+                continue;
+            }
             let v = f(self, i);
             if v < best.1 {
                 best = (i, v);
@@ -693,13 +835,17 @@ impl Conductor {
         let start = self.rr_next % nd;
         for k in 0..nd {
             let d = (start + k) % nd;
+            if !self.decode_enabled[d as usize] {
+                continue;
+            }
+            let vram = self.decode_vram[d as usize];
             let v = &self.decode[d as usize];
             let kv = v.running.kv + v.incoming.kv;
             let step = cost.decode_step(
                 v.running.n + v.incoming.n + 1,
                 v.running.ctx + v.incoming.ctx + ctx,
             );
-            if kv + need <= cost.vram_tokens && best_fit.is_none_or(|(_, s)| step < s) {
+            if kv + need <= vram && best_fit.is_none_or(|(_, s)| step < s) {
                 best_fit = Some((d, step));
             }
             if least.is_none_or(|(_, l, _)| kv < l) {
@@ -723,7 +869,7 @@ impl Conductor {
             v.running.ctx + v.arrived.ctx + ctx,
         );
         (step / self.cfg.tbt_slo_s)
-            .max((v.running.kv + v.arrived.kv + need) as f64 / cost.vram_tokens as f64)
+            .max((v.running.kv + v.arrived.kv + need) as f64 / self.decode_vram[d as usize] as f64)
     }
 
     /// Load of decode instance `d` predicted at time `t`, when the request would join it
@@ -762,7 +908,7 @@ impl Conductor {
         }
         let cost = &self.cfg.cost;
         let step = cost.decode_c0 + cost.decode_c1 * batch + cost.decode_c2 * tokens;
-        (step / self.cfg.tbt_slo_s).max(kv / cost.vram_tokens as f64)
+        (step / self.cfg.tbt_slo_s).max(kv / self.decode_vram[d as usize] as f64)
     }
 
     fn admit(
@@ -818,6 +964,21 @@ impl Conductor {
 
 impl Scheduler for Conductor {
     fn schedule(&mut self, req: &ScheduleRequest, now_s: f64) -> Decision {
+        self.expire_expected(now_s);
+        let none = if self.candidates == 0 {
+            Some(Pool::Prefill)
+        } else if !self.decode_enabled.contains(&true) {
+            Some(Pool::Decode)
+        } else {
+            None
+        };
+        if let Some(pool) = none {
+            self.stats.rejected += 1;
+            return Decision::Reject(Rejection::Overloaded {
+                pool,
+                load: f64::INFINITY,
+            });
+        }
         let c = self.pick_prefill(req, now_s);
         let (d, tbt) = self.pick_decode(req);
         if let Some(r) = self.admit(req, &c, d, tbt, now_s) {
@@ -834,7 +995,7 @@ impl Scheduler for Conductor {
             let src = &mut self.prefill[f.source as usize];
             src.nic_free_s = now_s + c.fetch_s;
         }
-        let booked = Booked {
+        let mut booked = Booked {
             prefill: c.instance,
             decode: d,
             predicted_prefill_s: c.prefill_s,
@@ -843,8 +1004,22 @@ impl Scheduler for Conductor {
             kv_tokens: u64::from(req.input_tokens) + u64::from(req.output_tokens),
             stage: Stage::Queued,
             decode_start_s: 0.0,
+            expected: None,
         };
+        if let Some(ttl) = self.cfg.expected_ttl_s
+            && !req.block_hashes.is_empty()
+        {
+            self.expected.add(c.instance, &req.block_hashes);
+            booked.expected = Some(req.block_hashes.clone().into_boxed_slice());
+            let deadline = (now_s + c.ttft + ttl).max(0.0);
+            self.expected_deadlines
+                .push(Reverse((deadline.to_bits(), req.id)));
+        }
         self.decode[d as usize].incoming.add(&booked);
+        if let Some(old) = self.booked.remove(&req.id) {
+            // A driver reusing an id in flight: release the old booking first.
+            self.release(req.id, old, false, now_s);
+        }
         self.booked.insert(req.id, booked);
         tracing::trace!(
             request = req.id,
@@ -873,6 +1048,7 @@ impl Scheduler for Conductor {
             } => {
                 if instance < self.cfg.prefill_instances {
                     self.index.store(instance, block_hashes);
+                    self.expected.settle(instance, block_hashes);
                 }
             }
             ClusterEvent::BlocksRemoved {
@@ -881,6 +1057,7 @@ impl Scheduler for Conductor {
             } => {
                 if instance < self.cfg.prefill_instances {
                     self.index.remove(instance, block_hashes);
+                    self.expected.settle(instance, block_hashes);
                 }
             }
             ClusterEvent::PrefillStarted { request, .. } => {
@@ -916,33 +1093,53 @@ impl Scheduler for Conductor {
             }
             ClusterEvent::DecodeFinished { request, .. } | ClusterEvent::Dropped { request } => {
                 if let Some(b) = self.booked.remove(&request) {
-                    let pv = &mut self.prefill[b.prefill as usize];
-                    let dv = &mut self.decode[b.decode as usize];
-                    match b.stage {
-                        Stage::Queued => {
-                            pv.pending_s -= b.predicted_prefill_s;
-                            dv.incoming.sub(&b);
-                        }
-                        Stage::Prefilling => {
-                            pv.current = None;
-                            dv.incoming.sub(&b);
-                        }
-                        Stage::AtDecode => {
-                            dv.arrived.sub(&b);
-                            dv.incoming.sub(&b);
-                        }
-                        Stage::Decoding => {
-                            dv.running.sub(&b);
-                            if matches!(event, ClusterEvent::DecodeFinished { .. }) {
-                                self.decode_time_sum += now_s - b.decode_start_s;
-                                self.decode_time_n += 1;
-                                self.decode_time_hist.add(now_s - b.decode_start_s);
-                            }
-                        }
-                    }
+                    let finished = matches!(event, ClusterEvent::DecodeFinished { .. });
+                    self.release(request, b, finished, now_s);
                 }
             }
         }
+    }
+}
+
+impl Conductor {
+    /// Releases what `b` booked (queue, decode load, expected blocks).
+    fn release(&mut self, _request: u64, b: Booked, finished: bool, now_s: f64) {
+        if let Some(keys) = &b.expected {
+            self.expected.release(b.prefill, keys);
+        }
+        let pv = &mut self.prefill[b.prefill as usize];
+        let dv = &mut self.decode[b.decode as usize];
+        match b.stage {
+            Stage::Queued => {
+                pv.pending_s -= b.predicted_prefill_s;
+                dv.incoming.sub(&b);
+            }
+            Stage::Prefilling => {
+                pv.current = None;
+                dv.incoming.sub(&b);
+            }
+            Stage::AtDecode => {
+                dv.arrived.sub(&b);
+                dv.incoming.sub(&b);
+            }
+            Stage::Decoding => {
+                dv.running.sub(&b);
+                if finished {
+                    self.decode_time_sum += now_s - b.decode_start_s;
+                    self.decode_time_n += 1;
+                    self.decode_time_hist.add(now_s - b.decode_start_s);
+                }
+            }
+        }
+    }
+}
+
+/// Bitset of instances `0..n`.
+fn all_bits(n: u32) -> u128 {
+    if n >= 128 {
+        u128::MAX
+    } else {
+        (1u128 << n) - 1
     }
 }
 
@@ -1341,6 +1538,93 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn disabled_instances_get_nothing_and_sources_only_serve_fetches() {
+        let mut c = Conductor::new(cfg(Policy::Mooncake, 3, 2)).unwrap();
+        c.set_prefill_enabled(0, false);
+        c.set_decode_enabled(1, false);
+        // Instance 2 is a prefix source only (the store): it holds the prefix.
+        c.set_source_only(2);
+        c.observe(
+            ClusterEvent::BlocksStored {
+                instance: 2,
+                block_hashes: &(0..60).collect::<Vec<_>>(),
+            },
+            0.0,
+        );
+        for i in 0..6 {
+            let p = accept(c.schedule(&req(i, 0..64), 0.0));
+            assert_eq!((p.prefill, p.decode), (1, 0));
+            let f = p.fetch.expect("fetched from the source");
+            assert_eq!((f.source, f.blocks), (2, 60));
+            c.observe(ClusterEvent::Dropped { request: i }, 0.0);
+        }
+        // Everything off: an infinite-load rejection, not a panic.
+        c.set_prefill_enabled(1, false);
+        assert!(matches!(
+            c.schedule(&req(9, 0..4), 0.0),
+            Decision::Reject(Rejection::Overloaded {
+                pool: Pool::Prefill,
+                load
+            }) if load.is_infinite()
+        ));
+        // Slots can be added later.
+        let i = c.add_prefill_instance().unwrap();
+        let d = c.add_decode_instance();
+        assert_eq!((i, d), (3, 2));
+        let p = accept(c.schedule(&req(10, 0..4), 0.0));
+        assert_eq!(p.prefill, 3);
+        c.clear_instance_blocks(2);
+        assert!(c.index().is_empty());
+    }
+
+    #[test]
+    fn expected_blocks_are_booked_at_decision_time() {
+        let mut c = Conductor::new(ConductorConfig {
+            expected_ttl_s: Some(1.0),
+            ..cfg(Policy::Mooncake, 4, 1)
+        })
+        .unwrap();
+        let p = accept(c.schedule(&req(1, 0..40), 0.0));
+        let holder = p.prefill;
+        // Its prefill ran, no event yet: the same prefix still goes there (cache hit).
+        for e in [
+            ClusterEvent::PrefillStarted {
+                request: 1,
+                instance: holder,
+            },
+            ClusterEvent::PrefillFinished {
+                request: 1,
+                instance: holder,
+            },
+        ] {
+            c.observe(e, 0.0);
+        }
+        let q = accept(c.schedule(&req(2, 0..40), 1.0));
+        assert_eq!(q.prefill, holder);
+        assert_eq!(q.reused_tokens, 40 * 512 - 1);
+        c.observe(ClusterEvent::Dropped { request: 2 }, 1.0);
+        // The event confirms it: indexed, no longer merely expected.
+        c.observe(
+            ClusterEvent::BlocksStored {
+                instance: holder,
+                block_hashes: &(0..40).collect::<Vec<_>>(),
+            },
+            1.0,
+        );
+        assert!(c.expected().is_empty());
+        assert_eq!(c.index().len(), 40);
+        // Without an event, an expectation lapses ttl after the predicted TTFT.
+        let r = accept(c.schedule(&req(3, 500..520), 2.0));
+        assert_eq!(c.expected().get(500), 1 << r.prefill);
+        let _ = c.schedule(&req(4, 900..901), 2.0 + r.predicted_ttft_s + 1.5);
+        assert_eq!(c.expected().get(500), 0);
+        // The simulator's default: nothing booked.
+        let mut plain = Conductor::new(cfg(Policy::Mooncake, 4, 1)).unwrap();
+        accept(plain.schedule(&req(1, 0..40), 0.0));
+        assert!(plain.expected().is_empty());
     }
 
     #[test]

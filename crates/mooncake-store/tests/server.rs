@@ -144,6 +144,26 @@ fn admin_http_port() {
         "POST /remove_all?force=true HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
     );
     assert_eq!((s, body.as_str()), (200, "{\"removed\":1}"));
+    // The KV event stream saw the put end and the removal, in order.
+    let (s, body) = http(a, "GET /kv_events?since=0 HTTP/1.1\r\n\r\n");
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let kinds: Vec<(&str, &str)> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap(), e["keys"][0].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds, [("stored", "a key"), ("removed", "a key")], "{body}");
+    assert_eq!(v["next"], 2);
+    // A cursor this master never handed out: a re-listing (now empty).
+    let (_, body) = http(a, "GET /kv_events?since=99 HTTP/1.1\r\n\r\n");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["resync"].as_bool(), v["next"].as_u64()),
+        (Some(true), Some(2))
+    );
+    assert_eq!(v["keys"], serde_json::json!({}));
     assert_eq!(http(a, "BLAH\r\n\r\n").0, 400);
     assert_eq!(http(a, "GET /nope HTTP/1.1\r\n\r\n").0, 404);
 }
@@ -176,7 +196,14 @@ fn same_host_clients_use_the_nodes_shared_memory() {
 
 #[test]
 fn eviction_under_pressure_end_to_end() {
-    let m = master(master_cfg());
+    let m = MasterServer::start(
+        ServerConfig::loopback()
+            .with_master(master_cfg())
+            .with_tick_interval(Duration::from_millis(20))
+            .with_admin_addr(Some(([127, 0, 0, 1], 0).into()))
+            .with_http_metadata_addr(Some(([127, 0, 0, 1], 0).into())),
+    )
+    .unwrap();
     let _node = client(&m, 4 << 20);
     let c = client(&m, 0);
     let len = 256 << 10;
@@ -223,4 +250,33 @@ fn eviction_under_pressure_end_to_end() {
         .for_each(|r| r.unwrap());
     assert_eq!(check_value("inflight", &c.get("inflight").unwrap()), Ok(1));
     assert!(m.with_master(|mm| mm.stats().evicted_objects) > 0);
+    // Evictions reach the KV event stream as removals (a scheduler stops counting them as
+    // hits); the leased and pinned keys were never announced gone.
+    let (s, body) = http(
+        m.admin_addr().unwrap(),
+        "GET /kv_events?since=0&max=100000 HTTP/1.1\r\n\r\n",
+    );
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let removed: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "removed")
+        .flat_map(|e| e["keys"].as_array().unwrap())
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert!(removed.contains(&"probed"), "{body}");
+    assert!(
+        !removed.contains(&"hot") && !removed.contains(&"pinned"),
+        "{body}"
+    );
+    let gone = (0..40)
+        .filter(|i| !c.is_exist(&format!("fill{i}")).unwrap())
+        .count();
+    assert!(
+        removed.len() > gone,
+        "{} removed, {gone} fills gone",
+        removed.len()
+    );
 }

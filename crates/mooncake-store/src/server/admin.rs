@@ -7,6 +7,7 @@
 //! | `GET /get_all_segments` | mounted segment names, one per line (`?format=json`: full status) |
 //! | `GET /query_key?key=K[&tenant=T]` | JSON of what the master knows about a key (no lease) |
 //! | `POST /remove_all?force=true[&tenant=T]` (also `/api/v1/remove_all`) | `{"removed":N}` |
+//! | `GET /kv_events?since=N[&timeout_ms=T][&max=M]` | KV events (puts, removes, evictions) from sequence `N`, long-polled ([`super::events`]) |
 //!
 //! Requests are parsed with `httparse`; one short-lived thread per connection, at most 64 (at
 //! the cap the oldest connection is closed to make room); the whole head must arrive within
@@ -268,8 +269,25 @@ fn route(s: &Shared, method: &str, path: &str, authorized: bool) -> Reply {
         ("POST", "/remove_all" | "/api/v1/remove_all") => {
             let force = truthy(param(&q, "force"));
             let tenant = param(&q, "tenant").unwrap_or(DEFAULT_TENANT);
-            let n = s.lock().remove_all(tenant, force, s.now());
+            let mut m = s.lock();
+            let n = m.remove_all(tenant, force, s.now());
+            s.kv_events.reconcile(&m, true);
+            drop(m);
             Reply::json(format!("{{\"removed\":{n}}}"))
+        }
+        ("GET", "/kv_events") => {
+            let num = |name: &str, default: u64| {
+                param(&q, name)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(default)
+            };
+            let poll = s.kv_events.poll(
+                num("since", 0),
+                Duration::from_millis(num("timeout_ms", 0)),
+                num("max", 10_000) as usize,
+                || s.stopping(),
+            );
+            Reply::json(serde_json::to_string(&poll).unwrap_or_default())
         }
         (_, "/remove_all" | "/api/v1/remove_all") => {
             Reply::text(405, "use POST /remove_all?force=true\n")

@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod events;
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read};
@@ -204,6 +205,8 @@ pub(crate) struct Shared {
     request_spin: Duration,
     secret: Option<mooncake_core::ClusterSecret>,
     pub(crate) request_timeout: Duration,
+    /// Puts, removes and evictions for `GET /kv_events` on the admin port.
+    pub(crate) kv_events: events::KvEventLog,
 }
 
 /// An open RPC connection, for shutting it down (on stop, or to evict it).
@@ -227,7 +230,7 @@ impl Shared {
         self.secret.as_ref().map(|s| s.token("store-admin"))
     }
 
-    fn stopping(&self) -> bool {
+    pub(crate) fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
 }
@@ -281,6 +284,7 @@ impl MasterServer {
             request_spin: cfg.request_spin,
             secret: cfg.cluster_secret.clone(),
             request_timeout: cfg.request_timeout,
+            kv_events: events::KvEventLog::default(),
         });
         let metadata = match cfg.http_metadata_addr {
             Some(a) => Some(
@@ -370,6 +374,7 @@ impl MasterServer {
             let _g = self.shared.stop_lock.lock();
             self.shared.stop_cv.notify_all();
         }
+        self.shared.kv_events.wake_all();
         let _ = TcpStream::connect_timeout(&wake_addr(self.rpc_addr), Duration::from_secs(1));
         for (_, c) in self
             .shared
@@ -610,7 +615,11 @@ fn tick_loop(s: Arc<Shared>, interval: Duration) {
             return;
         }
         let now = s.now();
-        let report = s.lock().tick(now);
+        let mut m = s.lock();
+        let report = m.tick(now);
+        let lost = report.lost_objects > 0 || !report.dropped_segments.is_empty();
+        s.kv_events.reconcile(&m, lost);
+        drop(m);
         if !report.expired_clients.is_empty() {
             tracing::info!(
                 clients = ?report.expired_clients,
@@ -849,7 +858,10 @@ fn handle_inner(s: &Shared, req: Request, conn: u64, session: &mut Option<Client
             }
         }
         Request::UnmountSegment { client, segment } => {
-            match s.lock().unmount_segment(client, segment, now) {
+            let mut m = s.lock();
+            let r = m.unmount_segment(client, segment, now);
+            s.kv_events.reconcile(&m, true);
+            match r {
                 Ok(()) => Response::Done,
                 Err(e) => Response::Error(e),
             }
@@ -879,6 +891,8 @@ fn handle_inner(s: &Shared, req: Request, conn: u64, session: &mut Option<Client
                     m.put_start(client, &tenant, &it.key, it.size, cfg, now)
                 });
             }
+            // A put may have evicted objects to make room.
+            s.kv_events.reconcile(&m, false);
             Response::PutStarted(out)
         }
         Request::BatchPutFinish {
@@ -892,14 +906,23 @@ fn handle_inner(s: &Shared, req: Request, conn: u64, session: &mut Option<Client
             for seg in &failed_segments {
                 let _ = m.report_failure(seg, now);
             }
-            let end = end
+            let end: Vec<_> = end
                 .iter()
-                .map(|k| m.put_end(client, &tenant, k, now))
+                .map(|k| (k, m.put_end(client, &tenant, k, now)))
                 .collect();
             let revoke = revoke
                 .iter()
                 .map(|k| m.put_revoke(client, &tenant, k, now))
                 .collect();
+            let stored = end
+                .iter()
+                .filter(|(_, r)| r.is_ok())
+                .map(|(k, _)| (*k).clone())
+                .collect();
+            s.kv_events
+                .record(events::KvEventKind::Stored, &tenant, stored);
+            drop(m);
+            let end = end.into_iter().map(|(_, r)| r).collect();
             Response::PutFinished { end, revoke }
         }
         Request::BatchGetReplicas { tenant, keys } => {
@@ -924,14 +947,25 @@ fn handle_inner(s: &Shared, req: Request, conn: u64, session: &mut Option<Client
             force,
         } => {
             let mut m = s.lock();
-            Response::Removed(
-                keys.iter()
-                    .map(|k| m.remove(&tenant, k, force, now))
-                    .collect(),
-            )
+            let out: Vec<_> = keys
+                .iter()
+                .map(|k| m.remove(&tenant, k, force, now))
+                .collect();
+            let removed = keys
+                .iter()
+                .zip(&out)
+                .filter(|(_, r)| r.is_ok())
+                .map(|(k, _)| k.clone())
+                .collect();
+            s.kv_events
+                .record(events::KvEventKind::Removed, &tenant, removed);
+            Response::Removed(out)
         }
         Request::RemoveAll { tenant, force } => {
-            Response::RemovedAll(s.lock().remove_all(&tenant, force, now))
+            let mut m = s.lock();
+            let n = m.remove_all(&tenant, force, now);
+            s.kv_events.reconcile(&m, true);
+            Response::RemovedAll(n)
         }
         Request::ReportFailure { segments } => {
             let mut m = s.lock();

@@ -1,0 +1,537 @@
+//! The global prefix index of the Conductor: block hash → set of prefill instances holding it,
+//! and the expected view booked at decision time (Algorithm 1 step 8).
+//!
+//! # Memory
+//!
+//! An online Conductor indexes every block of every instance (10⁷ and more), so the table is
+//! kept compact: each entry is 12 bytes (the 64-bit block hash as two `u32` halves and a `u32`
+//! id of its holder set) in a [`hashbrown::HashTable`], plus one control byte per bucket.
+//! Holder sets (`u128` bitsets) are interned: a cluster has few distinct sets of holders
+//! (mostly single instances, plus the sets hot blocks are replicated on), each stored once
+//! with a reference count. 10⁷ blocks take ≈ 13 B × 2²⁴ buckets ≈ 218 MB; a plain
+//! `HashMap<u64, u128>` took 33 B per bucket.
+
+use std::collections::HashMap;
+
+use hashbrown::HashTable;
+
+use crate::lru::BlockMap;
+
+/// One entry of the table: a block hash (split so the entry packs to 12 bytes) and the id of
+/// its holder set.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    lo: u32,
+    hi: u32,
+    set: u32,
+}
+
+impl Slot {
+    fn key(&self) -> u64 {
+        u64::from(self.lo) | (u64::from(self.hi) << 32)
+    }
+}
+
+/// Folded multiply: block keys may be dense ids (the traces number blocks 0, 1, 2 …), and the
+/// table takes its bucket from the low bits and its tag from the high bits of the hash.
+#[inline]
+fn mix(k: u64) -> u64 {
+    let x = u128::from(k ^ 0x243f_6a88_85a3_08d3) * 0x9e37_79b9_7f4a_7c15u128;
+    (x as u64) ^ ((x >> 64) as u64)
+}
+
+/// Interned holder sets with reference counts. Id 0 is never handed out.
+#[derive(Debug, Clone)]
+struct SetTable {
+    sets: Vec<u128>,
+    refs: Vec<u32>,
+    ids: HashMap<u128, u32, std::hash::BuildHasherDefault<crate::lru::BlockHasher>>,
+    free: Vec<u32>,
+    /// The last transition `(from, bit, add) → to`: consecutive blocks of one event usually
+    /// make the same one.
+    memo: Option<(u32, u128, bool, u32)>,
+}
+
+impl Default for SetTable {
+    fn default() -> Self {
+        Self {
+            sets: vec![0],
+            refs: vec![0],
+            ids: HashMap::default(),
+            free: Vec::new(),
+            memo: None,
+        }
+    }
+}
+
+impl SetTable {
+    fn get(&self, id: u32) -> u128 {
+        self.sets[id as usize]
+    }
+
+    /// The id of `set` with one more reference.
+    fn acquire(&mut self, set: u128) -> u32 {
+        debug_assert_ne!(set, 0);
+        if let Some(&id) = self.ids.get(&set) {
+            self.refs[id as usize] += 1;
+            return id;
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.sets[id as usize] = set;
+                self.refs[id as usize] = 1;
+                id
+            }
+            None => {
+                self.sets.push(set);
+                self.refs.push(1);
+                (self.sets.len() - 1) as u32
+            }
+        };
+        self.ids.insert(set, id);
+        id
+    }
+
+    fn release(&mut self, id: u32) {
+        let r = &mut self.refs[id as usize];
+        *r -= 1;
+        if *r == 0 {
+            let set = self.sets[id as usize];
+            self.ids.remove(&set);
+            self.sets[id as usize] = 0;
+            self.free.push(id);
+            if self
+                .memo
+                .is_some_and(|(from, _, _, to)| from == id || to == id)
+            {
+                self.memo = None;
+            }
+        }
+    }
+
+    /// Moves one reference from set `from` to `from ± bit`; returns the new id (0: empty).
+    fn transition(&mut self, from: u32, bit: u128, add: bool) -> u32 {
+        let old = self.get(from);
+        let new = if add { old | bit } else { old & !bit };
+        if new == old {
+            return from;
+        }
+        let to = match self.memo {
+            Some((f, b, a, t)) if f == from && b == bit && a == add && t != 0 => {
+                self.refs[t as usize] += 1;
+                t
+            }
+            _ if new == 0 => 0,
+            _ => self.acquire(new),
+        };
+        if to != 0 {
+            self.memo = Some((from, bit, add, to));
+        }
+        self.release(from);
+        to
+    }
+}
+
+/// Global index of prefill caches: block key → bitset of instances holding it (bit `i` for
+/// instance `i`, so at most 128 instances).
+#[derive(Debug, Clone, Default)]
+pub struct CacheIndex {
+    table: HashTable<Slot>,
+    sets: SetTable,
+}
+
+impl CacheIndex {
+    /// Records that `instance` holds `keys`.
+    pub fn store(&mut self, instance: u32, keys: &[u64]) {
+        let bit = 1u128 << instance;
+        for &k in keys {
+            let h = mix(k);
+            match self.table.find_mut(h, |s| s.key() == k) {
+                Some(slot) => slot.set = self.sets.transition(slot.set, bit, true),
+                None => {
+                    let set = self.sets.acquire(bit);
+                    self.table.insert_unique(
+                        h,
+                        Slot {
+                            lo: k as u32,
+                            hi: (k >> 32) as u32,
+                            set,
+                        },
+                        |s| mix(s.key()),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Records that `instance` no longer holds `keys`.
+    pub fn remove(&mut self, instance: u32, keys: &[u64]) {
+        let bit = 1u128 << instance;
+        for &k in keys {
+            if let Ok(mut entry) = self.table.find_entry(mix(k), |s| s.key() == k) {
+                let to = self.sets.transition(entry.get().set, bit, false);
+                if to == 0 {
+                    entry.remove();
+                } else {
+                    entry.get_mut().set = to;
+                }
+            }
+        }
+    }
+
+    /// Forgets every block `instance` holds (its engine restarted or cleared its cache, or it
+    /// left the cluster). Walks the whole table: O(blocks indexed).
+    pub fn clear_instance(&mut self, instance: u32) {
+        let bit = 1u128 << instance;
+        let sets = &mut self.sets;
+        self.table.retain(|slot| {
+            slot.set = sets.transition(slot.set, bit, false);
+            slot.set != 0
+        });
+    }
+
+    /// Instances holding `key`, as a bitset.
+    #[inline]
+    pub fn holders(&self, key: u64) -> u128 {
+        self.table
+            .find(mix(key), |s| s.key() == key)
+            .map_or(0, |s| self.sets.get(s.set))
+    }
+
+    /// Distinct keys indexed.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether no key is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Blocks `instance` holds. O(blocks indexed).
+    pub fn count_instance(&self, instance: u32) -> usize {
+        let bit = 1u128 << instance;
+        self.table
+            .iter()
+            .filter(|s| self.sets.get(s.set) & bit != 0)
+            .count()
+    }
+
+    /// Distinct holder sets in use (for memory reports).
+    pub fn distinct_sets(&self) -> usize {
+        self.sets.ids.len()
+    }
+
+    /// Heap bytes of the table and the interned sets (the allocation sizes, not RSS).
+    pub fn heap_bytes(&self) -> usize {
+        self.table.allocation_size()
+            + self.sets.sets.capacity() * 16
+            + self.sets.refs.capacity() * 4
+            + self.sets.ids.capacity() * 24
+    }
+
+    /// Writes each instance's prefix match length (in blocks) into `out[..instances]` and
+    /// returns the longest and the bitset of instances reaching it. One lookup per block until
+    /// no instance matches any more.
+    pub fn match_prefix(&self, keys: &[u64], instances: u32, out: &mut Vec<u32>) -> (u32, u128) {
+        self.match_prefix_masked(keys, instances, u128::MAX, out, |_| 0)
+    }
+
+    /// [`match_prefix`](Self::match_prefix) over the instances in `mask` only (the others
+    /// get 0), with `extra(key)` added to each key's holders (the expected view).
+    pub fn match_prefix_masked(
+        &self,
+        keys: &[u64],
+        instances: u32,
+        mask: u128,
+        out: &mut Vec<u32>,
+        extra: impl Fn(u64) -> u128,
+    ) -> (u32, u128) {
+        out.clear();
+        out.resize(instances as usize, 0);
+        let all: u128 = if instances >= 128 {
+            u128::MAX
+        } else {
+            (1u128 << instances) - 1
+        };
+        let mut alive = all & mask;
+        let mut set = alive;
+        while set != 0 {
+            out[set.trailing_zeros() as usize] = keys.len() as u32;
+            set &= set - 1;
+        }
+        for (i, &k) in keys.iter().enumerate() {
+            let h = (self.holders(k) | extra(k)) & alive;
+            let mut dropped = alive & !h;
+            while dropped != 0 {
+                let b = dropped.trailing_zeros();
+                out[b as usize] = i as u32;
+                dropped &= dropped - 1;
+            }
+            if h == 0 {
+                return (i as u32, alive);
+            }
+            alive = h;
+        }
+        (keys.len() as u32, alive)
+    }
+}
+
+/// Blocks the Conductor expects on an instance because it just sent a request there
+/// (Algorithm 1 step 8: "Conductor immediately updates p's cache view"), until KV events
+/// confirm them or the request's expectation lapses.
+///
+/// One map entry per block: its instance bitset and, in the common case of a single
+/// expecting instance, that instance's count of requests inline; only blocks expected on
+/// several instances keep per-instance counts in a side map.
+#[derive(Debug, Clone, Default)]
+pub struct ExpectedBlocks {
+    blocks: BlockMap<Expected>,
+    /// Requests expecting (block, instance), for blocks expected on two or more instances.
+    multi: HashMap<(u64, u32), u32, std::hash::BuildHasherDefault<crate::lru::BlockHasher>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Expected {
+    bits: u128,
+    /// Requests expecting the block on its one instance (unused while `bits` has several).
+    n: u32,
+}
+
+impl Expected {
+    fn single(&self) -> bool {
+        self.bits.is_power_of_two()
+    }
+}
+
+impl ExpectedBlocks {
+    /// Instances expected to hold `key`.
+    #[inline]
+    pub fn get(&self, key: u64) -> u128 {
+        self.blocks.get(&key).map_or(0, |e| e.bits)
+    }
+
+    /// Whether nothing is expected.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Distinct blocks expected somewhere.
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// One more request expects `keys` on `instance`.
+    pub fn add(&mut self, instance: u32, keys: &[u64]) {
+        let bit = 1u128 << instance;
+        for &k in keys {
+            let e = self.blocks.entry(k).or_insert(Expected { bits: 0, n: 0 });
+            if e.bits == 0 {
+                *e = Expected { bits: bit, n: 1 };
+            } else if e.bits == bit {
+                e.n += 1;
+            } else {
+                if e.single() {
+                    // A second instance: spill the first one's count to the side map.
+                    self.multi.insert((k, e.bits.trailing_zeros()), e.n);
+                    e.n = 0;
+                }
+                e.bits |= bit;
+                *self.multi.entry((k, instance)).or_insert(0) += 1;
+            }
+        }
+    }
+
+    /// One request no longer expects `keys` on `instance`.
+    pub fn release(&mut self, instance: u32, keys: &[u64]) {
+        self.drop_expectations(instance, keys, false);
+    }
+
+    /// Events confirmed (or refuted) `keys` on `instance`: the expectation is settled for
+    /// every request.
+    pub fn settle(&mut self, instance: u32, keys: &[u64]) {
+        if self.blocks.is_empty() {
+            return;
+        }
+        self.drop_expectations(instance, keys, true);
+    }
+
+    fn drop_expectations(&mut self, instance: u32, keys: &[u64], all: bool) {
+        let bit = 1u128 << instance;
+        for &k in keys {
+            let Some(e) = self.blocks.get_mut(&k) else {
+                continue;
+            };
+            if e.bits & bit == 0 {
+                continue;
+            }
+            if e.single() {
+                e.n = if all { 0 } else { e.n - 1 };
+                if e.n == 0 {
+                    self.blocks.remove(&k);
+                }
+                continue;
+            }
+            let gone = match self.multi.get_mut(&(k, instance)) {
+                Some(c) if !all && *c > 1 => {
+                    *c -= 1;
+                    false
+                }
+                _ => true,
+            };
+            if gone {
+                self.multi.remove(&(k, instance));
+                e.bits &= !bit;
+                Self::collapse(&mut self.multi, k, e);
+            }
+        }
+    }
+
+    /// Back to the inline count when one instance is left.
+    fn collapse(
+        multi: &mut HashMap<(u64, u32), u32, impl std::hash::BuildHasher>,
+        k: u64,
+        e: &mut Expected,
+    ) {
+        if e.single() {
+            e.n = multi.remove(&(k, e.bits.trailing_zeros())).unwrap_or(1);
+        }
+    }
+
+    /// Drops every expectation on `instance`.
+    pub fn clear_instance(&mut self, instance: u32) {
+        let bit = 1u128 << instance;
+        let multi = &mut self.multi;
+        self.blocks.retain(|&k, e| {
+            if e.bits & bit == 0 {
+                return true;
+            }
+            if e.single() {
+                return false;
+            }
+            multi.remove(&(k, instance));
+            e.bits &= !bit;
+            Self::collapse(multi, k, e);
+            true
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets_are_interned_and_released() {
+        let mut ix = CacheIndex::default();
+        ix.store(0, &[1, 2, 3]);
+        ix.store(1, &[2, 3]);
+        assert_eq!(ix.holders(1), 0b01);
+        assert_eq!(ix.holders(2), 0b11);
+        assert_eq!(ix.distinct_sets(), 2);
+        ix.remove(0, &[1, 2, 3]);
+        assert_eq!(ix.len(), 2);
+        assert_eq!(ix.distinct_sets(), 1);
+        ix.store(5, &[u64::MAX, 0]);
+        assert_eq!(ix.holders(u64::MAX), 1 << 5);
+        ix.clear_instance(1);
+        assert_eq!((ix.holders(2), ix.holders(3)), (0, 0));
+        assert_eq!(ix.len(), 2);
+        ix.clear_instance(5);
+        assert!(ix.is_empty());
+        assert_eq!(ix.distinct_sets(), 0);
+    }
+
+    #[test]
+    fn expected_blocks_count_requests() {
+        let mut e = ExpectedBlocks::default();
+        e.add(2, &[10, 11]);
+        e.add(2, &[10]);
+        e.add(3, &[10]);
+        assert_eq!(e.get(10), 0b1100);
+        e.release(2, &[10, 11]);
+        assert_eq!((e.get(10), e.get(11)), (0b1100, 0));
+        e.settle(2, &[10]);
+        assert_eq!(e.get(10), 0b1000);
+        e.clear_instance(3);
+        assert!(e.is_empty());
+        e.release(3, &[10]);
+        assert!(e.is_empty());
+    }
+
+    proptest::proptest! {
+        /// The expected view answers like a plain map of per-(block, instance) counts.
+        #[test]
+        fn expected_matches_reference_model(ops in proptest::collection::vec((0u8..4, 0u32..4, proptest::collection::vec(0u64..12, 0..6)), 0..150)) {
+            let mut e = ExpectedBlocks::default();
+            let mut model: std::collections::HashMap<(u64, u32), u32> = Default::default();
+            for (op, inst, keys) in ops {
+                match op {
+                    0 => {
+                        e.add(inst, &keys);
+                        for &k in &keys { *model.entry((k, inst)).or_insert(0) += 1; }
+                    }
+                    1 => {
+                        e.release(inst, &keys);
+                        for &k in &keys {
+                            if let Some(c) = model.get_mut(&(k, inst)) {
+                                *c -= 1;
+                                if *c == 0 {
+                                    model.remove(&(k, inst));
+                                }
+                            }
+                        }
+                    }
+                    2 => {
+                        e.settle(inst, &keys);
+                        for &k in &keys { model.remove(&(k, inst)); }
+                    }
+                    _ => {
+                        e.clear_instance(inst);
+                        model.retain(|&(_, i), _| i != inst);
+                    }
+                }
+                model.retain(|_, c| *c != 0);
+                for k in 0..12 {
+                    let want = model.keys().filter(|(mk, _)| *mk == k).fold(0u128, |b, (_, i)| b | 1 << i);
+                    proptest::prop_assert_eq!(e.get(k), want);
+                }
+                let distinct: std::collections::HashSet<u64> = model.keys().map(|(k, _)| *k).collect();
+                proptest::prop_assert_eq!(e.len(), distinct.len());
+            }
+        }
+
+        /// The compact index answers like a plain map of bitsets.
+        #[test]
+        fn matches_reference_model(ops in proptest::collection::vec((0u8..4, 0u32..6, proptest::collection::vec(0u64..40, 0..8)), 0..120)) {
+            let mut ix = CacheIndex::default();
+            let mut model: std::collections::HashMap<u64, u128> = Default::default();
+            for (op, inst, keys) in ops {
+                let bit = 1u128 << inst;
+                match op {
+                    0 | 1 => {
+                        ix.store(inst, &keys);
+                        for k in &keys { *model.entry(*k).or_insert(0) |= bit; }
+                    }
+                    2 => {
+                        ix.remove(inst, &keys);
+                        for k in &keys {
+                            if let Some(b) = model.get_mut(k) { *b &= !bit; }
+                        }
+                    }
+                    _ => {
+                        ix.clear_instance(inst);
+                        for b in model.values_mut() { *b &= !bit; }
+                    }
+                }
+                model.retain(|_, b| *b != 0);
+                proptest::prop_assert_eq!(ix.len(), model.len());
+                for k in 0..40 {
+                    proptest::prop_assert_eq!(ix.holders(k), model.get(&k).copied().unwrap_or(0));
+                }
+                let distinct: std::collections::HashSet<u128> = model.values().copied().collect();
+                proptest::prop_assert_eq!(ix.distinct_sets(), distinct.len());
+            }
+        }
+    }
+}
