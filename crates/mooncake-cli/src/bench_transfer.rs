@@ -75,7 +75,8 @@ pub(crate) struct TransferArgs {
     conns: usize,
     /// Also measure a baseline in the same run: for tcp a plain socket pump over `--conns`
     /// connections (and a ping-pong for batch 1); for rdma perftest's `ib_write_bw` /
-    /// `ib_read_bw` on `--rdma-device`.
+    /// `ib_read_bw` on `--rdma-device`; for nvlink_intra with device memory the matching
+    /// CUDA copy (pinned H2D/D2H, peer copy) in this process. Roles both and initiator.
     #[arg(long)]
     baseline: bool,
     /// RDMA device for the perftest baseline (default: the first of `MC_RDMA_NICS`, else the
@@ -256,7 +257,11 @@ pub(crate) fn run(args: TransferArgs) -> anyhow::Result<()> {
         Role::Initiator => {
             let md = Metadata::open(&args, false)?;
             let init = md.engine(&format!("bench-initiator-{}", std::process::id()), &args)?;
-            let report = drive(&args, &init, &args.segment, None)?;
+            let mut report = drive(&args, &init, &args.segment, None)?;
+            drop(init);
+            if args.baseline {
+                baseline(&args, &mut report)?;
+            }
             print_report(&args, &report)
         }
         Role::Both => {

@@ -475,7 +475,7 @@ pub fn device_peer_exits_mid_copy(h: &dyn DeviceHarness, module_path: &str) {
     let local = registered(h, &init, &near, CHILD_LEN, 2);
 
     // The target process exits while a batch moves its device memory.
-    let child = DeviceChild::spawn(
+    let mut child = DeviceChild::spawn(
         module_path,
         &unique("dx-target"),
         std::slice::from_ref(&far),
@@ -521,6 +521,12 @@ pub fn device_peer_exits_mid_copy(h: &dyn DeviceHarness, module_path: &str) {
                 h.name()
             );
         }
+    }
+    if h.one_sided() {
+        // kill(2) returns before the process is gone, and a dying process's device memory
+        // stays mapped (and writable) by its peers until it has exited: a one-sided
+        // transport can only tell once it has.
+        child.wait_exit();
     }
     let again = init
         .submit_batch(&blocks(seg, local.base(), remote, 1, 1 << 20))
@@ -787,6 +793,11 @@ impl DeviceChild {
             out.push((a, l));
         }
         out
+    }
+
+    /// Waits until the child has exited (and reaps it).
+    pub fn wait_exit(&mut self) {
+        let _ = self.child.wait();
     }
 
     /// Sends `sig` to the child.
