@@ -874,7 +874,10 @@ impl TransferArgs {
 }
 
 fn parse_location(s: &str) -> anyhow::Result<mooncake::Location> {
-    let l: mooncake::Location = s.parse()?;
+    let l: mooncake::Location = match s.trim() {
+        "cpu" => mooncake::Location::Cpu(0),
+        other => other.parse()?,
+    };
     match l {
         mooncake::Location::Cpu(_) | mooncake::Location::Any => Ok(l),
         mooncake::Location::Cuda(_) if cfg!(feature = "cuda") => Ok(l),

@@ -39,12 +39,12 @@ bench() {
     step "bench $name: $proto $op $iloc -> target $tloc, block $block x $batch, separate processes"
     local seg="t-$name"
     "$MC" bench transfer --role target --protocol "$proto" --metadata "$META" --segment "$seg" \
-        --target-location "$tloc" --block-size "$block" --batch-size "$batch" \
+        --location cpu:0 --target-location "$tloc" --block-size "$block" --batch-size "$batch" \
         >"$OUT/target-$name.log" 2>&1 &
     local tpid=$!
     for _ in $(seq 100); do grep -q '^segment' "$OUT/target-$name.log" 2>/dev/null && break; sleep 0.2; done
     timeout 120 "$MC" bench transfer --role initiator --protocol "$proto" --metadata "$META" \
-        --segment "$seg" --location "$iloc" --op "$op" --block-size "$block" --batch-size "$batch" \
+        --segment "$seg" --location "$iloc" --target-location "$tloc" --op "$op" --block-size "$block" --batch-size "$batch" \
         --duration 3 --baseline --json "$@" 2>&1 | tee "$OUT/bench-$name.log" | grep -v '^{'
     tail -n1 "$OUT/bench-$name.log" | grep '^{' >>"$OUT/bench.jsonl"
     kill "$tpid" 2>/dev/null; wait "$tpid" 2>/dev/null
@@ -52,11 +52,11 @@ bench() {
 
 bench ipc-g2g   nvlink_intra cuda:1 cuda:0 write 64M 16
 bench ipc-g2g-r nvlink_intra cuda:1 cuda:0 read  64M 16
-bench ipc-h2d   nvlink_intra cuda:0 cpu    write 64M 16 --pinned
-bench ipc-d2h   nvlink_intra cuda:0 cpu    read  64M 16 --pinned
+bench ipc-h2d   nvlink_intra cuda:0 cpu:0  write 64M 16 --pinned
+bench ipc-d2h   nvlink_intra cuda:0 cpu:0  read  64M 16 --pinned
 bench tcp-g2g   tcp          cuda:1 cuda:0 write 4M 32
 bench tcp-g2g-r tcp          cuda:1 cuda:0 read  4M 32
-bench tcp-h2h   tcp          cpu    cpu    write 4M 32
+bench tcp-h2h   tcp          cpu:0  cpu:0  write 4M 32
 kill $MDPID 2>/dev/null
 
 if [ -d "$BIN/py/mooncake" ] && [ -d "$BIN/pytests" ]; then

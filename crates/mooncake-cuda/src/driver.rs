@@ -176,7 +176,15 @@ impl Cuda {
 
     /// What the driver says about `ptr` (device and allocation), `None` for host memory.
     pub(crate) fn pointer(&self, ptr: u64) -> Result<Option<PointerInfo>> {
-        sys::pointer_info(&self.device(0)?.ctx, ptr)
+        let Some(ordinal) = sys::pointer_device(&self.device(0)?.ctx, ptr)? else {
+            return Ok(None);
+        };
+        let (alloc_base, alloc_len) = sys::allocation(&self.device(ordinal)?.ctx, ptr)?;
+        Ok(Some(PointerInfo {
+            ordinal,
+            alloc_base,
+            alloc_len,
+        }))
     }
 
     /// Enqueues `src` → `dst` on one of `device`'s streams; the returned copy completes from

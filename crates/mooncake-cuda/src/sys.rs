@@ -625,8 +625,8 @@ pub(crate) struct PointerInfo {
     pub(crate) alloc_len: u64,
 }
 
-/// The device of `ptr` and its allocation, or `None` for host or unknown memory.
-pub(crate) fn pointer_info(ctx: &Context, ptr: u64) -> Result<Option<PointerInfo>> {
+/// The device of `ptr`, or `None` for host or unknown memory (any context will do).
+pub(crate) fn pointer_device(ctx: &Context, ptr: u64) -> Result<Option<u32>> {
     let _c = ctx.enter()?;
     let mut mem_type: c_uint = 0;
     // SAFETY: the attribute is a CUmemorytype (a 32-bit enum) written into `mem_type`.
@@ -654,12 +654,15 @@ pub(crate) fn pointer_info(ctx: &Context, ptr: u64) -> Result<Option<PointerInfo
         )
     };
     check(r, "cuPointerGetAttribute(DEVICE_ORDINAL)")?;
-    let (alloc_base, alloc_len) = address_range(ptr)?;
-    Ok(Some(PointerInfo {
-        ordinal: ordinal.max(0) as u32,
-        alloc_base,
-        alloc_len,
-    }))
+    Ok(Some(ordinal.max(0) as u32))
+}
+
+/// The allocation holding device pointer `ptr`, asked in `owner`, the context of the device
+/// that holds it (the driver does not find it from another device's context unless peer
+/// access happens to be enabled).
+pub(crate) fn allocation(owner: &Context, ptr: u64) -> Result<(u64, u64)> {
+    let _c = owner.enter()?;
+    address_range(ptr)
 }
 
 /// The allocation holding device pointer `ptr` (a context must be current).
