@@ -75,7 +75,8 @@ pub(crate) struct TransferArgs {
     conns: usize,
     /// Also measure a baseline in the same run: for tcp a plain socket pump over `--conns`
     /// connections (and a ping-pong for batch 1); for rdma perftest's `ib_write_bw` /
-    /// `ib_read_bw` on `--rdma-device`.
+    /// `ib_read_bw` on `--rdma-device`; for nvlink_intra with device memory the matching
+    /// CUDA copy (pinned H2D/D2H, peer copy) in this process. Roles both and initiator.
     #[arg(long)]
     baseline: bool,
     /// RDMA device for the perftest baseline (default: the first of `MC_RDMA_NICS`, else the
@@ -107,6 +108,16 @@ pub(crate) struct TransferArgs {
     /// The engines' cluster secret for this run: `None` keeps the environment's.
     #[arg(skip)]
     secret: Option<Option<mooncake_core::ClusterSecret>>,
+    /// Where the initiator's buffer lives: `cpu` or `cuda:N` (feature `cuda`).
+    #[arg(long, default_value = "cpu")]
+    location: String,
+    /// Where the target's buffer lives: `cpu` or `cuda:N` (feature `cuda`).
+    #[arg(long, default_value = "cpu")]
+    target_location: String,
+    /// Host buffers are page-locked (`cuMemHostAlloc`, feature `cuda`); always so with
+    /// `--protocol nvlink_intra`.
+    #[arg(long)]
+    pinned: bool,
 }
 
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
@@ -142,6 +153,10 @@ struct Report {
     p50_us: f64,
     p99_us: f64,
     verified: bool,
+    location: String,
+    target_location: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baseline_kind: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     baseline_gb_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -162,9 +177,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-fn fill_random(buf: &LocalBuffer, seed: u64) -> anyhow::Result<()> {
+fn fill_random(buf: &BenchBuf, seed: u64) -> anyhow::Result<()> {
     let mut x = seed | 1;
-    let mut chunk = vec![0u8; 1 << 16];
+    let mut chunk = vec![0u8; 4 << 20];
     let mut off = 0;
     while off < buf.len() {
         for b in chunk.iter_mut() {
@@ -219,10 +234,14 @@ impl Metadata {
                 mooncake::p2p_engine_builder(&store)
             }
         };
+        let tcp = || mooncake::tcp::TcpConfig::new().with_conns_per_path(args.conns);
         match args.protocol.as_str() {
-            "tcp" => {
+            "tcp" => b = b.with_transport(tcp()),
+            // Same-host device memory over CUDA IPC; TCP for what IPC does not reach.
+            "nvlink_intra" => {
                 b = b
-                    .with_transport(mooncake::tcp::TcpConfig::new().with_conns_per_path(args.conns))
+                    .with_boxed_transport(mooncake::transport_builder("nvlink_intra")?)
+                    .with_transport(tcp())
             }
             other => b = b.with_boxed_transport(mooncake::transport_builder(other)?),
         }
@@ -234,6 +253,11 @@ impl Metadata {
 }
 
 pub(crate) fn run(args: TransferArgs) -> anyhow::Result<()> {
+    // Device memory over any transport (TCP stages it through pinned chunks).
+    #[cfg(feature = "cuda")]
+    mooncake::cuda::install();
+    args.location()?;
+    args.target_location()?;
     if args.sweep {
         return sweep(&args);
     }
@@ -265,7 +289,11 @@ pub(crate) fn run(args: TransferArgs) -> anyhow::Result<()> {
         Role::Initiator => {
             let md = Metadata::open(&args, false)?;
             let init = md.engine(&format!("bench-initiator-{}", std::process::id()), &args)?;
-            let report = drive(&args, &init, &args.segment, None)?;
+            let mut report = drive(&args, &init, &args.segment, None)?;
+            drop(init);
+            if args.baseline {
+                baseline(&args, &mut report)?;
+            }
             print_report(&args, &report)
         }
         Role::Both => {
@@ -278,8 +306,8 @@ pub(crate) fn run(args: TransferArgs) -> anyhow::Result<()> {
 fn run_both(args: &TransferArgs, region: u64) -> anyhow::Result<Report> {
     let md = Metadata::open(args, true)?;
     let target = md.engine(&args.segment, args)?;
-    let tbuf = Arc::new(LocalBuffer::new(region as usize)?);
-    target.register(tbuf.clone())?;
+    let tbuf = BenchBuf::new(&args.target_location()?, region as usize, args.pinned())?;
+    target.register(tbuf.segment())?;
     let init = md.engine("bench-initiator", args)?;
     let mut report = drive(args, &init, target.local_name(), Some(&tbuf))?;
     drop(init);
@@ -333,8 +361,8 @@ fn auth_both(args: &TransferArgs, region: u64) -> anyhow::Result<()> {
         let a = with(on);
         let md = Metadata::open(&a, true)?;
         let target = md.engine(&a.segment, &a)?;
-        let tbuf = Arc::new(LocalBuffer::new(region.max(4096) as usize)?);
-        target.register(tbuf.clone())?;
+        let tbuf = BenchBuf::new(&a.target_location()?, region.max(4096) as usize, a.pinned())?;
+        target.register(tbuf.segment())?;
         let init = md.engine("bench-initiator", &a)?;
         let report = drive(&a, &init, target.local_name(), Some(&tbuf))?;
         drop(init);
@@ -516,9 +544,9 @@ fn human(bytes: u64) -> String {
 fn run_target(args: &TransferArgs, region: u64) -> anyhow::Result<()> {
     let md = Metadata::open(args, false)?;
     let target = md.engine(&args.segment, args)?;
-    let buf = Arc::new(LocalBuffer::new(region as usize)?);
+    let buf = BenchBuf::new(&args.target_location()?, region as usize, args.pinned())?;
     fill_random(&buf, 0x5eed)?;
-    target.register(buf)?;
+    target.register(buf.segment())?;
     // The initiator passes this name as --segment (with P2PHANDSHAKE it is host:port).
     println!("segment {}", target.local_name());
     eprintln!(
@@ -560,7 +588,7 @@ fn drive(
     args: &TransferArgs,
     init: &TransferEngine,
     segment: &str,
-    target_buf: Option<&Arc<LocalBuffer>>,
+    target_buf: Option<&BenchBuf>,
 ) -> anyhow::Result<Report> {
     let handle = init.open_segment_blocking(segment)?;
     let remote = init.segment(handle)?;
@@ -576,8 +604,9 @@ fn drive(
         "the target's buffer has {} bytes; this run needs {region}",
         rbuf.length
     );
-    let local = Arc::new(LocalBuffer::new(region as usize)?);
-    init.register(local.clone())?;
+    let local = BenchBuf::new(&args.location()?, region as usize, args.pinned())?;
+    init.register(local.segment())?;
+    let target_location = rbuf.name.clone();
 
     let verify = !args.no_verify && target_buf.is_some();
     if let Some(t) = target_buf {
@@ -629,9 +658,12 @@ fn drive(
                     // Every pass writes a new stamp into each 4 KiB page of the source and
                     // checks it at the destination once the batch completed, so a stale or
                     // dropped slice is caught in the pass it happens.
-                    let (src, dst) = match (verify, opcode) {
-                        (true, Opcode::Write) => (Some(local), target),
-                        (true, Opcode::Read) => (target, Some(local)),
+                    // Device buffers are checked at the end only (the CPU cannot stamp them).
+                    let stamp =
+                        target.is_some_and(|t| t.host().is_some()) && local.host().is_some();
+                    let (src, dst) = match (verify && stamp, opcode) {
+                        (true, Opcode::Write) => (local.host(), target.and_then(BenchBuf::host)),
+                        (true, Opcode::Read) => (target.and_then(BenchBuf::host), local.host()),
                         _ => (None, None),
                     };
                     let range = t as u64 * per_thread..(t as u64 + 1) * per_thread;
@@ -689,8 +721,8 @@ fn drive(
     if verify {
         let t = target_buf.expect("verify implies a target buffer");
         let (want, got) = match args.op {
-            Op::Write => (local.to_vec(), t.to_vec()),
-            Op::Read => (t.to_vec(), local.to_vec()),
+            Op::Write => (local.to_vec()?, t.to_vec()?),
+            Op::Read => (t.to_vec()?, local.to_vec()?),
         };
         if let Some(i) = want[..region as usize]
             .iter()
@@ -717,6 +749,9 @@ fn drive(
         p50_us: percentile(&lat, 0.50),
         p99_us: percentile(&lat, 0.99),
         verified,
+        location: args.location.clone(),
+        target_location,
+        baseline_kind: None,
         baseline_gb_per_s: None,
         ratio: None,
         baseline_p50_us: None,
@@ -731,10 +766,16 @@ fn drive(
 fn baseline(args: &TransferArgs, report: &mut Report) -> anyhow::Result<()> {
     if args.protocol == "rdma" {
         let gbps = perftest_baseline(args)?;
+        report.baseline_kind = Some("perftest".into());
         report.baseline_gb_per_s = Some(gbps);
         report.ratio = Some(report.gb_per_s / gbps);
         return Ok(());
     }
+    let device = |l: &str| l.parse::<mooncake::Location>().is_ok_and(|l| !l.is_host());
+    if args.protocol != "tcp" && (device(&report.location) || device(&report.target_location)) {
+        return cuda_baseline(args, report);
+    }
+    report.baseline_kind = Some(format!("socket pump ({} conns)", args.conns));
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let block = args.block_size as usize;
@@ -977,14 +1018,166 @@ fn pump_side(
     let _ = c.shutdown(std::net::Shutdown::Both);
 }
 
+impl TransferArgs {
+    fn location(&self) -> anyhow::Result<mooncake::Location> {
+        parse_location(&self.location)
+    }
+
+    fn target_location(&self) -> anyhow::Result<mooncake::Location> {
+        parse_location(&self.target_location)
+    }
+
+    /// Host buffers are page-locked: asked for, or the CUDA IPC transport is measured.
+    fn pinned(&self) -> bool {
+        self.pinned || self.protocol == "nvlink_intra"
+    }
+}
+
+fn parse_location(s: &str) -> anyhow::Result<mooncake::Location> {
+    let l: mooncake::Location = match s.trim() {
+        "cpu" => mooncake::Location::Cpu(0),
+        other => other.parse()?,
+    };
+    match l {
+        mooncake::Location::Cpu(_) | mooncake::Location::Any => Ok(l),
+        mooncake::Location::Cuda(_) if cfg!(feature = "cuda") => Ok(l),
+        mooncake::Location::Cuda(_) => {
+            bail!("location {s}: this build has no CUDA support (rebuild with --features cuda)")
+        }
+        mooncake::Location::Other(_) => bail!("location {s}: only cpu and cuda:N are supported"),
+    }
+}
+
+/// A buffer of the benchmark: host memory (page-locked with `--pinned`) or device memory.
+enum BenchBuf {
+    Host(Arc<LocalBuffer>),
+    #[cfg(feature = "cuda")]
+    Pinned(Arc<mooncake::cuda::PinnedBuffer>),
+    #[cfg(feature = "cuda")]
+    Device(Arc<mooncake::cuda::CudaBuffer>),
+}
+
+impl BenchBuf {
+    fn new(location: &mooncake::Location, len: usize, pinned: bool) -> anyhow::Result<Self> {
+        #[cfg(feature = "cuda")]
+        {
+            if let mooncake::Location::Cuda(n) = location {
+                return Ok(Self::Device(Arc::new(mooncake::cuda::alloc(*n, len)?)));
+            }
+            if pinned {
+                return Ok(Self::Pinned(Arc::new(mooncake::cuda::pinned(len)?)));
+            }
+        }
+        let _ = (location, pinned);
+        Ok(Self::Host(Arc::new(LocalBuffer::new(len)?)))
+    }
+
+    fn segment(&self) -> Arc<dyn MemorySegment> {
+        match self {
+            Self::Host(b) => b.clone(),
+            #[cfg(feature = "cuda")]
+            Self::Pinned(b) => b.clone(),
+            #[cfg(feature = "cuda")]
+            Self::Device(b) => b.clone(),
+        }
+    }
+
+    fn base(&self) -> u64 {
+        self.segment().base()
+    }
+
+    fn len(&self) -> usize {
+        self.segment().len()
+    }
+
+    /// The buffer, when the CPU may touch it (per-pass stamps).
+    fn host(&self) -> Option<&LocalBuffer> {
+        match self {
+            Self::Host(b) => Some(b),
+            #[cfg(feature = "cuda")]
+            _ => None,
+        }
+    }
+
+    fn write_at(&self, off: usize, data: &[u8]) -> anyhow::Result<()> {
+        match self {
+            Self::Host(b) => b.write_at(off, data)?,
+            #[cfg(feature = "cuda")]
+            Self::Pinned(b) => b.write_at(off, data)?,
+            #[cfg(feature = "cuda")]
+            Self::Device(b) => b.write_at(off, data)?,
+        }
+        Ok(())
+    }
+
+    fn to_vec(&self) -> anyhow::Result<Vec<u8>> {
+        Ok(match self {
+            Self::Host(b) => b.to_vec(),
+            #[cfg(feature = "cuda")]
+            Self::Pinned(b) => b.to_vec(),
+            #[cfg(feature = "cuda")]
+            Self::Device(b) => b.to_vec()?,
+        })
+    }
+}
+
+/// The CUDA copy a transfer between these locations compares with, in this process, in
+/// the direction of the data: pinned H2D or D2H `cuMemcpy`, a peer copy between two GPUs,
+/// or a copy within one; same block size, a whole batch per stream synchronisation.
+#[cfg(feature = "cuda")]
+fn cuda_baseline(args: &TransferArgs, report: &mut Report) -> anyhow::Result<()> {
+    let (from, to) = match args.op {
+        Op::Write => (&report.location, &report.target_location),
+        Op::Read => (&report.target_location, &report.location),
+    };
+    let (from, to) = (parse_location(from)?, parse_location(to)?);
+    let len = (args.block_size * args.batch_size as u64).min(4 << 30) as usize;
+    let src = BenchBuf::new(&from, len, true)?;
+    let dst = BenchBuf::new(&to, len, true)?;
+    fill_random(&src, 7)?;
+    let kind = match (&from, &to) {
+        (mooncake::Location::Cuda(a), mooncake::Location::Cuda(b)) if a != b => {
+            format!("cuda peer copy {from} -> {to}")
+        }
+        (mooncake::Location::Cuda(_), mooncake::Location::Cuda(_)) => {
+            format!("cuda device copy on {from}")
+        }
+        (mooncake::Location::Cuda(_), _) => format!("cuda pinned D2H {from} -> {to}"),
+        (_, mooncake::Location::Cuda(_)) => format!("cuda pinned H2D {from} -> {to}"),
+        _ => format!("cuda pinned host copy {from} -> {to}"),
+    };
+    let bps = mooncake::cuda::copy_bandwidth(
+        &*dst.segment(),
+        &*src.segment(),
+        args.block_size as usize,
+        Duration::from_secs_f64(args.duration),
+    )?;
+    ensure!(
+        dst.to_vec()? == src.to_vec()?,
+        "the baseline copy did not copy"
+    );
+    let gbps = bps / 1e9;
+    report.baseline_kind = Some(kind);
+    report.baseline_gb_per_s = Some(gbps);
+    report.ratio = Some(report.gb_per_s / gbps);
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_baseline(_: &TransferArgs, _: &mut Report) -> anyhow::Result<()> {
+    bail!("the CUDA baseline needs a build with --features cuda")
+}
+
 fn print_report(args: &TransferArgs, r: &Report) -> anyhow::Result<()> {
     println!(
-        "{} {} block={} batch={} threads={} conns={}: {:.3} GB/s, {:.0} ops/s, batch p50 {:.1} µs, p99 {:.1} µs{}",
+        "{} {} {} -> {} block={} batch={} threads={} conns={}: {:.3} GB/s, {:.0} ops/s, batch p50 {:.1} µs, p99 {:.1} µs{}",
         r.protocol,
         match r.op {
             Op::Read => "read",
             Op::Write => "write",
         },
+        r.location,
+        r.target_location,
         r.block_size,
         r.batch_size,
         r.threads,
@@ -1001,8 +1194,8 @@ fn print_report(args: &TransferArgs, r: &Report) -> anyhow::Result<()> {
     );
     if let (Some(b), Some(ratio)) = (r.baseline_gb_per_s, r.ratio) {
         println!(
-            "baseline socket pump ({} conns): {b:.3} GB/s → ratio {ratio:.2}",
-            r.conns
+            "baseline {}: {b:.3} GB/s → ratio {ratio:.2}",
+            r.baseline_kind.as_deref().unwrap_or("")
         );
     }
     if let (Some(b), Some(ratio)) = (r.baseline_p50_us, r.p50_ratio) {

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod completion;
 pub mod descriptor;
+pub mod device;
 pub mod error;
 pub mod location;
 pub mod metadata;
@@ -16,6 +17,7 @@ pub use completion::{Batch, BatchWait, SliceCompleter, TaskCompleter, TransferSt
 pub use descriptor::{
     BufferDesc, DeviceDesc, MetadataKeys, RemoteSegment, RpcMeta, SegmentDescriptor,
 };
+pub use device::{DeviceCopier, DeviceCopy, device_copier};
 pub use error::{Error, ErrorKind, Result};
 pub use location::Location;
 pub use metadata::{
@@ -23,8 +25,8 @@ pub use metadata::{
 };
 pub use scheduler::{Decision, InstanceId, Placement, Rejection, ScheduleRequest, Scheduler};
 pub use segment::{
-    Access, BufferRegistry, ForeignMemory, LocalBuffer, MemorySegment, Region, RegionLease,
-    Requester,
+    Access, BufferRegistry, ForeignMemory, LocalBuffer, Located, MemorySegment, Region,
+    RegionLease, Requester,
 };
 pub use transport::{
     EngineContext, Opcode, SegmentHandle, TransferRequest, TransferTask, Transport,

@@ -251,6 +251,47 @@ unsafe impl MemorySegment for ForeignMemory {
     }
 }
 
+/// Another segment under a different location tag: the engine wraps a segment registered
+/// as `*` whose memory a device runtime located (for example on `cuda:0`).
+pub struct Located {
+    inner: Arc<dyn MemorySegment>,
+    location: Location,
+}
+
+impl Located {
+    /// `inner`, reported at `location`.
+    pub fn new(inner: Arc<dyn MemorySegment>, location: Location) -> Self {
+        Self { inner, location }
+    }
+}
+
+impl std::fmt::Debug for Located {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Located")
+            .field("base", &format_args!("{:#x}", self.inner.base()))
+            .field("len", &self.inner.len())
+            .field("location", &self.location)
+            .finish()
+    }
+}
+
+// SAFETY: every promise is the inner segment's, which this object keeps alive; the location
+// never changes after construction.
+unsafe impl MemorySegment for Located {
+    fn base(&self) -> u64 {
+        self.inner.base()
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn location(&self) -> Location {
+        self.location.clone()
+    }
+    fn access(&self) -> Access {
+        self.inner.access()
+    }
+}
+
 /// One registered region inside a [`BufferRegistry`].
 pub struct Region {
     memory: Arc<dyn MemorySegment>,

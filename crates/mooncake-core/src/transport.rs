@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::completion::TaskCompleter;
-use crate::descriptor::{RemoteSegment, SegmentDescriptor};
+use crate::descriptor::{BufferDesc, RemoteSegment, SegmentDescriptor};
 use crate::error::Result;
 use crate::segment::{BufferRegistry, Region, RegionLease};
 
@@ -114,6 +114,14 @@ pub trait Transport: Send + Sync + 'static {
     /// Whether this transport can reach `remote` (it published what this transport needs).
     fn can_reach(&self, remote: &RemoteSegment) -> bool {
         remote.descriptor().speaks(self.name())
+    }
+    /// Whether this transport can move bytes between the local `region` and `buffer` of
+    /// `remote` (the engine asks per request, after [`can_reach`](Self::can_reach)). The
+    /// default is `can_reach`; a transport that handles only some pairs (CUDA IPC reaches
+    /// only device buffers of same-host peers) narrows it.
+    fn can_move(&self, region: &Region, remote: &RemoteSegment, buffer: &BufferDesc) -> bool {
+        let _ = (region, buffer);
+        self.can_reach(remote)
     }
     /// Moves the tasks; see the trait's behaviour notes.
     fn submit(&self, tasks: Vec<TransferTask>);

@@ -13,10 +13,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mooncake_core::{
     Access, Batch, BufferDesc, BufferRegistry, ClusterSecret, EmbeddedMetadataStore, EngineContext,
-    Error, ErrorKind, ForeignMemory, Location, MemorySegment, MetadataKeys, MetadataStore, Opcode,
-    RegionLease, RemoteSegment, Requester, Result, RpcMeta, SegmentDescriptor, SegmentHandle,
-    TaskCompleter, TransferRequest, TransferStatus, TransferTask, Transport, TransportBuilder,
-    TransportCapabilities, WatchEvent, WatchStream, block_on,
+    Error, ErrorKind, ForeignMemory, Located, Location, MemorySegment, MetadataKeys, MetadataStore,
+    Opcode, RegionLease, RemoteSegment, Requester, Result, RpcMeta, SegmentDescriptor,
+    SegmentHandle, TaskCompleter, TransferRequest, TransferStatus, TransferTask, Transport,
+    TransportBuilder, TransportCapabilities, WatchEvent, WatchStream, block_on,
 };
 
 use crate::background;
@@ -149,6 +149,7 @@ impl EngineBuilder {
                 batches: Mutex::new(HashMap::new()),
                 next_batch: AtomicU64::new(1),
                 publish_lock: Mutex::new(()),
+                self_segment: Mutex::new(None),
                 closed: Event::new(),
                 closing: AtomicBool::new(false),
             }),
@@ -189,6 +190,8 @@ struct Inner {
     batches: Mutex<HashMap<u64, Batch>>,
     next_batch: AtomicU64,
     publish_lock: Mutex<()>,
+    /// This engine's own segment for routing local device requests (registry generation).
+    self_segment: Mutex<Option<(usize, Arc<RemoteSegment>)>>,
     closed: Event,
     closing: AtomicBool,
 }
@@ -438,7 +441,11 @@ impl TransferEngine {
     }
 
     /// Registers `memory` so that transfers (local and remote) can use it, and publishes it.
+    ///
+    /// Memory tagged `*` is located first: when the installed device runtime knows it as
+    /// device memory (`mooncake_core::device::locate`), it is registered as, say, `cuda:0`.
     pub fn register(&self, memory: Arc<dyn MemorySegment>) -> Result<()> {
+        let memory = locate_any(memory)?;
         let region = self.registry().register(memory)?;
         for (i, t) in self.inner.transports.iter().enumerate() {
             if let Err(e) = t.on_register(&region) {
@@ -593,7 +600,23 @@ impl TransferEngine {
                 }
             };
             if req.target_id == SegmentHandle::LOCAL {
-                completer.complete(self.local_copy(req.opcode, &local, req.target_offset));
+                if !self.local_touches_device(&local, req) {
+                    completer.complete(self.local_copy(req.opcode, &local, req.target_offset));
+                    continue;
+                }
+                // Device memory on either side: a device-capable transport that reaches
+                // this engine's own segment moves it (the CPU never copies device memory).
+                let me = self.self_segment();
+                match self.route(&local, &me, req) {
+                    Ok(ti) => per_transport[ti].push(TransferTask {
+                        opcode: req.opcode,
+                        local,
+                        remote: me,
+                        remote_addr: req.target_offset,
+                        completer,
+                    }),
+                    Err(e) => completer.complete(Err(e)),
+                }
                 continue;
             }
             let remote = match self.segment(req.target_id) {
@@ -696,7 +719,10 @@ impl TransferEngine {
         let remote_loc: Location = buffer.name.parse().unwrap_or_default();
         let device = !local.region().location().is_host() || !remote_loc.is_host();
         let reach: Vec<usize> = (0..self.inner.transports.len())
-            .filter(|&i| self.inner.transports[i].can_reach(remote))
+            .filter(|&i| {
+                let t = &self.inner.transports[i];
+                t.can_reach(remote) && t.can_move(local.region(), remote, buffer)
+            })
             .collect();
         if let Some(&ti) = reach
             .iter()
@@ -762,6 +788,49 @@ impl TransferEngine {
         // allows overlap.
         unsafe { std::ptr::copy(src, dst, local.len() as usize) };
         Ok(())
+    }
+
+    /// Whether a request to this engine's own segment has device memory on either side
+    /// (an unregistered target counts as host: `local_copy` reports it).
+    fn local_touches_device(&self, local: &RegionLease, req: &TransferRequest) -> bool {
+        if !local.region().location().is_host() {
+            return true;
+        }
+        self.registry()
+            .lease(req.target_offset, req.length, Requester::Local)
+            .is_ok_and(|t| !t.region().location().is_host())
+    }
+
+    /// This engine's own segment as transports see a peer's: every registered region
+    /// (local-only and read-only ones too: the local process may use them all), plus what
+    /// each transport publishes. Cached until the registry changes.
+    fn self_segment(&self) -> Arc<RemoteSegment> {
+        let generation = self.registry().generation();
+        let mut cache = self
+            .inner
+            .self_segment
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((g, seg)) = &*cache
+            && *g == generation
+        {
+            return seg.clone();
+        }
+        let mut d = self.local_descriptor();
+        d.buffers = self
+            .registry()
+            .regions()
+            .iter()
+            .map(|r| BufferDesc {
+                name: r.location().to_string(),
+                addr: r.base(),
+                length: r.len(),
+                ..Default::default()
+            })
+            .collect();
+        let seg = Arc::new(RemoteSegment::new(d));
+        *cache = Some((generation, seg.clone()));
+        seg
     }
 
     /// Allocates a batch of `capacity` tasks (Mooncake's `allocateBatchID`).
@@ -927,6 +996,18 @@ impl TransferEngine {
             })
             .collect();
         self.submit_batch(&reqs)
+    }
+}
+
+/// `memory` tagged `*` and known to the installed device runtime as device memory comes
+/// back tagged with its device location; anything else unchanged.
+fn locate_any(memory: Arc<dyn MemorySegment>) -> Result<Arc<dyn MemorySegment>> {
+    if memory.location() != Location::Any {
+        return Ok(memory);
+    }
+    match mooncake_core::device::locate(memory.base(), memory.len() as u64)? {
+        Some(location) => Ok(Arc::new(Located::new(memory, location))),
+        None => Ok(memory),
     }
 }
 

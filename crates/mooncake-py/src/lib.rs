@@ -43,7 +43,8 @@ fn features(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("rdma_compiled", cfg!(feature = "rdma"))?;
     d.set_item("metadata", vec!["P2PHANDSHAKE", "http", "redis"])?;
     d.set_item("cuda_loaded", mem::cuda_driver_loaded())?;
-    d.set_item("device_memory_transport", false)?;
+    d.set_item("cuda_compiled", cfg!(feature = "cuda"))?;
+    d.set_item("device_memory_transport", cfg!(feature = "cuda"))?;
     d.set_item("version", env!("CARGO_PKG_VERSION"))?;
     Ok(d)
 }
@@ -53,6 +54,9 @@ fn features(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     init_logging();
+    // Device copies for every engine built from now on (loads no driver).
+    #[cfg(feature = "cuda")]
+    mooncake::cuda::install();
     if let Err(e) = mooncake::tcp::raise_fd_limit() {
         tracing::debug!("cannot raise the open-file limit: {e}");
     }

@@ -12,8 +12,9 @@
 //!   is bound in the same port range and published in `rpc_meta`.
 //! - `protocol` does not have to match the host: `"rdma"` installs the RDMA transport when
 //!   this build has it and the host has devices (`device_name` = comma-separated NIC
-//!   whitelist), and falls back to TCP otherwise; `MC_FORCE_TCP=1` always uses TCP. Other
-//!   names (`nvlink`, `ascend`, …) fall back to TCP with a warning.
+//!   whitelist), and falls back to TCP otherwise; `MC_FORCE_TCP=1` always uses TCP.
+//!   `nvlink`/`nvlink_intra` installs the same-host CUDA IPC transport (feature `cuda`) with TCP
+//!   behind it. Other names (`ascend`, …) fall back to TCP with a warning.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -147,6 +148,17 @@ fn transports(protocol: &str, device_name: &str) -> Vec<Box<dyn mooncake::Transp
             tracing::info!("this build has no RDMA transport; protocol \"rdma\" uses TCP");
         }
         return vec![tcp()];
+    }
+    if matches!(p.as_str(), "nvlink" | "nvlink_intra" | "cuda_ipc") {
+        #[cfg(feature = "cuda")]
+        {
+            return vec![Box::new(mooncake::cuda::CudaIpcConfig::new()), tcp()];
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            tracing::info!("this build has no CUDA transport; protocol {protocol:?} uses TCP");
+            return vec![tcp()];
+        }
     }
     tracing::warn!("protocol {protocol:?} is not a transport of this build; using TCP");
     vec![tcp()]

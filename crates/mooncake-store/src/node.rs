@@ -172,9 +172,6 @@ pub(crate) fn attach(path: &Path, populate: bool) -> StoreResult<(UnixStream, St
     Ok((
         link,
         hello.segment,
-        LocalMap {
-            remote_base: hello.base,
-            mem: Arc::new(mem),
-        },
+        LocalMap::new(hello.base, Arc::new(mem)),
     ))
 }

@@ -21,6 +21,7 @@ use crate::io::{
     Body, Dest, OutFrame, Progress, RECV_BUF, RecvBuf, Sink, recv_payload, send_frames,
 };
 use crate::reactor::{Cx, Entry, LoopHandle, Next, Reactor, Token};
+use crate::staging::{self, StagedIn};
 use crate::sys::{self, Io};
 use crate::wire::{self, FrameKind, Header, Hello, Status};
 
@@ -560,15 +561,18 @@ impl ClientConn {
     }
 
     /// Moves queued slices into frames (ids in wire order; each slice becomes in flight).
-    fn frame(&self, st: &mut ConnSt) {
+    fn frame(self: &Arc<Self>, st: &mut ConnSt) {
         let now = Instant::now();
         let unacked = self.outstanding.load(Ordering::Relaxed);
         while let Some(s) = st.queue.pop_front() {
             let id = st.next_id;
             st.next_id += 1;
             let (kind, body) = match (s.op, &s.local) {
-                (Opcode::Write, Some(l)) => match l.slice(0, s.len) {
-                    Ok(sub) => (FrameKind::Write, Body::Leased(sub)),
+                (Opcode::Write, Some(l)) => match l
+                    .slice(0, s.len)
+                    .and_then(|sub| staging::body(sub, || self.waker()))
+                {
+                    Ok(body) => (FrameKind::Write, body),
                     Err(e) => {
                         self.outstanding.fetch_sub(s.len, Ordering::Relaxed);
                         s.done.complete(Err(e));
@@ -657,6 +661,10 @@ impl ClientConn {
                             *x += sent.bytes;
                         }
                     }
+                    if sent.waiting {
+                        // A device copy finishes first; it wakes the connection.
+                        return Next::Idle;
+                    }
                     if sent.would_block {
                         if st.edge {
                             st.edge = false;
@@ -693,6 +701,16 @@ impl ClientConn {
         if let Some(&t) = self.token.get() {
             self.lp.post(move |cx| cx.wake(t));
         }
+    }
+
+    /// Wakes this connection's loop (a device copy of a staged payload finished).
+    fn waker(self: &Arc<Self>) -> staging::Waker {
+        let me = Arc::downgrade(self);
+        Arc::new(move || {
+            if let Some(c) = me.upgrade() {
+                c.wake_loop();
+            }
+        })
     }
 
     /// Closes the connection from any thread: its loop tears it down and hands its slices
@@ -833,8 +851,13 @@ impl ClientConn {
 enum Recv {
     /// Between frames.
     Header,
-    /// A read's data, landing in the slice's lease (or dropped if it was revoked).
-    Data { f: InFlight, sink: Sink },
+    /// A read's data, landing in the slice's lease (or dropped if it was revoked); through
+    /// pinned chunks when the lease is device memory.
+    Data {
+        f: InFlight,
+        sink: Sink,
+        staged: Option<Box<StagedIn>>,
+    },
     /// An error message for a request.
     ErrMsg {
         f: InFlight,
@@ -939,10 +962,11 @@ impl ClientIo {
                     })?;
                     self.on_header(cx, h)?;
                 }
-                Recv::Data { f, sink } => {
-                    let dest = match &f.slice.local {
-                        Some(l) => Dest::Lease(l),
-                        None => Dest::Discard,
+                Recv::Data { f, sink, staged } => {
+                    let dest = match (&f.slice.local, staged.as_deref_mut()) {
+                        (Some(_), Some(s)) => Dest::Staged(s),
+                        (Some(l), None) => Dest::Lease(l),
+                        (None, _) => Dest::Discard,
                     };
                     let p = recv_payload(fd, &mut self.rb, sink, dest, LOOP_BUDGET, &mut moved)
                         .map_err(|e| c.io_error("receive", &e))?;
@@ -952,7 +976,8 @@ impl ClientIo {
                         Progress::Budget => return Ok(Next::More),
                         Progress::Done => {}
                     }
-                    let Recv::Data { f, .. } = std::mem::replace(&mut self.recv, Recv::Header)
+                    let Recv::Data { f, staged, .. } =
+                        std::mem::replace(&mut self.recv, Recv::Header)
                     else {
                         unreachable!()
                     };
@@ -961,7 +986,14 @@ impl ClientIo {
                     {
                         *x += f.slice.len;
                     }
-                    c.finish(f, Ok(()));
+                    match staged {
+                        // The read completes once its last chunk is in device memory.
+                        Some(s) if f.slice.local.is_some() => {
+                            let c = c.clone();
+                            s.finish(move |r| c.finish(f, r));
+                        }
+                        _ => c.finish(f, Ok(())),
+                    }
                 }
                 Recv::ErrMsg { buf, sink, .. } => {
                     let p =
@@ -1075,9 +1107,24 @@ impl ClientIo {
         drop(st);
         match (h.kind, f.slice.op) {
             (FrameKind::ReadData, Opcode::Read) if h.len == f.slice.len => {
+                let staged = match f.slice.local.as_ref() {
+                    Some(l) => match staging::receiver(l, || c.waker()) {
+                        Ok(s) => s.map(Box::new),
+                        Err(e) => {
+                            // Cannot stage into device memory: the bytes are dropped.
+                            c.finish(f, Err(e));
+                            return Err(Error::new(
+                                ErrorKind::Closed,
+                                "cannot receive into device memory",
+                            ));
+                        }
+                    },
+                    None => None,
+                };
                 self.recv = Recv::Data {
                     f,
                     sink: Sink { got: 0, len: h.len },
+                    staged,
                 };
             }
             (FrameKind::WriteAck, Opcode::Write) => c.finish(f, Ok(())),
@@ -1158,13 +1205,16 @@ impl ClientIo {
     /// Revokes `region` in the receive state (the connection's shared state is revoked by
     /// the peer).
     pub(crate) fn revoke(&mut self, region: &Arc<Region>) {
-        if let Recv::Data { f, .. } = &mut self.recv
+        if let Recv::Data { f, staged, .. } = &mut self.recv
             && f.slice
                 .local
                 .as_ref()
                 .is_some_and(|l| Arc::ptr_eq(l.region(), region))
         {
             f.slice.local = None;
+            // No more copies into the region (those under way finish first: the engine
+            // waits for their leases).
+            *staged = None;
         }
     }
 

@@ -7,7 +7,9 @@ use std::io;
 use std::os::fd::RawFd;
 
 use mooncake_core::RegionLease;
+use mooncake_core::device::DeviceCopy;
 
+use crate::staging::{StagedIn, StagedOut, recv_staged};
 use crate::sys::{self, Chunk, Io};
 use crate::wire::HEADER_LEN;
 
@@ -95,6 +97,8 @@ pub(crate) enum Dest<'a> {
     Vec(&'a mut Vec<u8>),
     /// Dropped (the payload of a refused request).
     Discard,
+    /// Into device memory, through pinned chunks (see `staging`).
+    Staged(&'a mut StagedIn),
 }
 
 /// How far [`recv_payload`] got.
@@ -120,6 +124,9 @@ pub(crate) fn recv_payload(
     budget: u64,
     moved: &mut u64,
 ) -> io::Result<Progress> {
+    if let Dest::Staged(s) = dest {
+        return recv_staged(fd, rb, sink, s, budget, moved);
+    }
     let start = *moved;
     while sink.got < sink.len {
         if *moved - start >= budget {
@@ -132,7 +139,7 @@ pub(crate) fn recv_payload(
             match &mut dest {
                 Dest::Lease(l) => sys::copy_into_lease(l, sink.got, chunk),
                 Dest::Vec(v) => v.extend_from_slice(chunk),
-                Dest::Discard => {}
+                Dest::Discard | Dest::Staged(_) => {}
             }
             sink.got += n;
             *moved += n;
@@ -172,6 +179,8 @@ pub(crate) enum Body {
     Owned(Vec<u8>),
     /// Registered bytes (a write's payload, a read's data), kept registered until sent.
     Leased(RegionLease),
+    /// Registered device memory, sent through pinned chunks (see `staging`).
+    Staged(StagedOut),
 }
 
 impl Body {
@@ -180,6 +189,7 @@ impl Body {
             Self::None => 0,
             Self::Owned(v) => v.len() as u64,
             Self::Leased(l) => l.len(),
+            Self::Staged(s) => s.len(),
         }
     }
 
@@ -187,6 +197,7 @@ impl Body {
     pub(crate) fn lease(&self) -> Option<&RegionLease> {
         match self {
             Self::Leased(l) => Some(l),
+            Self::Staged(s) => Some(s.lease()),
             _ => None,
         }
     }
@@ -198,6 +209,9 @@ pub(crate) struct OutFrame {
     pub(crate) body: Body,
     /// Bytes of `head` + `body` already written.
     pub(crate) written: u64,
+    /// Not sent before this device copy finished (a write's acknowledgement waits for the
+    /// payload's last copy into device memory).
+    pub(crate) gate: Option<DeviceCopy>,
 }
 
 impl OutFrame {
@@ -206,7 +220,14 @@ impl OutFrame {
             head,
             body,
             written: 0,
+            gate: None,
         }
+    }
+
+    /// Holds the frame back until `gate` finished (a failed gate fails the connection).
+    pub(crate) fn gated(mut self, gate: DeviceCopy) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     pub(crate) fn total(&self) -> u64 {
@@ -225,6 +246,8 @@ pub(crate) struct Sent {
     pub(crate) bytes: u64,
     /// The socket is full: wait for the next writable edge.
     pub(crate) would_block: bool,
+    /// The next bytes wait for a device copy, which wakes the connection when it finishes.
+    pub(crate) waiting: bool,
 }
 
 /// Writes queued frames with gathered non-blocking writes until the queue is empty, the
@@ -234,16 +257,46 @@ pub(crate) fn send_frames(fd: RawFd, q: &mut VecDeque<OutFrame>, budget: u64) ->
     let mut sent = Sent {
         bytes: 0,
         would_block: false,
+        waiting: false,
     };
     while !q.is_empty() && sent.bytes < budget {
         let mut chunks = Vec::with_capacity(2 * FRAMES_PER_CALL);
-        for f in q.iter().take(FRAMES_PER_CALL) {
+        for f in q.iter_mut().take(FRAMES_PER_CALL) {
+            let OutFrame {
+                head,
+                body,
+                written,
+                gate,
+            } = f;
             let hl = HEADER_LEN as u64;
-            if f.written < hl {
-                chunks.push(Chunk::Bytes(&f.head[f.written as usize..]));
+            match gate.as_ref().and_then(DeviceCopy::result) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Err(io::Error::other(e.to_string())),
+                None if gate.is_some() => break,
+                None => {}
             }
-            let body_done = f.written.saturating_sub(hl);
-            match &f.body {
+            let body_done = written.saturating_sub(hl);
+            if let Body::Staged(s) = body {
+                // A staged body goes out as far as its device copies have finished; a frame
+                // whose first bytes are not ready does not start (its header waits too).
+                let total = s.len();
+                let Some((lease, offset, len)) = s.ready()? else {
+                    break;
+                };
+                if *written < hl {
+                    chunks.push(Chunk::Bytes(&head[*written as usize..]));
+                }
+                chunks.push(Chunk::Leased { lease, offset, len });
+                if body_done + len < total {
+                    // The rest of this body is still being copied: nothing after it.
+                    break;
+                }
+                continue;
+            }
+            if *written < hl {
+                chunks.push(Chunk::Bytes(&head[*written as usize..]));
+            }
+            match body {
                 Body::None => {}
                 Body::Owned(v) => chunks.push(Chunk::Bytes(&v[body_done as usize..])),
                 Body::Leased(l) => chunks.push(Chunk::Leased {
@@ -251,7 +304,12 @@ pub(crate) fn send_frames(fd: RawFd, q: &mut VecDeque<OutFrame>, budget: u64) ->
                     offset: body_done,
                     len: l.len() - body_done,
                 }),
+                Body::Staged(_) => unreachable!("handled above"),
             }
+        }
+        if chunks.is_empty() {
+            sent.waiting = true;
+            return Ok(sent);
         }
         let n = match sys::send_chunks(fd, &chunks)? {
             Io::Done(n) => n as u64,
@@ -275,6 +333,9 @@ pub(crate) fn send_frames(fd: RawFd, q: &mut VecDeque<OutFrame>, budget: u64) ->
             } else {
                 f.written += left;
                 left = 0;
+                if let Body::Staged(s) = &mut f.body {
+                    s.set_sent(f.written.saturating_sub(HEADER_LEN as u64));
+                }
             }
         }
     }

@@ -5,6 +5,7 @@ mod config;
 mod io;
 mod reactor;
 mod server;
+mod staging;
 mod sys;
 mod transport;
 pub mod wire;

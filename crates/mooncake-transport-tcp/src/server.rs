@@ -25,6 +25,7 @@ use crate::io::{
     Body, Dest, OutFrame, Progress, RECV_BUF, RecvBuf, Sink, recv_payload, send_frames,
 };
 use crate::reactor::{Cx, Entry, LoopHandle, Next, Reactor, Token};
+use crate::staging::{self, StagedIn};
 use crate::sys::{self, Io};
 use crate::wire::{self, FrameKind, Header, Hello, MAX_CONTROL_PAYLOAD, Status};
 
@@ -182,12 +183,14 @@ enum Recv {
         buf: Vec<u8>,
         sink: Sink,
     },
-    /// A write's payload, landing in `lease`.
+    /// A write's payload, landing in `lease` (through pinned chunks when it is device
+    /// memory).
     Write {
         id: u64,
         lease: RegionLease,
         sink: Sink,
         deadline: Instant,
+        staged: Option<StagedIn>,
     },
     /// The initiator's proof.
     Proof { buf: Vec<u8>, sink: Sink },
@@ -211,6 +214,8 @@ pub(crate) struct ServerConn {
     out_bytes: u64,
     /// The socket is full; the next writable edge resumes sending.
     blocked: bool,
+    /// The next response waits for a device copy (which wakes the connection).
+    device_wait: bool,
     /// Closed by a newer epoch of the same initiator: handle nothing more.
     fenced: bool,
     fence: Option<FenceKey>,
@@ -269,6 +274,7 @@ impl ServerConn {
             out: VecDeque::new(),
             out_bytes: 0,
             blocked: false,
+            device_wait: false,
             fenced: false,
             fence: None,
             last_activity: now,
@@ -307,6 +313,7 @@ impl ServerConn {
                 }
                 self.out_bytes = self.out.iter().map(|f| f.total() - f.written).sum();
                 self.blocked = s.would_block;
+                self.device_wait = s.waiting;
                 true
             }
             Err(e) => {
@@ -349,8 +356,13 @@ impl ServerConn {
         let mut moved = 0u64;
         loop {
             if self.out_bytes > MAX_OUT_BYTES {
-                // Let the responses drain first; the writable edge brings us back.
-                return if self.blocked { Next::Idle } else { Next::More };
+                // Let the responses drain first; the writable edge (or the device copy they
+                // wait for) brings us back.
+                return if self.blocked || self.device_wait {
+                    Next::Idle
+                } else {
+                    Next::More
+                };
             }
             if moved >= BUDGET {
                 let _ = self.flush();
@@ -458,24 +470,45 @@ impl ServerConn {
                 }
                 self.proven(cx, hello)
             }
-            Recv::Write { lease, sink, .. } => {
-                let p = recv_payload(fd, &mut self.rb, sink, Dest::Lease(lease), BUDGET, moved)?;
+            Recv::Write {
+                lease,
+                sink,
+                staged,
+                ..
+            } => {
+                let dest = match staged.as_mut() {
+                    Some(s) => Dest::Staged(s),
+                    None => Dest::Lease(lease),
+                };
+                let p = recv_payload(fd, &mut self.rb, sink, dest, BUDGET, moved)?;
                 self.last_progress = cx.now;
                 match p {
                     Progress::Done => {}
                     Progress::Blocked => return Ok(Step::Blocked),
                     Progress::Budget => return Ok(Step::Continue),
                 }
-                let Recv::Write { id, lease, .. } = std::mem::replace(&mut self.recv, Recv::Header)
+                let Recv::Write {
+                    id, lease, staged, ..
+                } = std::mem::replace(&mut self.recv, Recv::Header)
                 else {
                     unreachable!()
                 };
                 drop(lease);
                 self.last_progress = cx.now;
-                self.push(OutFrame::new(
+                let ack = OutFrame::new(
                     Header::new(FrameKind::WriteAck, id, 0, 0).encode(),
                     Body::None,
-                ));
+                );
+                // A write into device memory is acknowledged once its last chunk is there.
+                self.push(match staged {
+                    Some(s) => {
+                        let gate = s.into_copy();
+                        let wake = loop_waker(cx);
+                        gate.on_done(move |_| wake());
+                        ack.gated(gate)
+                    }
+                    None => ack,
+                });
                 Ok(Step::Continue)
             }
             Recv::Discard { sink, .. } => {
@@ -536,10 +569,11 @@ impl ServerConn {
                     .shared
                     .registry
                     .lease(h.addr, h.len, Requester::RemoteRead)
+                    .and_then(|lease| staging::body(lease, || loop_waker(cx)))
                 {
-                    Ok(lease) => self.push(OutFrame::new(
+                    Ok(body) => self.push(OutFrame::new(
                         Header::new(FrameKind::ReadData, h.request_id, h.addr, h.len).encode(),
-                        Body::Leased(lease),
+                        body,
                     )),
                     Err(e) => self.push(error_frame(
                         h.request_id,
@@ -556,12 +590,16 @@ impl ServerConn {
                     .shared
                     .registry
                     .lease(h.addr, h.len, Requester::RemoteWrite)
-                {
-                    Ok(lease) => Recv::Write {
+                    .and_then(|lease| {
+                        let staged = staging::receiver(&lease, || loop_waker(cx))?;
+                        Ok((lease, staged))
+                    }) {
+                    Ok((lease, staged)) => Recv::Write {
                         id: h.request_id,
                         lease,
                         sink,
                         deadline,
+                        staged,
                     },
                     Err(e) => Recv::Discard {
                         id: h.request_id,
@@ -816,6 +854,12 @@ impl ServerConn {
         self.shared.conns.fetch_sub(1, Ordering::AcqRel);
         // Dropping `self` drops every lease it holds, on this loop thread.
     }
+}
+
+/// Wakes the connection being handled in `cx` from another thread (a device copy finished).
+fn loop_waker(cx: &Cx<'_>) -> staging::Waker {
+    let (lp, token) = (cx.handle.clone(), cx.current);
+    Arc::new(move || lp.post(move |cx| cx.wake(token)))
 }
 
 enum Step {

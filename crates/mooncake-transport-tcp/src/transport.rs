@@ -248,7 +248,10 @@ impl Transport for TcpTransport {
     }
 
     fn capabilities(&self) -> TransportCapabilities {
+        // Device memory is staged through pinned host chunks by the installed device runtime
+        // (see `staging`); without one it is refused.
         TransportCapabilities::default()
+            .with_device_memory(mooncake_core::device::device_copier().is_some())
     }
 
     fn publish(&self, d: &mut SegmentDescriptor) {

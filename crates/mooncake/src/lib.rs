@@ -17,6 +17,11 @@ pub use mooncake_transport_tcp as tcp;
 #[cfg_attr(docsrs, doc(cfg(feature = "rdma")))]
 pub use mooncake_transport_rdma as rdma;
 
+/// GPU memory (feature `cuda`): VRAM segments, the device copier, the CUDA IPC transport.
+#[cfg(feature = "cuda")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cuda")))]
+pub use mooncake_cuda as cuda;
+
 /// Names of the transports compiled into this build.
 pub fn compiled_transports() -> Vec<&'static str> {
     let mut v = Vec::new();
@@ -26,12 +31,20 @@ pub fn compiled_transports() -> Vec<&'static str> {
     if cfg!(feature = "rdma") {
         v.push("rdma");
     }
+    if cfg!(feature = "cuda") {
+        v.push("nvlink_intra");
+    }
     v
 }
 
 /// A transport builder for `protocol` with default settings, or a clear error when the
 /// protocol is unknown or was not compiled in.
+///
+/// With feature `cuda`, the CUDA device copier is installed first (no driver is loaded), so
+/// that every transport built here can move device memory.
 pub fn transport_builder(protocol: &str) -> Result<Box<dyn TransportBuilder>> {
+    #[cfg(feature = "cuda")]
+    mooncake_cuda::install();
     #[allow(
         unreachable_patterns,
         reason = "which arms are reachable depends on the features"
@@ -41,6 +54,12 @@ pub fn transport_builder(protocol: &str) -> Result<Box<dyn TransportBuilder>> {
         "tcp" => Ok(Box::new(mooncake_transport_tcp::TcpConfig::new())),
         #[cfg(feature = "rdma")]
         "rdma" => Ok(Box::new(mooncake_transport_rdma::RdmaConfig::from_env()?)),
+        #[cfg(feature = "cuda")]
+        "nvlink_intra" => Ok(Box::new(mooncake_cuda::CudaIpcConfig::new())),
+        "nvlink_intra" => Err(Error::new(
+            ErrorKind::Config,
+            "this build has no CUDA transport: rebuild with `--features cuda`",
+        )),
         known @ ("tcp" | "rdma" | "nvmeof") => Err(Error::new(
             ErrorKind::Config,
             format!(
@@ -50,7 +69,7 @@ pub fn transport_builder(protocol: &str) -> Result<Box<dyn TransportBuilder>> {
         )),
         other => Err(Error::new(
             ErrorKind::Config,
-            format!("unknown protocol {other:?} (known: tcp, rdma, nvmeof)"),
+            format!("unknown protocol {other:?} (known: tcp, rdma, nvmeof, nvlink_intra)"),
         )),
     }
 }

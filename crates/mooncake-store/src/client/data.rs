@@ -139,6 +139,12 @@ impl Inner {
                                 .map_err(|e| {
                                     StoreError::new(StoreErrorCode::InvalidParams, e.to_string())
                                 })?;
+                            if !src.region().location().is_host() {
+                                // Device memory (VRAM): copied by the device runtime.
+                                return map
+                                    .device_copy(off, src, true, self.cfg.transfer_deadline)
+                                    .map_err(|e| transfer_err(e.to_string()));
+                            }
                             map.mem
                                 .copy_in(off, &src)
                                 .map_err(|e| transfer_err(e.to_string()))
@@ -249,6 +255,11 @@ impl Inner {
                                 .map_err(|e| {
                                     StoreError::new(StoreErrorCode::InvalidParams, e.to_string())
                                 })?;
+                            if !dst.region().location().is_host() {
+                                return map
+                                    .device_copy(off, dst, false, self.cfg.transfer_deadline)
+                                    .map_err(|e| transfer_err(e.to_string()));
+                            }
                             map.mem
                                 .copy_out(off, &dst)
                                 .map_err(|e| transfer_err(e.to_string()))

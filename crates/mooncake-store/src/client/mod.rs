@@ -40,11 +40,13 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mooncake_core::{LocalBuffer, MemorySegment, SegmentHandle};
+use mooncake_core::{
+    BufferRegistry, LocalBuffer, MemorySegment, RegionLease, Requester, SegmentHandle,
+};
 use mooncake_engine::TransferEngine;
 
 use self::conn::{Io, MasterConns};
@@ -294,6 +296,50 @@ pub(crate) struct LocalMap {
     /// The segment's base address in its owner's address space (what replica addresses use).
     pub(crate) remote_base: u64,
     pub(crate) mem: Arc<SharedMemory>,
+    /// The mapping as a registered region, for device copies (made on first use).
+    leases: OnceLock<BufferRegistry>,
+}
+
+impl LocalMap {
+    pub(crate) fn new(remote_base: u64, mem: Arc<SharedMemory>) -> Self {
+        Self {
+            remote_base,
+            mem,
+            leases: OnceLock::new(),
+        }
+    }
+
+    /// Copies between the mapping at `offset` and `device` (registered device memory) with
+    /// the installed device runtime, and waits: `into_map` from the device into the
+    /// mapping, else out of it. The CPU never touches device memory.
+    pub(crate) fn device_copy(
+        &self,
+        offset: u64,
+        device: RegionLease,
+        into_map: bool,
+        deadline: Duration,
+    ) -> mooncake_core::Result<()> {
+        let copier = mooncake_core::device::device_copier().ok_or_else(|| {
+            mooncake_core::Error::new(
+                mooncake_core::ErrorKind::Unsupported,
+                "device memory needs a device runtime (no CUDA copier is installed)",
+            )
+        })?;
+        let registry = self.leases.get_or_init(|| {
+            let r = BufferRegistry::new();
+            if let Err(e) = r.register(self.mem.clone()) {
+                tracing::warn!("cannot lease a shared segment for device copies: {e}");
+            }
+            r
+        });
+        let mapped = registry.lease(self.mem.addr() + offset, device.len(), Requester::Local)?;
+        let copy = if into_map {
+            copier.copy(mapped, device)?
+        } else {
+            copier.copy(device, mapped)?
+        };
+        copy.wait(Some(Instant::now() + deadline))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -436,10 +482,7 @@ impl StoreClient {
                 .map_err(|e| invalid(format!("cannot register the segment: {e}")))?;
             maps.insert(
                 name.clone(),
-                Arc::new(LocalMap {
-                    remote_base: mem.addr(),
-                    mem: mem.clone(),
-                }),
+                Arc::new(LocalMap::new(mem.addr(), mem.clone())),
             );
             Some(OwnSegment {
                 name,
