@@ -118,6 +118,10 @@ pub(crate) struct TransferArgs {
     /// `--protocol nvlink_intra`.
     #[arg(long)]
     pinned: bool,
+    /// Encrypt the TCP data path with TLS 1.3 (as `MC_TCP_TLS=1`); `--baseline` stays the
+    /// unencrypted pump, so the ratio is the cost of encryption.
+    #[arg(long)]
+    tls: bool,
 }
 
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
@@ -155,6 +159,7 @@ struct Report {
     verified: bool,
     location: String,
     target_location: String,
+    tls: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     baseline_kind: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -234,7 +239,10 @@ impl Metadata {
                 mooncake::p2p_engine_builder(&store)
             }
         };
-        let tcp = || mooncake::tcp::TcpConfig::new().with_conns_per_path(args.conns);
+        let tcp = || {
+            let c = mooncake::tcp::TcpConfig::new().with_conns_per_path(args.conns);
+            if args.tls { c.with_tls(true) } else { c }
+        };
         match args.protocol.as_str() {
             "tcp" => b = b.with_transport(tcp()),
             // Same-host device memory over CUDA IPC; TCP for what IPC does not reach.
@@ -751,6 +759,7 @@ fn drive(
         verified,
         location: args.location.clone(),
         target_location,
+        tls: args.protocol == "tcp" && (args.tls || mooncake::tcp::TcpConfig::new().tls),
         baseline_kind: None,
         baseline_gb_per_s: None,
         ratio: None,
@@ -1170,8 +1179,9 @@ fn cuda_baseline(_: &TransferArgs, _: &mut Report) -> anyhow::Result<()> {
 
 fn print_report(args: &TransferArgs, r: &Report) -> anyhow::Result<()> {
     println!(
-        "{} {} {} -> {} block={} batch={} threads={} conns={}: {:.3} GB/s, {:.0} ops/s, batch p50 {:.1} µs, p99 {:.1} µs{}",
+        "{}{} {} {} -> {} block={} batch={} threads={} conns={}: {:.3} GB/s, {:.0} ops/s, batch p50 {:.1} µs, p99 {:.1} µs{}",
         r.protocol,
+        if r.tls { "+tls" } else { "" },
         match r.op {
             Op::Read => "read",
             Op::Write => "write",

@@ -18,11 +18,12 @@ use mooncake_core::{Error, ErrorKind, Opcode, Region, RegionLease, SliceComplete
 use tracing::{debug, warn};
 
 use crate::io::{
-    Body, Dest, OutFrame, Progress, RECV_BUF, RecvBuf, Sink, recv_payload, send_frames,
+    Body, Dest, Link, OutFrame, Progress, RECV_BUF, RecvBuf, Sink, recv_payload, send_frames,
 };
 use crate::reactor::{Cx, Entry, LoopHandle, Next, Reactor, Token};
 use crate::staging::{self, StagedIn};
 use crate::sys::{self, Io};
+use crate::tls::{Tls, TlsConfig};
 use crate::wire::{self, FrameKind, Header, Hello, Status};
 
 /// Settings and counters shared by every connection of a transport.
@@ -45,6 +46,8 @@ pub(crate) struct ClientShared {
     pub(crate) stats: Stats,
     /// The cluster secret: targets must prove they hold it, and we prove it to them.
     pub(crate) secret: Option<mooncake_core::ClusterSecret>,
+    /// Connections speak TLS under their frames (see `tls`).
+    pub(crate) tls: Option<Arc<TlsConfig>>,
 }
 
 /// Counters of the client side.
@@ -401,6 +404,7 @@ pub(crate) struct ClientConn {
     peer: Weak<Peer>,
     shared: Arc<ClientShared>,
     sock: socket2::Socket,
+    tls: Option<Tls>,
     lp: Arc<LoopHandle>,
     token: OnceLock<Token>,
     st: Mutex<ConnSt>,
@@ -442,6 +446,10 @@ impl ClientConn {
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
             Err(e) => return Err(ctx(e)),
         }
+        let tls = match &peer.shared.tls {
+            Some(c) => Some(c.connect()?),
+            None => None,
+        };
         peer.shared.conns.fetch_add(1, Ordering::AcqRel);
         peer.shared.stats.connects.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
@@ -465,6 +473,7 @@ impl ClientConn {
             peer: Arc::downgrade(peer),
             shared: peer.shared.clone(),
             sock,
+            tls,
             lp: reactor.next().clone(),
             token: OnceLock::new(),
             st: Mutex::new(ConnSt {
@@ -520,6 +529,24 @@ impl ClientConn {
 
     fn fd(&self) -> RawFd {
         self.sock.as_raw_fd()
+    }
+
+    fn link(&self) -> Link<'_> {
+        Link {
+            fd: self.sock.as_raw_fd(),
+            tls: self.tls.as_ref(),
+        }
+    }
+
+    /// The TLS session's channel binding (empty without TLS), which proofs cover.
+    fn binding(&self) -> Result<Vec<u8>, Error> {
+        match &self.tls {
+            Some(t) => Ok(t
+                .binding()
+                .map_err(|e| self.io_error("TLS channel binding", &e))?
+                .to_vec()),
+            None => Ok(Vec::new()),
+        }
     }
 
     fn peer_name(&self) -> String {
@@ -629,7 +656,7 @@ impl ClientConn {
             st.more = false;
             let mut frames = std::mem::take(&mut st.out);
             drop(st);
-            let r = send_frames(self.fd(), &mut frames, budget);
+            let r = send_frames(self.link(), &mut frames, budget);
             st = self.lock();
             st.sending = false;
             debug_assert!(st.out.is_empty(), "only the sender moves frames into `out`");
@@ -913,6 +940,13 @@ impl ClientIo {
             if st.sending {
                 st.edge = true;
             }
+            drop(st);
+            // TLS records a send left queued when the socket was full go out now.
+            if let Err(e) = c.link().flush() {
+                c.failed.store(true, Ordering::Release);
+                c.close(c.io_error("send", &e));
+                return Next::Close;
+            }
         }
         let mut next = c.kick_send(LOOP_BUDGET);
         if readable {
@@ -934,7 +968,7 @@ impl ClientIo {
 
     fn read(&mut self, cx: &mut Cx<'_>) -> Result<Next, Error> {
         let c = self.conn.clone();
-        let fd = c.fd();
+        let fd = c.link();
         let mut moved = 0u64;
         loop {
             if moved >= LOOP_BUDGET {
@@ -1249,17 +1283,26 @@ impl ClientConn {
             ));
         };
         let (nonce, proof) = payload.split_at(mooncake_core::auth::NONCE_LEN);
+        let binding = self.binding()?;
         if !wire::verify(
             secret,
             wire::TARGET_ROLE,
             &self.hello,
             generation,
             nonce,
+            &binding,
             proof,
         ) {
             return Err(self.refused("it did not prove the cluster secret"));
         }
-        let mine = wire::proof(secret, wire::INITIATOR_ROLE, &self.hello, generation, nonce);
+        let mine = wire::proof(
+            secret,
+            wire::INITIATOR_ROLE,
+            &self.hello,
+            generation,
+            nonce,
+            &binding,
+        );
         {
             let mut st = self.lock();
             st.proven = true;

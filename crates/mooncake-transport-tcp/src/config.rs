@@ -45,6 +45,18 @@ pub struct TcpConfig {
     /// ahead of it on its connection) at this rate, so a peer that trickles bytes cannot
     /// hold it forever.
     pub min_rate: u64,
+    /// Encrypt every connection with TLS 1.3 (needs the `tls` feature). Default: on when
+    /// the environment has `MC_TCP_TLS=1` (or `true`). A target with TLS on refuses plain
+    /// connections and says so in its descriptor; an initiator with TLS on refuses targets
+    /// that do not offer it.
+    pub tls: bool,
+}
+
+/// `MC_TCP_TLS` as a flag.
+fn tls_from_env() -> bool {
+    std::env::var("MC_TCP_TLS")
+        .map(|v| matches!(v.trim(), "1" | "true" | "yes" | "on"))
+        .unwrap_or(false)
 }
 
 impl Default for TcpConfig {
@@ -63,6 +75,7 @@ impl Default for TcpConfig {
             socket_buffer: None,
             idle_timeout: Duration::from_secs(60),
             min_rate: 1 << 20,
+            tls: tls_from_env(),
         }
     }
 }
@@ -148,6 +161,12 @@ impl TcpConfig {
     /// The slowest rate a request may move at before it fails (see [`Self::min_rate`]).
     pub fn with_min_rate(mut self, bytes_per_sec: u64) -> Self {
         self.min_rate = bytes_per_sec;
+        self
+    }
+
+    /// Turns TLS of every connection on or off.
+    pub fn with_tls(mut self, on: bool) -> Self {
+        self.tls = on;
         self
     }
 

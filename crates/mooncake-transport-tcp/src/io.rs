@@ -11,7 +11,63 @@ use mooncake_core::device::DeviceCopy;
 
 use crate::staging::{StagedIn, StagedOut, recv_staged};
 use crate::sys::{self, Chunk, Io};
+use crate::tls::Tls;
 use crate::wire::HEADER_LEN;
+
+/// A connection's byte stream: its socket, through its TLS session when it has one.
+#[derive(Clone, Copy)]
+pub(crate) struct Link<'a> {
+    /// The non-blocking socket.
+    pub(crate) fd: RawFd,
+    /// The TLS session over it, if any.
+    pub(crate) tls: Option<&'a Tls>,
+}
+
+impl<'a> Link<'a> {
+    /// A link with no TLS.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn plain(fd: RawFd) -> Self {
+        Self { fd, tls: None }
+    }
+
+    /// One non-blocking receive into `buf`.
+    pub(crate) fn recv(self, buf: &mut [u8]) -> io::Result<Io> {
+        match self.tls {
+            None => sys::recv(self.fd, buf),
+            Some(t) => t.recv(self.fd, buf),
+        }
+    }
+
+    /// One non-blocking receive of up to `len` bytes into `lease` at `offset`.
+    pub(crate) fn recv_into_lease(
+        self,
+        lease: &RegionLease,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Io> {
+        match self.tls {
+            None => sys::recv_into_lease(self.fd, lease, offset, len),
+            Some(t) => t.recv_into_lease(self.fd, lease, offset, len),
+        }
+    }
+
+    /// One non-blocking gathered send.
+    pub(crate) fn send_chunks(self, chunks: &[Chunk<'_>]) -> io::Result<Io> {
+        match self.tls {
+            None => sys::send_chunks(self.fd, chunks),
+            Some(t) => t.send_chunks(self.fd, chunks),
+        }
+    }
+
+    /// Writes out what the TLS session still holds; true when nothing is left (always, with
+    /// no TLS: plain sends leave nothing behind).
+    pub(crate) fn flush(self) -> io::Result<bool> {
+        match self.tls {
+            None => Ok(true),
+            Some(t) => t.flush(self.fd),
+        }
+    }
+}
 
 /// Payloads at least this long, once the buffered part is used, are received directly into
 /// their destination instead of through the buffer.
@@ -45,7 +101,7 @@ impl RecvBuf {
     }
 
     /// One non-blocking `recv` of whatever is available into the free space.
-    pub(crate) fn fill(&mut self, fd: RawFd) -> io::Result<Io> {
+    pub(crate) fn fill(&mut self, link: Link<'_>) -> io::Result<Io> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -54,7 +110,7 @@ impl RecvBuf {
             self.end -= self.start;
             self.start = 0;
         }
-        let r = sys::recv(fd, &mut self.buf[self.end..])?;
+        let r = link.recv(&mut self.buf[self.end..])?;
         if let Io::Done(n) = r {
             self.end += n;
         }
@@ -117,7 +173,7 @@ pub(crate) enum Progress {
 /// `moved` counts the bytes taken from the socket or the buffer; `budget` bounds them for
 /// this call. A closed peer is an `UnexpectedEof` error.
 pub(crate) fn recv_payload(
-    fd: RawFd,
+    link: Link<'_>,
     rb: &mut RecvBuf,
     sink: &mut Sink,
     mut dest: Dest<'_>,
@@ -125,7 +181,7 @@ pub(crate) fn recv_payload(
     moved: &mut u64,
 ) -> io::Result<Progress> {
     if let Dest::Staged(s) = dest {
-        return recv_staged(fd, rb, sink, s, budget, moved);
+        return recv_staged(link, rb, sink, s, budget, moved);
     }
     let start = *moved;
     while sink.got < sink.len {
@@ -148,9 +204,9 @@ pub(crate) fn recv_payload(
         let r = match &dest {
             Dest::Lease(l) if left >= DIRECT_MIN => {
                 let want = left.min(budget.max(DIRECT_MIN)) as usize;
-                sys::recv_into_lease(fd, l, sink.got, want)?
+                link.recv_into_lease(l, sink.got, want)?
             }
-            _ => rb.fill(fd)?,
+            _ => rb.fill(link)?,
         };
         match r {
             Io::Done(n) => {
@@ -252,7 +308,11 @@ pub(crate) struct Sent {
 
 /// Writes queued frames with gathered non-blocking writes until the queue is empty, the
 /// socket is full, or `budget` bytes were written. Fully written frames are removed.
-pub(crate) fn send_frames(fd: RawFd, q: &mut VecDeque<OutFrame>, budget: u64) -> io::Result<Sent> {
+pub(crate) fn send_frames(
+    link: Link<'_>,
+    q: &mut VecDeque<OutFrame>,
+    budget: u64,
+) -> io::Result<Sent> {
     const FRAMES_PER_CALL: usize = 64;
     let mut sent = Sent {
         bytes: 0,
@@ -311,7 +371,7 @@ pub(crate) fn send_frames(fd: RawFd, q: &mut VecDeque<OutFrame>, budget: u64) ->
             sent.waiting = true;
             return Ok(sent);
         }
-        let n = match sys::send_chunks(fd, &chunks)? {
+        let n = match link.send_chunks(&chunks)? {
             Io::Done(n) => n as u64,
             Io::WouldBlock => {
                 sent.would_block = true;
@@ -384,14 +444,14 @@ mod tests {
             for (head, body) in &frames {
                 let h = loop {
                     if let Some(h) = rb.take_header() { break h; }
-                    if rb.fill(fd).unwrap() == Io::WouldBlock { wait(); }
+                    if rb.fill(Link::plain(fd)).unwrap() == Io::WouldBlock { wait(); }
                 };
                 prop_assert_eq!(&h, head);
                 if body.is_empty() { continue; }
                 let lease = reg.lease(mem.base(), body.len() as u64, Requester::Local).unwrap();
                 let mut sink = Sink { got: 0, len: body.len() as u64 };
                 let mut moved = 0;
-                while recv_payload(fd, &mut rb, &mut sink, Dest::Lease(&lease), u64::MAX, &mut moved).unwrap() != Progress::Done {
+                while recv_payload(Link::plain(fd), &mut rb, &mut sink, Dest::Lease(&lease), u64::MAX, &mut moved).unwrap() != Progress::Done {
                     wait();
                 }
                 prop_assert_eq!(&mem.to_vec()[..body.len()], &body[..]);
@@ -421,7 +481,7 @@ mod tests {
                 got
             });
             while !q.is_empty() {
-                let s = send_frames(a.as_raw_fd(), &mut q, 1 << 16).unwrap();
+                let s = send_frames(Link::plain(a.as_raw_fd()), &mut q, 1 << 16).unwrap();
                 if s.would_block { std::thread::sleep(std::time::Duration::from_micros(100)); }
             }
             prop_assert_eq!(reader.join().unwrap(), expect);

@@ -22,11 +22,12 @@ use mooncake_core::{BufferRegistry, Region, RegionLease, Requester};
 use tracing::{debug, warn};
 
 use crate::io::{
-    Body, Dest, OutFrame, Progress, RECV_BUF, RecvBuf, Sink, recv_payload, send_frames,
+    Body, Dest, Link, OutFrame, Progress, RECV_BUF, RecvBuf, Sink, recv_payload, send_frames,
 };
 use crate::reactor::{Cx, Entry, LoopHandle, Next, Reactor, Token};
 use crate::staging::{self, StagedIn};
 use crate::sys::{self, Io};
+use crate::tls::{Tls, TlsConfig};
 use crate::wire::{self, FrameKind, Header, Hello, MAX_CONTROL_PAYLOAD, Status};
 
 /// Shared state of the target side of one transport.
@@ -49,6 +50,8 @@ pub(crate) struct ServerShared {
     pub(crate) socket_buffer: Option<usize>,
     /// Initiators must prove they hold it before anything else happens.
     pub(crate) secret: Option<mooncake_core::ClusterSecret>,
+    /// Every connection speaks TLS under its frames (see `tls`).
+    pub(crate) tls: Option<Arc<TlsConfig>>,
     /// The connections of every initiator and the highest epoch each used.
     pub(crate) fences: Mutex<HashMap<FenceKey, Fence>>,
 }
@@ -146,8 +149,17 @@ impl ListenerIo {
                 let _ = sock.set_send_buffer_size(size);
                 let _ = sock.set_recv_buffer_size(size);
             }
+            let tls = match self.shared.tls.as_ref().map(|c| c.accept()) {
+                None => None,
+                Some(Ok(t)) => Some(Box::new(t)),
+                Some(Err(e)) => {
+                    warn!("tcp target cannot start TLS on a connection: {e}");
+                    sys::abort(&sock);
+                    continue;
+                }
+            };
             self.shared.conns.fetch_add(1, Ordering::AcqRel);
-            let conn = ServerConn::new(sock, self.shared.clone(), cx.now);
+            let conn = ServerConn::new(sock, tls, self.shared.clone(), cx.now);
             if let Err(e) = cx.add(Entry::Server(Box::new(conn)), true) {
                 warn!("tcp target cannot watch a connection: {e}");
             }
@@ -206,6 +218,7 @@ enum Recv {
 /// One target connection.
 pub(crate) struct ServerConn {
     sock: socket2::Socket,
+    tls: Option<Box<Tls>>,
     shared: Arc<ServerShared>,
     rb: RecvBuf,
     phase: Phase,
@@ -262,8 +275,14 @@ fn fence_done(cx: &mut Cx<'_>, token: Token) {
 }
 
 impl ServerConn {
-    fn new(sock: socket2::Socket, shared: Arc<ServerShared>, now: Instant) -> Self {
+    fn new(
+        sock: socket2::Socket,
+        tls: Option<Box<Tls>>,
+        shared: Arc<ServerShared>,
+        now: Instant,
+    ) -> Self {
         Self {
+            tls,
             phase: Phase::Hello {
                 deadline: now + shared.timeout,
             },
@@ -287,6 +306,21 @@ impl ServerConn {
         self.sock.as_raw_fd()
     }
 
+    fn link(&self) -> Link<'_> {
+        Link {
+            fd: self.sock.as_raw_fd(),
+            tls: self.tls.as_deref(),
+        }
+    }
+
+    /// The TLS session's channel binding (empty without TLS), which proofs cover.
+    fn binding(&self) -> std::io::Result<Vec<u8>> {
+        match &self.tls {
+            Some(t) => Ok(t.binding()?.to_vec()),
+            None => Ok(Vec::new()),
+        }
+    }
+
     pub(crate) fn shared(&self) -> &Arc<ServerShared> {
         &self.shared
     }
@@ -303,10 +337,27 @@ impl ServerConn {
 
     /// Sends what is queued, as far as the socket allows. Returns false on a broken socket.
     fn flush(&mut self) -> bool {
-        if self.out.is_empty() || self.blocked {
+        if self.blocked {
             return true;
         }
-        match send_frames(self.fd(), &mut self.out, BUDGET) {
+        if self.out.is_empty() {
+            // TLS records still queued from the last send go out now.
+            return match self.link().flush() {
+                Ok(done) => {
+                    self.blocked = !done;
+                    true
+                }
+                Err(e) => {
+                    debug!("tcp target send failed: {e}");
+                    false
+                }
+            };
+        }
+        let link = Link {
+            fd: self.sock.as_raw_fd(),
+            tls: self.tls.as_deref(),
+        };
+        match send_frames(link, &mut self.out, BUDGET) {
             Ok(s) => {
                 if s.bytes > 0 {
                     self.last_progress = Instant::now();
@@ -347,7 +398,7 @@ impl ServerConn {
             return Next::Close;
         }
         if self.closing {
-            return if self.out.is_empty() {
+            return if self.out.is_empty() && !self.blocked {
                 Next::Close
             } else {
                 Next::Idle
@@ -390,7 +441,7 @@ impl ServerConn {
     fn close_after_flush(&mut self) -> Next {
         self.closing = true;
         let _ = self.flush();
-        if self.out.is_empty() {
+        if self.out.is_empty() && !self.blocked {
             Next::Close
         } else {
             Next::Idle
@@ -398,7 +449,10 @@ impl ServerConn {
     }
 
     fn step(&mut self, cx: &mut Cx<'_>, moved: &mut u64) -> std::io::Result<Step> {
-        let fd = self.fd();
+        let fd = Link {
+            fd: self.sock.as_raw_fd(),
+            tls: self.tls.as_deref(),
+        };
         match &mut self.recv {
             Recv::Header => {
                 let Some(raw) = self.rb.take_header() else {
@@ -459,6 +513,7 @@ impl ServerConn {
                     &hello,
                     self.shared.generation,
                     &nonce,
+                    &self.binding()?,
                     &buf,
                 ) {
                     warn!(
@@ -649,6 +704,7 @@ impl ServerConn {
                 &hello,
                 self.shared.generation,
                 &nonce,
+                &self.binding()?,
             );
             let mut payload = nonce.to_vec();
             payload.extend_from_slice(&proof);

@@ -17,13 +17,12 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use mooncake_core::device::{DeviceCopier, DeviceCopy, device_copier};
 use mooncake_core::{BufferRegistry, Error, ErrorKind, RegionLease, Requester};
 
-use crate::io::{Body, Progress, RecvBuf, Sink};
+use crate::io::{Body, Link, Progress, RecvBuf, Sink};
 use crate::sys::{self, Io};
 
 /// Bytes per pinned chunk.
@@ -375,7 +374,7 @@ fn arrive<F: FnOnce(Result<(), Error>)>(join: &Mutex<Join<F>>, r: Option<&Result
 /// Receives as much of a payload bound for device memory as is available (the counterpart
 /// of `io::recv_payload` for a [`StagedIn`]).
 pub(crate) fn recv_staged(
-    fd: RawFd,
+    link: Link<'_>,
     rb: &mut RecvBuf,
     sink: &mut Sink,
     s: &mut StagedIn,
@@ -397,7 +396,7 @@ pub(crate) fn recv_staged(
                 sys::copy_into_lease(chunk, off, bytes);
                 bytes.len() as u64
             } else {
-                match sys::recv_into_lease(fd, chunk, off, want as usize)? {
+                match link.recv_into_lease(chunk, off, want as usize)? {
                     Io::Done(n) => n as u64,
                     Io::WouldBlock => return Ok(Progress::Blocked),
                     Io::Eof => {

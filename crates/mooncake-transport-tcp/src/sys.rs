@@ -203,6 +203,24 @@ pub(crate) fn copy_into_lease(lease: &RegionLease, offset: u64, src: &[u8]) {
     };
 }
 
+/// Copies `dst.len()` bytes of `lease` at `offset` into `dst`. Panics if they run past it.
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+pub(crate) fn copy_from_lease(lease: &RegionLease, offset: u64, dst: &mut [u8]) {
+    assert!(
+        offset + dst.len() as u64 <= lease.len(),
+        "copy past the lease"
+    );
+    // SAFETY: in bounds (checked above) of a leased, registered range valid for reads;
+    // `dst` is a safe exclusive slice, which cannot alias registered memory.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            lease.as_ptr().add(offset as usize),
+            dst.as_mut_ptr(),
+            dst.len(),
+        )
+    };
+}
+
 /// One piece of a gathered send: a safe byte slice, or part of a leased range.
 pub(crate) enum Chunk<'a> {
     /// Bytes the caller owns (headers, messages).

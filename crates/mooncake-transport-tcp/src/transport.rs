@@ -16,9 +16,13 @@ use crate::client::{ClientShared, Peer, Slice, Stats};
 use crate::config::TcpConfig;
 use crate::reactor::{Entry, Reactor};
 use crate::server::{ListenerIo, ServerShared};
+use crate::tls::TlsConfig;
 
 /// The protocol name published in descriptors.
 pub const TCP_SCHEME: &str = "tcp";
+
+/// The descriptor field (in `extra`) that says a target speaks TLS under its frames.
+pub const TLS_FIELD: &str = "tcp_tls";
 
 /// The framing version published as `tcp_proto_version` (acknowledged writes).
 pub const TCP_PROTO_VERSION: u32 = 2;
@@ -84,6 +88,17 @@ impl TcpTransport {
                     .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             );
         }
+        let tls = if cfg.tls {
+            Some(Arc::new(TlsConfig::new()?))
+        } else {
+            None
+        };
+        if tls.is_some() && ctx.secret.is_none() {
+            tracing::warn!(
+                "tcp transport TLS without a cluster secret: traffic is encrypted, but peers \
+                 are not authenticated (set MC_CLUSTER_SECRET_FILE)"
+            );
+        }
         let server = Arc::new(ServerShared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry: ctx.registry.clone(),
@@ -98,6 +113,7 @@ impl TcpTransport {
             closed: AtomicBool::new(false),
             socket_buffer: cfg.socket_buffer,
             secret: ctx.secret.clone(),
+            tls: tls.clone(),
             fences: Default::default(),
         });
         let mut listen_addrs = Vec::new();
@@ -151,6 +167,7 @@ impl TcpTransport {
             conns: AtomicUsize::new(0),
             stats: Stats::default(),
             secret: ctx.secret.clone(),
+            tls,
         });
         Ok(Self {
             cfg,
@@ -214,6 +231,18 @@ impl TcpTransport {
                 ),
             ));
         }
+        let offers_tls = d.extra.get(TLS_FIELD).and_then(|v| v.as_bool()) == Some(true);
+        if offers_tls != self.cfg.tls {
+            let why = if self.cfg.tls {
+                "does not offer TLS on its tcp transport, which this engine requires (MC_TCP_TLS)"
+            } else {
+                "requires TLS on its tcp transport: set MC_TCP_TLS=1 (or TcpConfig::with_tls)"
+            };
+            return Err(
+                Error::new(ErrorKind::Config, format!("segment {:?} {why}", d.name))
+                    .with_temporary(false),
+            );
+        }
         let p = Peer::new(d.name.clone(), d.generation, paths, self.client.clone());
         peers.insert(d.name.clone(), p.clone());
         Ok(p)
@@ -258,6 +287,10 @@ impl Transport for TcpTransport {
         d.tcp_data_port = self.listen_addrs[0].port();
         d.tcp_proto_version = TCP_PROTO_VERSION;
         d.tcp_data_addrs = self.listen_addrs.iter().map(|a| a.to_string()).collect();
+        if self.cfg.tls {
+            d.extra
+                .insert(TLS_FIELD.to_string(), serde_json::Value::Bool(true));
+        }
     }
 
     fn can_reach(&self, remote: &RemoteSegment) -> bool {

@@ -312,17 +312,19 @@ impl Hello {
 
 /// A proof of `role` for the connection `hello` opened to a target of `target_generation`
 /// that answered with `target_nonce`: it covers who talks to whom, under which generations
-/// and epoch, with both nonces, so it is good for this connection only.
+/// and epoch, with both nonces, and `binding` (the TLS session's exported value, empty
+/// without TLS), so it is good for this connection only.
 pub fn proof(
     secret: &ClusterSecret,
     role: &[u8],
     hello: &Hello,
     target_generation: u64,
     target_nonce: &[u8],
+    binding: &[u8],
 ) -> [u8; mooncake_core::auth::PROOF_LEN] {
     secret.prove(
         role,
-        &transcript(hello, target_generation, target_nonce)
+        &transcript(hello, target_generation, target_nonce, binding)
             .each_ref()
             .map(|v| v.as_slice()),
     )
@@ -335,18 +337,24 @@ pub fn verify(
     hello: &Hello,
     target_generation: u64,
     target_nonce: &[u8],
+    binding: &[u8],
     proof: &[u8],
 ) -> bool {
     secret.verify(
         role,
-        &transcript(hello, target_generation, target_nonce)
+        &transcript(hello, target_generation, target_nonce, binding)
             .each_ref()
             .map(|v| v.as_slice()),
         proof,
     )
 }
 
-fn transcript(hello: &Hello, target_generation: u64, target_nonce: &[u8]) -> [Vec<u8>; 7] {
+fn transcript(
+    hello: &Hello,
+    target_generation: u64,
+    target_nonce: &[u8],
+    binding: &[u8],
+) -> [Vec<u8>; 8] {
     [
         hello.target.as_bytes().to_vec(),
         target_generation.to_le_bytes().to_vec(),
@@ -355,6 +363,7 @@ fn transcript(hello: &Hello, target_generation: u64, target_nonce: &[u8]) -> [Ve
         hello.epoch.to_le_bytes().to_vec(),
         hello.nonce.to_vec(),
         target_nonce.to_vec(),
+        binding.to_vec(),
     ]
 }
 

@@ -39,3 +39,29 @@ impl TransportHarness for TcpAuth {
 }
 
 transport_suite!(tcp_auth, || Some(TcpAuth));
+
+/// The same suite over TLS, with a cluster secret (proofs bound to the TLS session).
+#[cfg(feature = "tls")]
+struct TcpTls;
+
+#[cfg(feature = "tls")]
+impl TransportHarness for TcpTls {
+    fn name(&self) -> &str {
+        "tcp+tls"
+    }
+    fn builder(&self) -> Box<dyn TransportBuilder> {
+        Box::new(
+            TcpConfig::new()
+                .with_stripe_min(64 << 10)
+                .with_max_slice(1 << 20)
+                .with_conns_per_path(3)
+                .with_tls(true),
+        )
+    }
+    fn secret(&self) -> Option<mooncake_core::ClusterSecret> {
+        TcpAuth.secret()
+    }
+}
+
+#[cfg(feature = "tls")]
+transport_suite!(tcp_tls, || Some(TcpTls));
