@@ -238,7 +238,8 @@ impl CacheIndex {
     }
 
     /// [`match_prefix`](Self::match_prefix) over the instances in `mask` only (the others
-    /// get 0), with `extra(key)` added to each key's holders (the expected view).
+    /// get 0), with `extra(key)` added to each key's holders (the expected view; called only
+    /// for keys some instance still matching lacks in the index).
     pub fn match_prefix_masked(
         &self,
         keys: &[u64],
@@ -261,7 +262,13 @@ impl CacheIndex {
             set &= set - 1;
         }
         for (i, &k) in keys.iter().enumerate() {
-            let h = (self.holders(k) | extra(k)) & alive;
+            let held = self.holders(k) & alive;
+            // The expected view can only add instances the index does not already give.
+            let h = if held == alive {
+                held
+            } else {
+                (held | extra(k)) & alive
+            };
             let mut dropped = alive & !h;
             while dropped != 0 {
                 let b = dropped.trailing_zeros();
