@@ -399,6 +399,8 @@ pub struct Conductor {
     rng: SplitMix64,
     rr_next: u32,
     scratch: Vec<u32>,
+    /// Per instance, the part of its prefix match the index holds (the rest is expected).
+    scratch_indexed: Vec<u32>,
     decode_time_sum: f64,
     decode_time_n: u64,
     decode_time_hist: DurationHistogram,
@@ -463,6 +465,7 @@ impl Conductor {
             rng: SplitMix64::new(cfg.seed),
             rr_next: 0,
             scratch: Vec::new(),
+            scratch_indexed: Vec::new(),
             decode_time_sum: 0.0,
             decode_time_n: 0,
             decode_time_hist: DurationHistogram::default(),
@@ -745,8 +748,14 @@ impl Conductor {
                 .match_prefix_masked(&req.block_hashes, np, holders, &mut lens, |_| 0)
         } else {
             let ex = &self.expected;
-            self.index
-                .match_prefix_masked(&req.block_hashes, np, holders, &mut lens, |k| ex.get(k))
+            self.index.match_prefix_split(
+                &req.block_hashes,
+                np,
+                holders,
+                &mut lens,
+                &mut self.scratch_indexed,
+                |k| ex.get(k),
+            )
         };
         let start = self.rr_next % np;
         let chosen = match self.cfg.policy {
@@ -1027,6 +1036,13 @@ impl Scheduler for Conductor {
             });
         }
         let c = self.pick_prefill(req, now_s);
+        // The chosen instance's prefix the index holds (`pick_prefill` matched against the
+        // expected view only when it was not empty).
+        let indexed_prefix = if self.expected.is_empty() {
+            self.scratch[c.instance as usize]
+        } else {
+            self.scratch_indexed[c.instance as usize]
+        } as usize;
         let (d, tbt) = self.pick_decode(req);
         if let Some(r) = self.admit(req, &c, d, tbt, now_s) {
             self.stats.rejected += 1;
@@ -1064,16 +1080,7 @@ impl Scheduler for Conductor {
             // changes no match while it is held, and the event that removes it from the index
             // (`BlocksRemoved`, a clear) settles such an expectation in the same step.
             let keys = &req.block_hashes;
-            let local = self.scratch[c.instance as usize] as usize;
-            let bit = 1u128 << c.instance;
-            let held = if self.expected.is_empty() {
-                local
-            } else {
-                keys[..local]
-                    .iter()
-                    .position(|&k| self.index.holders(k) & bit == 0)
-                    .unwrap_or(local)
-            };
+            let held = indexed_prefix.min(keys.len());
             if held < keys.len() {
                 let mut buf = self.expected_pool.pop().unwrap_or_default();
                 buf.extend_from_slice(&keys[held..]);
