@@ -106,12 +106,14 @@ pub async fn follow(
             stream.reconnected = true;
         }
         let mut connections = 0u64;
+        let mut monitoring = true;
         backoff = Duration::from_millis(50);
         tracing::info!(instance = name, endpoint, "following KV events");
         loop {
             let msg = tokio::select! {
                 biased;
-                ev = monitor.next() => {
+                ev = monitor.next(), if monitoring => {
+                    monitoring = ev.is_some();
                     if let Some(zeromq::SocketEvent::Connected(..)) = ev {
                         connections += 1;
                         if connections > 1 {
