@@ -51,6 +51,27 @@ pub async fn replay_from(endpoint: &str, start: u64) -> anyhow::Result<Vec<(u64,
     .map_err(|_| anyhow::anyhow!("replay from {endpoint} timed out"))?
 }
 
+/// One stream's subscriber state: the sequence tracker plus what tells a publisher that came
+/// back on the same endpoint (restarted, or resuming its numbering) from the one we followed.
+#[derive(Debug, Default)]
+pub(crate) struct Stream {
+    tracker: SeqTracker,
+    /// The last sequence number received live: one publisher's live stream only goes up.
+    last_live: Option<u64>,
+    /// Digest of the payload of the last batch applied (`tracker.next() - 1`): a replay that
+    /// starts at that batch shows whether the publisher still has the same history.
+    last_digest: Option<u64>,
+    /// A new connection to the publisher was made since the last live batch.
+    reconnected: bool,
+}
+
+fn digest(payload: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    payload.hash(&mut h);
+    h.finish()
+}
+
 /// Follows one instance's KV event stream until the task is aborted (deregistration).
 pub async fn follow(
     svc: Arc<Service>,
@@ -59,10 +80,15 @@ pub async fn follow(
     replay: Option<String>,
     topic: String,
 ) {
-    let mut tracker = SeqTracker::default();
+    use futures_util::StreamExt;
+    let mut stream = Stream::default();
     let mut backoff = Duration::from_millis(50);
+    let mut sockets = 0u64;
     loop {
         let mut sub = SubSocket::new();
+        // The socket reconnects by itself when the publisher goes away; its monitor reports
+        // each connection, so the first batch after a reconnection is checked for continuity.
+        let mut monitor = sub.monitor();
         let connected = async {
             sub.connect(&endpoint).await?;
             sub.subscribe(&topic).await?;
@@ -75,10 +101,31 @@ pub async fn follow(
             backoff = (backoff * 2).min(Duration::from_secs(2));
             continue;
         }
+        sockets += 1;
+        if sockets > 1 {
+            stream.reconnected = true;
+        }
+        let mut connections = 0u64;
+        let mut monitoring = true;
         backoff = Duration::from_millis(50);
         tracing::info!(instance = name, endpoint, "following KV events");
         loop {
-            let msg = match sub.recv().await {
+            let msg = tokio::select! {
+                biased;
+                ev = monitor.next(), if monitoring => {
+                    monitoring = ev.is_some();
+                    if let Some(zeromq::SocketEvent::Connected(..)) = ev {
+                        connections += 1;
+                        if connections > 1 {
+                            tracing::info!(instance = name, endpoint, "KV publisher reconnected");
+                            stream.reconnected = true;
+                        }
+                    }
+                    continue;
+                }
+                m = sub.recv() => m,
+            };
+            let msg = match msg {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(instance = name, "KV event stream: {e}; reconnecting");
@@ -96,62 +143,139 @@ pub async fn follow(
                     continue;
                 }
             };
-            on_batch(&svc, &name, replay.as_deref(), &mut tracker, seq, &payload).await;
+            on_batch(&svc, &name, replay.as_deref(), &mut stream, seq, &payload).await;
         }
     }
 }
 
-/// Applies one live batch, recovering a gap before it.
-async fn on_batch(
+async fn replay_or_empty(name: &str, replay: Option<&str>, start: u64) -> Vec<(u64, Bytes)> {
+    match replay {
+        Some(ep) => replay_from(ep, start).await.unwrap_or_else(|e| {
+            tracing::warn!(instance = name, "replay failed: {e}");
+            Vec::new()
+        }),
+        None => Vec::new(),
+    }
+}
+
+/// Forgets the instance's view and the stream (its publisher started over).
+fn restart(svc: &Service, name: &str, st: &mut Stream) {
+    tracing::info!(
+        instance = name,
+        "KV publisher restarted: rebuilding its view"
+    );
+    svc.with_state(|s| s.clear_view(name));
+    st.tracker.reset();
+    st.last_digest = None;
+}
+
+/// After a reconnection: asks the replay for the last batch applied onwards. If the publisher
+/// still has that batch, byte for byte, it is the stream we followed (resuming): the batches
+/// after it are applied and `true` returned. Otherwise (another history, no replay socket, or
+/// a buffer that no longer reaches back) `false`.
+async fn resumes(svc: &Service, name: &str, replay: Option<&str>, st: &mut Stream) -> bool {
+    let Some(last) = st.tracker.next().and_then(|n| n.checked_sub(1)) else {
+        return false;
+    };
+    let batches = replay_or_empty(name, replay, last).await;
+    let same = batches
+        .first()
+        .is_some_and(|(s, p)| *s == last && Some(digest(p)) == st.last_digest);
+    if same {
+        for (s, p) in &batches[1..] {
+            if *s != st.tracker.next().unwrap_or(0) {
+                break;
+            }
+            apply(svc, name, p);
+            st.tracker.applied(*s);
+            st.last_digest = Some(digest(p));
+        }
+    }
+    tracing::info!(
+        instance = name,
+        last,
+        same,
+        "KV stream continuity after reconnection"
+    );
+    same
+}
+
+/// Applies one live batch, recovering a gap before it and a publisher restart.
+pub(crate) async fn on_batch(
     svc: &Service,
     name: &str,
     replay: Option<&str>,
-    tracker: &mut SeqTracker,
+    st: &mut Stream,
     seq: u64,
     payload: &[u8],
 ) {
-    match tracker.check(seq) {
+    let backwards = st.last_live.is_some_and(|l| seq <= l);
+    let reconnected = std::mem::take(&mut st.reconnected);
+    st.last_live = Some(seq);
+    // A live stream that went back, or a new connection to a publisher that no longer has
+    // the history we applied: a new publisher on the same endpoint.
+    if backwards
+        || (reconnected && st.tracker.next().is_some() && !resumes(svc, name, replay, st).await)
+    {
+        restart(svc, name, st);
+    }
+    match st.tracker.check(seq) {
         SeqVerdict::Duplicate => return,
         SeqVerdict::InOrder => {}
-        SeqVerdict::Restarted => {
+        SeqVerdict::Restarted => restart(svc, name, st),
+        SeqVerdict::Gap { expected, .. } => {
+            // A first batch past 0 means we joined late (or the publisher restarted): the
+            // replay rebuilds as much of the history as the publisher still buffers. Later,
+            // the replay starts at the last batch applied, which must come back unchanged (else
+            // the publisher is another one: its view is rebuilt from its own history), and a
+            // gap is recovered only if the replay runs without holes from there; otherwise the
+            // view is cleared and rebuilt from what the replay and the live stream bring.
+            let mut first = st.tracker.next().is_none();
+            let mut batches = if first {
+                replay_or_empty(name, replay, 0).await
+            } else {
+                let anchor = expected - 1;
+                let mut b = replay_or_empty(name, replay, anchor).await;
+                match b.first() {
+                    Some((s, p)) if *s == anchor && Some(digest(p)) == st.last_digest => {
+                        b.remove(0);
+                        b
+                    }
+                    Some((s, _)) if *s == anchor => {
+                        restart(svc, name, st);
+                        first = true;
+                        replay_or_empty(name, replay, 0).await
+                    }
+                    _ => b,
+                }
+            };
+            let start = if first { 0 } else { expected };
+            // Complete: every batch of [start, seq) came back, in order.
+            let complete = batches.first().is_some_and(|(s, _)| *s == start)
+                && batches.windows(2).all(|w| w[1].0 == w[0].0 + 1)
+                && batches.last().is_some_and(|(s, _)| s + 1 >= seq);
             tracing::info!(
                 instance = name,
-                "KV publisher restarted: rebuilding its view"
+                expected = start,
+                got = seq,
+                complete,
+                "KV event gap"
             );
-            svc.with_state(|s| s.clear_view(name));
-            tracker.reset();
-        }
-        SeqVerdict::Gap { expected, got } => {
-            // A first batch past 0 means we joined late: the replay rebuilds as much of the
-            // history as the publisher still buffers. Later, a gap is recovered only if the
-            // replay starts exactly where we stopped; otherwise the view is cleared and
-            // rebuilt from what the replay and the live stream bring.
-            let first = tracker.next().is_none();
-            let batches = match replay {
-                Some(ep) => replay_from(ep, expected).await.unwrap_or_else(|e| {
-                    tracing::warn!(instance = name, "replay failed: {e}");
-                    Vec::new()
-                }),
-                None => Vec::new(),
-            };
-            // Complete: every batch of [expected, got) came back, in order.
-            let complete = batches.first().is_some_and(|(s, _)| *s == expected)
-                && batches.windows(2).all(|w| w[1].0 == w[0].0 + 1)
-                && batches.last().is_some_and(|(s, _)| s + 1 >= got);
-            tracing::info!(instance = name, expected, got, complete, "KV event gap");
             if !first {
                 svc.with_state(|s| s.kv_gap(name, complete));
             }
+            batches.retain(|(s, _)| *s >= start);
             let mut last: Option<u64> = None;
             for (s, p) in &batches {
                 if last.is_some_and(|l| *s <= l) {
                     continue;
                 }
                 apply(svc, name, p);
+                st.last_digest = Some(digest(p));
                 last = Some(*s);
             }
             if let Some(l) = last {
-                tracker.applied(l);
+                st.tracker.applied(l);
                 if seq <= l {
                     return;
                 }
@@ -159,7 +283,8 @@ async fn on_batch(
         }
     }
     apply(svc, name, payload);
-    tracker.applied(seq);
+    st.tracker.applied(seq);
+    st.last_digest = Some(digest(payload));
 }
 
 fn apply(svc: &Service, name: &str, payload: &[u8]) {
@@ -198,8 +323,9 @@ mod tests {
         svc.with_state(|s| s.conductor().index().holders(h) != 0)
     }
 
-    /// The subscriber's sequence handling without sockets (no replay endpoint): in order,
-    /// duplicate, gap (view cleared, rebuilt from what follows), publisher restart.
+    /// The subscriber's sequence handling without sockets (no replay endpoint): in order, a
+    /// live stream going back (a restarted publisher whose first batches were missed), gap
+    /// (view cleared, rebuilt from what follows), publisher restart.
     #[tokio::test]
     async fn sequence_numbers_drive_the_view() {
         let svc = Service::new(ServiceConfig::default()).unwrap();
@@ -216,25 +342,25 @@ mod tests {
             .map(|_| ())
         })
         .unwrap();
-        let mut t = SeqTracker::default();
+        let mut t = Stream::default();
         on_batch(&svc, "p0", None, &mut t, 0, &stored(10)).await;
         on_batch(&svc, "p0", None, &mut t, 1, &stored(20)).await;
         assert!(held(&svc, 10) && held(&svc, 20));
-        // A repeated batch is skipped: it does not bring back what was cleared since.
-        svc.with_state(|s| s.clear_view("p0"));
-        on_batch(&svc, "p0", None, &mut t, 1, &stored(20)).await;
-        assert!(!held(&svc, 20));
-        on_batch(&svc, "p0", None, &mut t, 2, &stored(25)).await;
-        assert!(held(&svc, 25));
+        // The live stream goes back (not to 0): the publisher restarted and its first batches
+        // were missed. Its old view goes and is rebuilt from what follows (no replay here).
+        on_batch(&svc, "p0", None, &mut t, 1, &stored(25)).await;
+        assert!(!held(&svc, 10) && !held(&svc, 20) && held(&svc, 25));
+        on_batch(&svc, "p0", None, &mut t, 2, &stored(27)).await;
+        assert!(held(&svc, 27));
         // Batches 3 and 4 are lost and cannot be replayed: the view is cleared, then 5 applies.
         on_batch(&svc, "p0", None, &mut t, 5, &stored(30)).await;
         assert!(!held(&svc, 25) && held(&svc, 30));
         let info = svc.with_state(|s| s.instance("p0").unwrap().clone());
         assert_eq!((info.kv_gaps, info.kv_replays, info.kv_rebuilds), (1, 0, 2));
-        assert_eq!(t.next(), Some(6));
+        assert_eq!(t.tracker.next(), Some(6));
         // The publisher restarts (sequence back to 0): its old view goes.
         on_batch(&svc, "p0", None, &mut t, 0, &stored(40)).await;
         assert!(!held(&svc, 30) && held(&svc, 40));
-        assert_eq!(t.next(), Some(1));
+        assert_eq!(t.tracker.next(), Some(1));
     }
 }

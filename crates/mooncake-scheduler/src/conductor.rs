@@ -253,8 +253,10 @@ struct Booked {
     kv_tokens: u64,
     stage: Stage,
     decode_start_s: f64,
-    /// Blocks booked as expected on the prefill instance.
-    expected: Option<Box<[u64]>>,
+    /// Blocks booked as expected on the prefill instance (a buffer of the Conductor's pool).
+    expected: Option<Vec<u64>>,
+    /// Which booking of this request id the deadline heap's entries refer to.
+    generation: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -397,13 +399,22 @@ pub struct Conductor {
     rng: SplitMix64,
     rr_next: u32,
     scratch: Vec<u32>,
+    /// Per instance, the part of its prefix match the index holds (the rest is expected).
+    scratch_indexed: Vec<u32>,
     decode_time_sum: f64,
     decode_time_n: u64,
     decode_time_hist: DurationHistogram,
     stats: ConductorStats,
     expected: ExpectedBlocks,
-    /// (deadline as f64 bits, request): when a request's expectation lapses.
-    expected_deadlines: BinaryHeap<Reverse<(u64, u64)>>,
+    /// (deadline as f64 bits, request, generation): when a booking's expectation lapses.
+    /// Entries of bookings released otherwise stay until popped or compacted away.
+    expected_deadlines: BinaryHeap<Reverse<(u64, u64, u64)>>,
+    /// Entries of `expected_deadlines` whose booking's expectation was already released.
+    expected_stale: usize,
+    /// Emptied key buffers of released bookings, reused for the next ones.
+    expected_pool: Vec<Vec<u64>>,
+    /// Generation of the last booking.
+    generation: u64,
     /// Prefill instances a request may be placed on.
     candidates: u128,
     /// Instances that serve as prefix sources only (the store's pseudo-instance).
@@ -454,12 +465,16 @@ impl Conductor {
             rng: SplitMix64::new(cfg.seed),
             rr_next: 0,
             scratch: Vec::new(),
+            scratch_indexed: Vec::new(),
             decode_time_sum: 0.0,
             decode_time_n: 0,
             decode_time_hist: DurationHistogram::default(),
             stats: ConductorStats::default(),
             expected: ExpectedBlocks::default(),
             expected_deadlines: BinaryHeap::new(),
+            expected_stale: 0,
+            expected_pool: Vec::new(),
+            generation: 0,
             candidates: all_bits(cfg.prefill_instances),
             sources: 0,
             decode_enabled: vec![true; cfg.decode_instances as usize],
@@ -628,17 +643,52 @@ impl Conductor {
         })
     }
 
+    /// Entries waiting in the expiry heap (live bookings with expected blocks, plus released
+    /// ones not yet compacted away: at most twice the live ones plus a constant).
+    pub fn expected_pending(&self) -> usize {
+        self.expected_deadlines.len()
+    }
+
     fn expire_expected(&mut self, now: f64) {
-        while let Some(&Reverse((deadline, req))) = self.expected_deadlines.peek() {
+        while let Some(&Reverse((deadline, req, generation))) = self.expected_deadlines.peek() {
             if f64::from_bits(deadline) > now {
                 break;
             }
             self.expected_deadlines.pop();
-            if let Some(b) = self.booked.get_mut(&req)
-                && let Some(keys) = b.expected.take()
-            {
-                self.expected.release(b.prefill, &keys);
+            match self.booked.get_mut(&req) {
+                Some(b) if b.generation == generation && b.expected.is_some() => {
+                    let keys = b.expected.take().unwrap_or_default();
+                    self.expected.release(b.prefill, &keys);
+                    Self::recycle(&mut self.expected_pool, keys);
+                }
+                _ => self.expected_stale -= 1,
             }
+        }
+    }
+
+    /// Returns a booking's key buffer to the pool.
+    fn recycle(pool: &mut Vec<Vec<u64>>, mut keys: Vec<u64>) {
+        const POOL: usize = 1024;
+        if pool.len() < POOL {
+            keys.clear();
+            pool.push(keys);
+        }
+    }
+
+    /// One more expiry entry's booking was released before its deadline; drops such entries
+    /// once they are half of the heap, so the heap stays within twice the live bookings
+    /// whatever the clock does (each compaction is paid for by as many releases).
+    fn expected_released_early(&mut self) {
+        self.expected_stale += 1;
+        if self.expected_stale > 64 && self.expected_stale * 2 > self.expected_deadlines.len() {
+            let booked = &self.booked;
+            self.expected_deadlines
+                .retain(|&Reverse((_, req, generation))| {
+                    booked
+                        .get(&req)
+                        .is_some_and(|b| b.generation == generation && b.expected.is_some())
+                });
+            self.expected_stale = 0;
         }
     }
 
@@ -698,8 +748,14 @@ impl Conductor {
                 .match_prefix_masked(&req.block_hashes, np, holders, &mut lens, |_| 0)
         } else {
             let ex = &self.expected;
-            self.index
-                .match_prefix_masked(&req.block_hashes, np, holders, &mut lens, |k| ex.get(k))
+            self.index.match_prefix_split(
+                &req.block_hashes,
+                np,
+                holders,
+                &mut lens,
+                &mut self.scratch_indexed,
+                |k| ex.get(k),
+            )
         };
         let start = self.rr_next % np;
         let chosen = match self.cfg.policy {
@@ -980,6 +1036,13 @@ impl Scheduler for Conductor {
             });
         }
         let c = self.pick_prefill(req, now_s);
+        // The chosen instance's prefix the index holds (`pick_prefill` matched against the
+        // expected view only when it was not empty).
+        let indexed_prefix = if self.expected.is_empty() {
+            self.scratch[c.instance as usize]
+        } else {
+            self.scratch_indexed[c.instance as usize]
+        } as usize;
         let (d, tbt) = self.pick_decode(req);
         if let Some(r) = self.admit(req, &c, d, tbt, now_s) {
             self.stats.rejected += 1;
@@ -1005,21 +1068,35 @@ impl Scheduler for Conductor {
             stage: Stage::Queued,
             decode_start_s: 0.0,
             expected: None,
+            generation: 0,
         };
-        if let Some(ttl) = self.cfg.expected_ttl_s
-            && !req.block_hashes.is_empty()
-        {
-            self.expected.add(c.instance, &req.block_hashes);
-            booked.expected = Some(req.block_hashes.clone().into_boxed_slice());
-            let deadline = (now_s + c.ttft + ttl).max(0.0);
-            self.expected_deadlines
-                .push(Reverse((deadline.to_bits(), req.id)));
-        }
-        self.decode[d as usize].incoming.add(&booked);
         if let Some(old) = self.booked.remove(&req.id) {
             // A driver reusing an id in flight: release the old booking first.
             self.release(req.id, old, false, now_s);
         }
+        if let Some(ttl) = self.cfg.expected_ttl_s {
+            // The blocks the instance will hold once the request's prefill ran, less the
+            // leading ones the index already has it hold: an expectation of a held block
+            // changes no match while it is held, and the event that removes it from the index
+            // (`BlocksRemoved`, a clear) settles such an expectation in the same step.
+            let keys = &req.block_hashes;
+            let held = indexed_prefix.min(keys.len());
+            if held < keys.len() {
+                let mut buf = self.expected_pool.pop().unwrap_or_default();
+                buf.extend_from_slice(&keys[held..]);
+                self.expected.add(c.instance, &buf);
+                booked.expected = Some(buf);
+                self.generation += 1;
+                booked.generation = self.generation;
+                let deadline = (now_s + c.ttft + ttl).max(0.0);
+                self.expected_deadlines.push(Reverse((
+                    deadline.to_bits(),
+                    req.id,
+                    self.generation,
+                )));
+            }
+        }
+        self.decode[d as usize].incoming.add(&booked);
         self.booked.insert(req.id, booked);
         tracing::trace!(
             request = req.id,
@@ -1103,9 +1180,11 @@ impl Scheduler for Conductor {
 
 impl Conductor {
     /// Releases what `b` booked (queue, decode load, expected blocks).
-    fn release(&mut self, _request: u64, b: Booked, finished: bool, now_s: f64) {
-        if let Some(keys) = &b.expected {
-            self.expected.release(b.prefill, keys);
+    fn release(&mut self, _request: u64, mut b: Booked, finished: bool, now_s: f64) {
+        if let Some(keys) = b.expected.take() {
+            self.expected.release(b.prefill, &keys);
+            Self::recycle(&mut self.expected_pool, keys);
+            self.expected_released_early();
         }
         let pv = &mut self.prefill[b.prefill as usize];
         let dv = &mut self.decode[b.decode as usize];
@@ -1625,6 +1704,45 @@ mod tests {
         let mut plain = Conductor::new(cfg(Policy::Mooncake, 4, 1)).unwrap();
         accept(plain.schedule(&req(1, 0..40), 0.0));
         assert!(plain.expected().is_empty());
+    }
+
+    #[test]
+    fn expected_bookings_stay_bounded_on_a_still_clock() {
+        let mut c = Conductor::new(ConductorConfig {
+            expected_ttl_s: Some(5.0),
+            ..cfg(Policy::Mooncake, 4, 1)
+        })
+        .unwrap();
+        c.observe(
+            ClusterEvent::BlocksStored {
+                instance: 2,
+                block_hashes: &(0..10).collect::<Vec<_>>(),
+            },
+            0.0,
+        );
+        // The clock never moves, so no expectation lapses: only releases bound the heap.
+        for k in 0..10_000u64 {
+            let p = accept(c.schedule(&req(k % 7, 0..20), 1.0));
+            // Only the blocks the index does not have on the chosen instance are booked.
+            assert_eq!(c.expected().get(3) & (1 << 2), 0);
+            assert_ne!(c.expected().get(15) & (1 << p.prefill), 0);
+            if k % 3 != 0 {
+                c.observe(ClusterEvent::Dropped { request: k % 7 }, 1.0);
+            }
+            assert!(c.expected_pending() <= 2 * c.in_flight() + 65);
+        }
+        // Requests reusing ids in flight released their earlier bookings.
+        assert!(c.in_flight() <= 7);
+        for id in 0..7 {
+            c.observe(ClusterEvent::Dropped { request: id }, 1.0);
+        }
+        assert!(c.expected().is_empty());
+        // A stale entry of a reused id does not expire the id's newer booking.
+        let _ = accept(c.schedule(&req(1, 100..110), 2.0));
+        c.observe(ClusterEvent::Dropped { request: 1 }, 2.0);
+        let late = accept(c.schedule(&req(1, 200..210), 100.0));
+        let _ = c.schedule(&req(2, 900..901), 100.0 + late.predicted_ttft_s + 1.0);
+        assert_eq!(c.expected().get(200), 1 << late.prefill);
     }
 
     #[test]

@@ -238,13 +238,42 @@ impl CacheIndex {
     }
 
     /// [`match_prefix`](Self::match_prefix) over the instances in `mask` only (the others
-    /// get 0), with `extra(key)` added to each key's holders (the expected view).
+    /// get 0), with `extra(key)` added to each key's holders (the expected view; called only
+    /// for keys some instance still matching lacks in the index).
     pub fn match_prefix_masked(
         &self,
         keys: &[u64],
         instances: u32,
         mask: u128,
         out: &mut Vec<u32>,
+        extra: impl Fn(u64) -> u128,
+    ) -> (u32, u128) {
+        self.match_inner::<false>(keys, instances, mask, out, &mut Vec::new(), extra)
+    }
+
+    /// [`match_prefix_masked`](Self::match_prefix_masked) that also writes into
+    /// `in_index[..instances]` each instance's prefix length counting the index alone (without
+    /// `extra`), as far as the walk went: for an instance still matching when the walk stopped,
+    /// its whole match if the index held all of it.
+    pub fn match_prefix_split(
+        &self,
+        keys: &[u64],
+        instances: u32,
+        mask: u128,
+        out: &mut Vec<u32>,
+        in_index: &mut Vec<u32>,
+        extra: impl Fn(u64) -> u128,
+    ) -> (u32, u128) {
+        self.match_inner::<true>(keys, instances, mask, out, in_index, extra)
+    }
+
+    fn match_inner<const SPLIT: bool>(
+        &self,
+        keys: &[u64],
+        instances: u32,
+        mask: u128,
+        out: &mut Vec<u32>,
+        in_index: &mut Vec<u32>,
         extra: impl Fn(u64) -> u128,
     ) -> (u32, u128) {
         out.clear();
@@ -260,18 +289,49 @@ impl CacheIndex {
             out[set.trailing_zeros() as usize] = keys.len() as u32;
             set &= set - 1;
         }
-        for (i, &k) in keys.iter().enumerate() {
-            let h = (self.holders(k) | extra(k)) & alive;
-            let mut dropped = alive & !h;
-            while dropped != 0 {
-                let b = dropped.trailing_zeros();
-                out[b as usize] = i as u32;
-                dropped &= dropped - 1;
+        // Instances whose match so far is all in the index.
+        let mut indexed = alive;
+        if SPLIT {
+            in_index.clear();
+            in_index.extend_from_slice(out);
+        }
+        // The table is far larger than the caches, so each lookup is a memory access: a batch
+        // of lookups that depend on nothing else runs them in parallel, and the walk then
+        // consumes the batch (at most `BATCH - 1` lookups past the end of the match).
+        const BATCH: usize = 8;
+        let mut batch = [0u128; BATCH];
+        for (c, chunk) in keys.chunks(BATCH).enumerate() {
+            for (slot, &k) in batch.iter_mut().zip(chunk) {
+                *slot = self.holders(k);
             }
-            if h == 0 {
-                return (i as u32, alive);
+            for (j, &k) in chunk.iter().enumerate() {
+                let i = c * BATCH + j;
+                let held = batch[j] & alive;
+                // The expected view can only add instances the index does not already give.
+                let h = if held == alive {
+                    held
+                } else {
+                    (held | extra(k)) & alive
+                };
+                if SPLIT {
+                    let mut lost = indexed & !held;
+                    indexed &= held;
+                    while lost != 0 {
+                        in_index[lost.trailing_zeros() as usize] = i as u32;
+                        lost &= lost - 1;
+                    }
+                }
+                let mut dropped = alive & !h;
+                while dropped != 0 {
+                    let b = dropped.trailing_zeros();
+                    out[b as usize] = i as u32;
+                    dropped &= dropped - 1;
+                }
+                if h == 0 {
+                    return (i as u32, alive);
+                }
+                alive = h;
             }
-            alive = h;
         }
         (keys.len() as u32, alive)
     }
@@ -532,6 +592,47 @@ mod tests {
                 let distinct: std::collections::HashSet<u128> = model.values().copied().collect();
                 proptest::prop_assert_eq!(ix.distinct_sets(), distinct.len());
             }
+        }
+
+        /// The batched prefix walk gives each instance's match (index plus expected view) and
+        /// its index-only part as a key-by-key walk of a plain map does.
+        #[test]
+        fn prefix_match_matches_reference(
+            stored in proptest::collection::vec((0u32..5, proptest::collection::vec(0u64..30, 0..30)), 0..12),
+            expected in proptest::collection::vec((0u32..5, proptest::collection::vec(0u64..30, 0..10)), 0..6),
+            keys in proptest::collection::vec(0u64..30, 0..40),
+            mask in 0u128..32,
+        ) {
+            let mut ix = CacheIndex::default();
+            let mut ex: std::collections::HashMap<u64, u128> = Default::default();
+            for (inst, ks) in &stored {
+                ix.store(*inst, ks);
+            }
+            for (inst, ks) in &expected {
+                for k in ks { *ex.entry(*k).or_insert(0) |= 1 << inst; }
+            }
+            let extra = |k: u64| ex.get(&k).copied().unwrap_or(0);
+            let (mut out, mut in_index, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+            let (best, set) = ix.match_prefix_split(&keys, 5, mask, &mut out, &mut in_index, extra);
+            let (pbest, pset) = ix.match_prefix_masked(&keys, 5, mask, &mut plain, extra);
+            proptest::prop_assert_eq!((best, set, &out), (pbest, pset, &plain));
+            let mut want_best = 0;
+            for i in 0..5u32 {
+                let bit = 1u128 << i;
+                let run = |with_ex: bool| keys
+                    .iter()
+                    .take_while(|&&k| (ix.holders(k) | if with_ex { extra(k) } else { 0 }) & bit != 0)
+                    .count() as u32;
+                let m = if mask & bit != 0 { run(true) } else { 0 };
+                proptest::prop_assert_eq!(out[i as usize], m);
+                want_best = want_best.max(m);
+                // The index-only part, as far as the walk went (it stops at the longest match).
+                let idx = if mask & bit != 0 { run(false) } else { 0 };
+                proptest::prop_assert_eq!(in_index[i as usize], idx.min(m));
+            }
+            proptest::prop_assert_eq!(best, want_best);
+            let want_set = (0..5u32).filter(|&i| out[i as usize] == best && mask & (1 << i) != 0).fold(0u128, |b, i| b | 1 << i);
+            proptest::prop_assert_eq!(set, want_set);
         }
     }
 }
