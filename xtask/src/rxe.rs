@@ -111,6 +111,8 @@ sleep 30
 const RUN_SH: &str = r#"#!/bin/sh
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root RUST_BACKTRACE=1 MOONCAKE_TEST_RDMA=1 RUST_LOG=${RUST_LOG:-warn}
+# The slow-connection tests open 1,000 connections (two descriptors each).
+ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
 fail=0
 echo "MOONCAKE-RXE-STEP kernel $(uname -r), $(nproc) cpus"
 modprobe rdma_rxe || { echo "MOONCAKE-RXE-ERROR cannot load rdma_rxe"; exit 90; }

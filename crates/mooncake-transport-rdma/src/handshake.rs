@@ -821,40 +821,25 @@ mod tests {
             max_conns: 16,
         };
         let (_r, c, addr, echo) = start(limits);
-        // 40 clients announce a 16 MiB frame and then send one byte at a time, slowly.
-        let mut slow: Vec<TcpStream> = (0..40)
-            .map(|_| {
-                let mut s = TcpStream::connect(addr).unwrap();
-                s.write_all(&(16u32 << 20).to_le_bytes()[..3]).unwrap();
-                s
-            })
-            .collect();
-        std::thread::sleep(Duration::from_millis(50));
+        // 1,000 clients (as many as the descriptor limit allows) announce a 16 MiB frame
+        // and then send one byte at a time, every 100 ms.
+        let n = mooncake_testkit::attack::slow_connections_that_fit();
+        let slow = mooncake_testkit::attack::SlowClients::all_trickling(
+            addr,
+            n,
+            (16u32 << 20).to_le_bytes()[..3].to_vec(),
+            b'{',
+        );
         let r = call(&c, &addr.to_string(), Duration::from_secs(2)).unwrap();
         assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
-        // The tricklers are cut off by the whole-frame deadline (or as the oldest).
-        std::thread::sleep(limits.frame_deadline + Duration::from_millis(300));
-        for s in &mut slow {
-            let mut b = [0u8; 64];
-            let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-            // The hello may be waiting; after it the server must have closed the socket.
-            let mut closed = false;
-            for _ in 0..4 {
-                match s.read(&mut b) {
-                    Ok(0) => {
-                        closed = true;
-                        break;
-                    }
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
-            assert!(closed, "a trickling client is still connected");
-        }
+        // Every trickler is cut off: by the whole-frame deadline, or earlier as the oldest
+        // when the cap is reached.
+        mooncake_testkit::attack::eventually(
+            limits.frame_deadline * 3 + Duration::from_secs(5),
+            "every trickling client is disconnected",
+            || slow.closed.load(Ordering::SeqCst) == n,
+        );
+        drop(slow);
         assert_eq!(echo.0.load(Ordering::Relaxed), 1);
     }
 

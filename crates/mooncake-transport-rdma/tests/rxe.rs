@@ -848,7 +848,8 @@ fn slow_handshake_clients_do_not_stall_the_listener() {
     let tbuf = patterned(&t, 1 << 20, 1);
     let addr = handshake_addr(&t);
     let stop = Arc::new(AtomicBool::new(false));
-    let mut slow: Vec<TcpStream> = (0..200)
+    let n = mooncake_testkit::attack::slow_connections_that_fit();
+    let mut slow: Vec<TcpStream> = (0..n)
         .map(|_| {
             let mut s = TcpStream::connect(&addr).unwrap();
             // A 16 MiB frame, announced but never delivered.
