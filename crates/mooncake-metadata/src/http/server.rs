@@ -664,19 +664,8 @@ async fn serve_requests(
                 Ok(HeadStatus::Complete { head, len }) => break (head, len),
                 Ok(HeadStatus::Incomplete) => {
                     let want = limits.max_head.saturating_sub(buf.len()).clamp(1, 4096);
-                    match serve::read_some(stream, &mut buf, want, deadline).await {
-                        Ok(0) => return Ok(()),
-                        Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                            refuse(
-                                shared,
-                                stream,
-                                text(408, "request head not received in time"),
-                            )
-                            .await;
-                            return Err(e);
-                        }
-                        Err(e) => return Err(e),
+                    if !read_before(shared, stream, &mut buf, want, deadline, "head").await? {
+                        return Ok(());
                     }
                 }
                 Err(e) => {
@@ -732,19 +721,8 @@ async fn serve_requests(
         }
         while buf.len() < total {
             let want = (total - buf.len()).min(1 << 20);
-            match serve::read_some(stream, &mut buf, want, deadline).await {
-                Ok(0) => return Ok(()),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    refuse(
-                        shared,
-                        stream,
-                        text(408, "request body not received in time"),
-                    )
-                    .await;
-                    return Err(e);
-                }
-                Err(e) => return Err(e),
+            if !read_before(shared, stream, &mut buf, want, deadline, "body").await? {
+                return Ok(());
             }
         }
         // Split off the next request's bytes; what remains is head + body.
@@ -762,6 +740,29 @@ async fn serve_requests(
         if buf.capacity() > 64 * 1024 && buf.len() < 4096 {
             buf.shrink_to(4096);
         }
+    }
+}
+
+/// Reads up to `want` more bytes of the request's `part` ("head" or "body") into `buf`
+/// before `deadline`: false if the client closed the connection; past the deadline, answers
+/// 408 and fails with `TimedOut`.
+async fn read_before(
+    shared: &Shared,
+    stream: &Async<TcpStream>,
+    buf: &mut Vec<u8>,
+    want: usize,
+    deadline: std::time::Instant,
+    part: &str,
+) -> std::io::Result<bool> {
+    match serve::read_some(stream, buf, want, deadline).await {
+        Ok(0) => Ok(false),
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            let msg = format!("request {part} not received in time");
+            refuse(shared, stream, text(408, msg)).await;
+            Err(e)
+        }
+        Err(e) => Err(e),
     }
 }
 
