@@ -26,12 +26,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mooncake_core::{
-    Batch, EmbeddedMetadataStore, ErrorKind, LocalBuffer, Location, MemorySegment, MetadataKeys,
-    MetadataStore, Opcode, SegmentDescriptor, SegmentHandle, TransferRequest, TransferStatus,
-    TransportBuilder, block_on,
+    Batch, ErrorKind, LocalBuffer, Location, MemorySegment, MetadataKeys, MetadataStore, Opcode,
+    SegmentDescriptor, SegmentHandle, TransferRequest, TransferStatus, TransportBuilder, block_on,
 };
 use mooncake_engine::TransferEngine;
 
+use crate::checks::{
+    EMPTY_PROBE, REFUSED_PROBES, alternating, assert_done_within, check_outcomes, forge_descriptor,
+    probe_requests, range_probes,
+};
+use crate::transport::store;
 use crate::{pattern, unique};
 
 /// Memory a device harness allocates: registrable, and readable and writable from the test
@@ -80,10 +84,6 @@ pub trait DeviceHarness: Send + Sync {
     fn one_sided(&self) -> bool {
         false
     }
-}
-
-fn store() -> Arc<dyn MetadataStore> {
-    Arc::new(EmbeddedMetadataStore::new())
 }
 
 /// An engine named `name` with the harness's transports.
@@ -348,25 +348,14 @@ pub fn device_refusals(h: &dyn DeviceHarness) {
     let local = registered(h, &init, &device_locations(h)[0], 4 * GUARD, 78);
     let seg = init.open_segment_blocking(&tname).unwrap();
     let g = GUARD as u64;
-    let req = |i: u64, at: u64, len: u64, opcode| TransferRequest {
-        opcode,
-        source: local.base() + i * 8192,
-        target_id: seg,
-        target_offset: at,
-        length: len,
-    };
-    let reqs = [
-        req(0, base, 4096, Opcode::Write),           // fine
-        req(1, base - 1, 4096, Opcode::Write),       // starts in the guard below
-        req(2, base + g - 100, 4096, Opcode::Write), // runs into the guard above
-        req(3, base, g + 1, Opcode::Read),           // one byte too long
-        req(4, base + 8192, 4096, Opcode::Read),     // fine
-        req(5, base, 0, Opcode::Write),              // empty
-        req(6, u64::MAX - 100, 4096, Opcode::Read),  // wraps around
-        req(7, base - g, 4096, Opcode::Read),        // reads the guard below
-        req(8, base + g, 4096, Opcode::Write),       // writes the guard above
-    ];
-    let refused = [1, 2, 3, 6, 7, 8];
+    let mut probes = range_probes(base, g);
+    probes.extend([
+        (base - g, 4096, Opcode::Read),  // 7: reads the guard below
+        (base + g, 4096, Opcode::Write), // 8: writes the guard above
+    ]);
+    let reqs = probe_requests(seg, local.base(), &probes);
+    let mut refused = REFUSED_PROBES.to_vec();
+    refused.extend([7, 8]);
     let phases: &[&str] = if h.one_sided() {
         &["honest descriptor"]
     } else {
@@ -374,16 +363,13 @@ pub fn device_refusals(h: &dyn DeviceHarness) {
     };
     for phase in phases {
         if *phase == "forged descriptor" {
-            let mut forged = target.local_descriptor();
-            for b in &mut forged.buffers {
+            let widen = |b: &mut mooncake_core::BufferDesc| {
                 if b.addr == base {
                     b.addr -= g;
                     b.length += 2 * g;
                 }
-            }
-            let key = MetadataKeys::from_env().segment(&tname);
-            block_on(md.put(&key, forged.to_json())).unwrap();
-            block_on(init.refresh_segment(seg)).unwrap();
+            };
+            forge_descriptor(&md, &target, &tname, &init, seg, widen, &[]);
         }
         let batch = init.submit_batch(&reqs).unwrap();
         assert!(
@@ -391,28 +377,14 @@ pub fn device_refusals(h: &dyn DeviceHarness) {
                 .wait_blocking(Some(Instant::now() + 10 * h.timeout()))
                 .is_err()
         );
-        for i in 0..reqs.len() {
-            let err = batch.error(i);
-            if refused.contains(&i) {
-                let e = err.unwrap_or_else(|| {
-                    panic!("{} ({phase}): request {i} was not refused", h.name())
-                });
-                assert_eq!(
-                    e.kind(),
-                    ErrorKind::RemoteAccess,
-                    "{} ({phase}): request {i}: {e}",
-                    h.name()
-                );
-            } else if i == 5 {
-                assert_eq!(err.map(|e| e.kind()), Some(ErrorKind::InvalidArgument));
-            } else {
-                assert!(
-                    err.is_none(),
-                    "{} ({phase}): request {i}: {err:?}",
-                    h.name()
-                );
-            }
-        }
+        check_outcomes(
+            h.name(),
+            phase,
+            &batch,
+            reqs.len(),
+            &refused,
+            Some(EMPTY_PROBE),
+        );
         let mut expect = before.clone();
         expect[GUARD..GUARD + 4096].copy_from_slice(&pattern(4 * GUARD, 78)[..4096]);
         assert!(
@@ -427,38 +399,6 @@ pub fn device_refusals(h: &dyn DeviceHarness) {
             h.name()
         );
     }
-}
-
-fn assert_done_within(h: &dyn DeviceHarness, batch: &Batch, limit: Duration, what: &str) {
-    let t0 = Instant::now();
-    let _ = batch.wait_blocking(Some(t0 + limit + Duration::from_secs(5)));
-    let took = t0.elapsed();
-    assert!(
-        batch.is_done(),
-        "{}: {what}: tasks still pending after {took:?}",
-        h.name()
-    );
-    assert!(
-        took <= limit,
-        "{}: {what}: the batch took {took:?} to finish (limit {limit:?})",
-        h.name()
-    );
-}
-
-fn blocks(seg: SegmentHandle, local: u64, remote: u64, n: u64, block: u64) -> Vec<TransferRequest> {
-    (0..n)
-        .map(|i| TransferRequest {
-            opcode: if i % 2 == 0 {
-                Opcode::Write
-            } else {
-                Opcode::Read
-            },
-            source: local + i * block,
-            target_id: seg,
-            target_offset: remote + i * block,
-            length: block,
-        })
-        .collect()
 }
 
 /// Peers that exit mid-copy, as target and as initiator. See the module docs.
@@ -486,12 +426,12 @@ pub fn device_peer_exits_mid_copy(h: &dyn DeviceHarness, module_path: &str) {
     let (remote, _) = child.buffers()[0].clone();
     let n = (CHILD_LEN >> 20) as u64;
     let healthy = init
-        .submit_batch(&blocks(seg, local.base(), remote, n, 1 << 20))
+        .submit_batch(&alternating(seg, local.base(), remote, n, 1 << 20))
         .unwrap();
     wait_ok(h, &healthy, n as usize, "healthy round");
     let batch = if h.one_sided() {
         let b = init
-            .submit_batch(&blocks(seg, local.base(), remote, n, 1 << 20))
+            .submit_batch(&alternating(seg, local.base(), remote, n, 1 << 20))
             .unwrap();
         child.signal(libc::SIGKILL);
         b
@@ -499,12 +439,12 @@ pub fn device_peer_exits_mid_copy(h: &dyn DeviceHarness, module_path: &str) {
         // Freeze first so that the whole batch is surely in flight when the peer dies.
         child.signal(libc::SIGSTOP);
         let b = init
-            .submit_batch(&blocks(seg, local.base(), remote, n, 1 << 20))
+            .submit_batch(&alternating(seg, local.base(), remote, n, 1 << 20))
             .unwrap();
         child.signal(libc::SIGKILL);
         b
     };
-    assert_done_within(h, &batch, limit, "target killed mid-copy");
+    assert_done_within(h.name(), &batch, limit, "target killed mid-copy");
     if !h.one_sided() {
         assert_eq!(
             batch.failed(),
@@ -529,9 +469,9 @@ pub fn device_peer_exits_mid_copy(h: &dyn DeviceHarness, module_path: &str) {
         child.wait_exit();
     }
     let again = init
-        .submit_batch(&blocks(seg, local.base(), remote, 1, 1 << 20))
+        .submit_batch(&alternating(seg, local.base(), remote, 1, 1 << 20))
         .unwrap();
-    assert_done_within(h, &again, limit, "new request to a killed peer");
+    assert_done_within(h.name(), &again, limit, "new request to a killed peer");
     assert_eq!(
         again.failed(),
         1,

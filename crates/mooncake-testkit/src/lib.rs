@@ -2,6 +2,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod attack;
+mod checks;
 pub mod device;
 pub mod loopback;
 pub mod metadata;

@@ -28,12 +28,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mooncake_core::{
-    Access, Batch, EmbeddedMetadataStore, ErrorKind, ForeignMemory, LocalBuffer, Location,
-    MemorySegment, MetadataKeys, MetadataStore, Opcode, SegmentDescriptor, SegmentHandle,
-    TransferRequest, TransferStatus, TransportBuilder, block_on,
+    Access, EmbeddedMetadataStore, ErrorKind, ForeignMemory, LocalBuffer, Location, MemorySegment,
+    MetadataKeys, MetadataStore, Opcode, SegmentDescriptor, TransferRequest, TransferStatus,
+    TransportBuilder, block_on,
 };
 use mooncake_engine::TransferEngine;
 
+use crate::checks::{
+    EMPTY_PROBE, REFUSED_PROBES, alternating, assert_done_within, check_outcomes, forge_descriptor,
+    probe_requests, range_probes,
+};
 use crate::rt::on_all_runtimes;
 use crate::{pattern, unique};
 
@@ -227,75 +231,51 @@ pub fn refusals_keep_guard_bytes(h: &dyn TransportHarness) {
     target.unregister_memory(gone.base).unwrap();
     block_on(init.refresh_segment(seg)).unwrap();
     let g = GUARD as u64;
-    // Each request has its own 8 KiB of local memory, so reads and writes of one batch
-    // never touch the same local bytes.
-    let req = |i: u64, at: u64, len: u64, opcode| TransferRequest {
-        opcode,
-        source: lbuf.base() + i * 8192,
-        target_id: seg,
-        target_offset: at,
-        length: len,
-    };
-    let reqs = [
-        req(0, rw.base, 4096, Opcode::Write),           // fine
-        req(1, rw.base - 1, 4096, Opcode::Write),       // starts in the guard
-        req(2, rw.base + g - 100, 4096, Opcode::Write), // runs into the guard
-        req(3, rw.base, g + 1, Opcode::Read),           // one byte too long
-        req(4, rw.base + 8192, 4096, Opcode::Read),     // fine
-        req(5, rw.base, 0, Opcode::Write),              // empty
-        req(6, u64::MAX - 100, 4096, Opcode::Read),     // wraps around
-        req(7, ro.base, 4096, Opcode::Write),           // read-only
-        req(8, ro.base, 4096, Opcode::Read),            // fine
-        req(9, lo.base, 4096, Opcode::Read),            // local only
-        req(10, lo.base, 4096, Opcode::Write),          // local only
-        req(11, gone.base, 4096, Opcode::Write),        // unregistered
-        req(12, rw.base - g, 4096, Opcode::Read),       // reads the guard below
-    ];
-    let refused = [1, 2, 3, 6, 7, 9, 10, 11, 12];
+    let mut probes = range_probes(rw.base, g);
+    probes.extend([
+        (ro.base, 4096, Opcode::Write),    // 7: read-only
+        (ro.base, 4096, Opcode::Read),     // 8: fine
+        (lo.base, 4096, Opcode::Read),     // 9: local only
+        (lo.base, 4096, Opcode::Write),    // 10: local only
+        (gone.base, 4096, Opcode::Write),  // 11: unregistered
+        (rw.base - g, 4096, Opcode::Read), // 12: reads the guard below
+    ]);
+    let reqs = probe_requests(seg, lbuf.base(), &probes);
+    let mut refused = REFUSED_PROBES.to_vec();
+    refused.extend([7, 9, 10, 11, 12]);
     let mut before = [rw.snapshot(), ro.snapshot(), lo.snapshot(), gone.snapshot()];
     for phase in ["honest descriptor", "forged descriptor"] {
         if phase == "forged descriptor" {
             // Widen what the initiator believes: every request now passes its own checks.
-            let mut forged = target.local_descriptor();
-            for b in &mut forged.buffers {
+            let mut lo_desc = gone_desc.clone();
+            lo_desc.addr = lo.base;
+            let widen = |b: &mut mooncake_core::BufferDesc| {
                 if b.addr == rw.base || b.addr == ro.base {
                     b.addr -= g;
                     b.length += 2 * g;
                     b.read_only = false;
                 }
-            }
-            let mut lo_desc = gone_desc.clone();
-            lo_desc.addr = lo.base;
-            forged.buffers.push(lo_desc);
-            forged.buffers.push(gone_desc.clone());
-            let key = MetadataKeys::from_env().segment(&tname);
-            block_on(md.put(&key, forged.to_json())).unwrap();
-            block_on(init.refresh_segment(seg)).unwrap();
+            };
+            forge_descriptor(
+                &md,
+                &target,
+                &tname,
+                &init,
+                seg,
+                widen,
+                &[lo_desc, gone_desc.clone()],
+            );
         }
         let batch = init.submit_batch(&reqs).unwrap();
         assert!(batch.wait_blocking(None).is_err());
-        for (i, _) in reqs.iter().enumerate() {
-            let err = batch.error(i);
-            if refused.contains(&i) {
-                let e = err.unwrap_or_else(|| {
-                    panic!("{} ({phase}): request {i} was not refused", h.name())
-                });
-                assert_eq!(
-                    e.kind(),
-                    ErrorKind::RemoteAccess,
-                    "{} ({phase}): request {i}: {e}",
-                    h.name()
-                );
-            } else if i == 5 {
-                assert_eq!(err.map(|e| e.kind()), Some(ErrorKind::InvalidArgument));
-            } else {
-                assert!(
-                    err.is_none(),
-                    "{} ({phase}): request {i}: {err:?}",
-                    h.name()
-                );
-            }
-        }
+        check_outcomes(
+            h.name(),
+            phase,
+            &batch,
+            reqs.len(),
+            &refused,
+            Some(EMPTY_PROBE),
+        );
         // Only request 0 wrote: the first 4 KiB of the read-write region.
         let mut expect = before[0].clone();
         expect[GUARD..GUARD + 4096].copy_from_slice(&pattern(4 * GUARD, 7)[..4096]);
@@ -394,38 +374,6 @@ pub fn unregister_during_transfers(h: &dyn TransportHarness) {
     }
 }
 
-fn big_batch(h: SegmentHandle, local: &LocalBuffer, remote: u64, n: u64) -> Vec<TransferRequest> {
-    (0..n)
-        .map(|i| TransferRequest {
-            opcode: if i % 2 == 0 {
-                Opcode::Write
-            } else {
-                Opcode::Read
-            },
-            source: local.base() + i * (1 << 20),
-            target_id: h,
-            target_offset: remote + i * (1 << 20),
-            length: 1 << 20,
-        })
-        .collect()
-}
-
-fn assert_done_within(h: &dyn TransportHarness, batch: &Batch, limit: Duration, what: &str) {
-    let t0 = Instant::now();
-    let _ = batch.wait_blocking(Some(t0 + limit + Duration::from_secs(5)));
-    let took = t0.elapsed();
-    assert!(
-        batch.is_done(),
-        "{}: {what}: tasks still pending after {took:?}",
-        h.name()
-    );
-    assert!(
-        took <= limit,
-        "{}: {what}: the batch took {took:?} to finish (limit {limit:?})",
-        h.name()
-    );
-}
-
 /// The initiator engine is dropped while a batch is in flight: every task still finishes
 /// (completed or failed) within the deadline.
 pub fn initiator_dropped_mid_transfer(h: &dyn TransportHarness) {
@@ -437,10 +385,10 @@ pub fn initiator_dropped_mid_transfer(h: &dyn TransportHarness) {
     let lbuf = buffer(&init, 64 << 20, 2);
     let seg = init.open_segment_blocking(&tname).unwrap();
     let batch = init
-        .submit_batch(&big_batch(seg, &lbuf, tbuf.base(), 64))
+        .submit_batch(&alternating(seg, lbuf.base(), tbuf.base(), 64, 1 << 20))
         .unwrap();
     drop(init);
-    assert_done_within(h, &batch, 3 * h.timeout(), "initiator dropped");
+    assert_done_within(h.name(), &batch, 3 * h.timeout(), "initiator dropped");
     // The target serves a new initiator.
     let again = engine(h, &unique("id-init2"), &md);
     let b2 = buffer(&again, 1 << 20, 3);
@@ -461,15 +409,20 @@ pub fn target_dropped_mid_transfer(h: &dyn TransportHarness) {
     let lbuf = buffer(&init, 64 << 20, 2);
     let seg = init.open_segment_blocking(&tname).unwrap();
     let batch = init
-        .submit_batch(&big_batch(seg, &lbuf, tbuf.base(), 64))
+        .submit_batch(&alternating(seg, lbuf.base(), tbuf.base(), 64, 1 << 20))
         .unwrap();
     drop(target);
-    assert_done_within(h, &batch, 3 * h.timeout(), "target dropped");
+    assert_done_within(h.name(), &batch, 3 * h.timeout(), "target dropped");
     // A new request (a bounded wait: a transport that never fails it must not hang the suite).
     let again = init
-        .submit_batch(&big_batch(seg, &lbuf, tbuf.base(), 1))
+        .submit_batch(&alternating(seg, lbuf.base(), tbuf.base(), 1, 1 << 20))
         .unwrap();
-    assert_done_within(h, &again, 3 * h.timeout(), "request to a dropped target");
+    assert_done_within(
+        h.name(),
+        &again,
+        3 * h.timeout(),
+        "request to a dropped target",
+    );
     assert_eq!(
         again.failed(),
         1,
@@ -624,7 +577,7 @@ pub fn dead_peer_fails_within_deadline(h: &dyn TransportHarness, module_path: &s
         let local = buffer(&init, CHILD_LEN, 2);
         let seg = init.open_segment_blocking(child.name()).unwrap();
         // A healthy round first: the peer works and connections are warm.
-        init.submit_batch(&big_batch(seg, &local, child.base(), 64))
+        init.submit_batch(&alternating(seg, local.base(), child.base(), 64, 1 << 20))
             .unwrap()
             .wait_blocking(None)
             .unwrap_or_else(|e| panic!("{}: healthy round: {e}", h.name()));
@@ -639,7 +592,7 @@ pub fn dead_peer_fails_within_deadline(h: &dyn TransportHarness, module_path: &s
             // stays frozen): every task must fail.
             child.signal(libc::SIGSTOP);
             let b = init
-                .submit_batch(&big_batch(seg, &local, child.base(), 64))
+                .submit_batch(&alternating(seg, local.base(), child.base(), 64, 1 << 20))
                 .unwrap();
             if sig == libc::SIGKILL {
                 child.signal(libc::SIGKILL);
@@ -647,12 +600,12 @@ pub fn dead_peer_fails_within_deadline(h: &dyn TransportHarness, module_path: &s
             b
         } else {
             let b = init
-                .submit_batch(&big_batch(seg, &local, child.base(), 64))
+                .submit_batch(&alternating(seg, local.base(), child.base(), 64, 1 << 20))
                 .unwrap();
             child.signal(sig);
             b
         };
-        assert_done_within(h, &batch, limit, &format!("{what} peer"));
+        assert_done_within(h.name(), &batch, limit, &format!("{what} peer"));
         if h.needs_peer_cpu() {
             assert_eq!(
                 batch.failed(),
@@ -675,9 +628,14 @@ pub fn dead_peer_fails_within_deadline(h: &dyn TransportHarness, module_path: &s
         // A new request finishes within the limit; to a killed peer (or a frozen one, when
         // moving bytes needs its CPU) it fails.
         let again = init
-            .submit_batch(&big_batch(seg, &local, child.base(), 1))
+            .submit_batch(&alternating(seg, local.base(), child.base(), 1, 1 << 20))
             .unwrap();
-        assert_done_within(h, &again, limit, &format!("new request to a {what} peer"));
+        assert_done_within(
+            h.name(),
+            &again,
+            limit,
+            &format!("new request to a {what} peer"),
+        );
         if sig == libc::SIGKILL || h.needs_peer_cpu() {
             assert_eq!(
                 again.failed(),
