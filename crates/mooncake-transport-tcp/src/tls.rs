@@ -141,22 +141,22 @@ impl ServerCertVerifier for SignatureOnly {
     }
 }
 
-/// A socket as `Read`/`Write` for rustls: non-blocking, `EAGAIN` as `WouldBlock`.
+/// A socket as `Write` for rustls: non-blocking, `EAGAIN` as `WouldBlock`.
 struct Fd(RawFd);
-
-impl Read for Fd {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match sys::recv(self.0, buf)? {
-            Io::Done(n) => Ok(n),
-            Io::Eof => Ok(0),
-            Io::WouldBlock => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    }
-}
 
 impl Write for Fd {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match sys::send_chunks(self.0, &[Chunk::Bytes(buf)])? {
+            Io::Done(n) => Ok(n),
+            Io::Eof => Err(io::ErrorKind::WriteZero.into()),
+            Io::WouldBlock => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        // rustls hands over all its queued records at once: one `sendmsg` for all of them.
+        let chunks: Vec<Chunk<'_>> = bufs.iter().map(|b| Chunk::Bytes(b)).collect();
+        match sys::send_chunks(self.0, &chunks)? {
             Io::Done(n) => Ok(n),
             Io::Eof => Err(io::ErrorKind::WriteZero.into()),
             Io::WouldBlock => Err(io::ErrorKind::WouldBlock.into()),
@@ -168,22 +168,39 @@ impl Write for Fd {
     }
 }
 
+/// Bytes read from the socket in one `recv` before rustls takes them (it reads 4 KiB at a
+/// time: straight from the socket that would be a system call per 4 KiB).
+const INBUF: usize = 128 * 1024;
+
+/// A session and the socket bytes it has not taken yet.
+struct State {
+    conn: rustls::Connection,
+    inbuf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
 /// One TLS session over a non-blocking socket. The lock lets the initiator's sending thread
 /// and its loop's reading share it.
 pub(crate) struct Tls {
-    conn: Mutex<rustls::Connection>,
+    state: Mutex<State>,
 }
 
 impl Tls {
     fn new(mut conn: rustls::Connection) -> Self {
         conn.set_buffer_limit(Some(BUFFER_LIMIT));
         Self {
-            conn: Mutex::new(conn),
+            state: Mutex::new(State {
+                conn,
+                inbuf: Vec::new(),
+                start: 0,
+                end: 0,
+            }),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, rustls::Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes queued records; true when none is left, false when the socket is full.
@@ -201,13 +218,19 @@ impl Tls {
 
     /// Writes the records rustls holds; true when none is left.
     pub(crate) fn flush(&self, fd: RawFd) -> io::Result<bool> {
-        Self::flush_locked(&mut self.lock(), fd)
+        Self::flush_locked(&mut self.lock().conn, fd)
     }
 
     /// Decrypted bytes into `buf`: what rustls holds, else what one read of the socket
     /// brings. `WouldBlock` only once the socket returned `EAGAIN`.
     pub(crate) fn recv(&self, fd: RawFd, buf: &mut [u8]) -> io::Result<Io> {
-        let mut c = self.lock();
+        let mut st = self.lock();
+        let State {
+            conn: c,
+            inbuf,
+            start,
+            end,
+        } = &mut *st;
         loop {
             match c.reader().read(buf) {
                 Ok(0) if !buf.is_empty() => return Ok(Io::Eof),
@@ -215,23 +238,30 @@ impl Tls {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
-            match c.read_tls(&mut Fd(fd)) {
-                Ok(0) => return Ok(Io::Eof),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    Self::flush_locked(&mut c, fd)?;
-                    return Ok(Io::WouldBlock);
+            if *start == *end {
+                if inbuf.is_empty() {
+                    inbuf.resize(INBUF, 0);
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                match sys::recv(fd, inbuf)? {
+                    Io::Done(n) => (*start, *end) = (0, n),
+                    Io::Eof => return Ok(Io::Eof),
+                    Io::WouldBlock => {
+                        Self::flush_locked(c, fd)?;
+                        return Ok(Io::WouldBlock);
+                    }
+                }
+            }
+            match c.read_tls(&mut &inbuf[*start..*end]) {
+                Ok(n) => *start += n,
                 Err(e) => return Err(e),
             }
             if let Err(e) = c.process_new_packets() {
                 // Tell the peer why (best effort), then fail the connection.
-                let _ = Self::flush_locked(&mut c, fd);
+                let _ = Self::flush_locked(c, fd);
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
             // Handshake replies, key updates.
-            Self::flush_locked(&mut c, fd)?;
+            Self::flush_locked(c, fd)?;
         }
     }
 
@@ -264,8 +294,9 @@ impl Tls {
     /// a later send or [`flush`](Self::flush) writes them). `WouldBlock`: records from
     /// before are still queued and the socket is full.
     pub(crate) fn send_chunks(&self, fd: RawFd, chunks: &[Chunk<'_>]) -> io::Result<Io> {
-        let mut c = self.lock();
-        if !Self::flush_locked(&mut c, fd)? {
+        let mut st = self.lock();
+        let c = &mut st.conn;
+        if !Self::flush_locked(c, fd)? {
             return Ok(Io::WouldBlock);
         }
         let mut bounce = [0u8; BOUNCE];
@@ -291,13 +322,13 @@ impl Tls {
                     // rustls holds its limit: write records out and go on if that made room;
                     // stop if the socket is full or nothing was waiting to go out (during
                     // the handshake, plaintext waits for it to finish).
-                    if !c.wants_write() || !Self::flush_locked(&mut c, fd)? {
+                    if !c.wants_write() || !Self::flush_locked(c, fd)? {
                         break 'chunks;
                     }
                 }
             }
         }
-        Self::flush_locked(&mut c, fd)?;
+        Self::flush_locked(c, fd)?;
         if taken == 0 && c.wants_write() {
             return Ok(Io::WouldBlock);
         }
@@ -307,9 +338,10 @@ impl Tls {
     /// The value both ends of this session (and only they) derive from it, once its
     /// handshake is done; the cluster secret's proofs cover it.
     pub(crate) fn binding(&self) -> io::Result<[u8; 32]> {
-        let c = self.lock();
+        let st = self.lock();
         let mut out = [0u8; 32];
-        c.export_keying_material(&mut out[..], EXPORTER_LABEL, None)
+        st.conn
+            .export_keying_material(&mut out[..], EXPORTER_LABEL, None)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         Ok(out)
     }
