@@ -84,6 +84,11 @@ pub struct RdmaConfig {
     /// CQ polls without a completion before a worker sleeps on the completion channel
     /// (default 4096, tens of microseconds to a millisecond; raise for lower latency on dedicated cores, lower to save CPU). `MC_RDMA_POLL_SPIN`.
     pub poll_spin: u32,
+    /// Device memory (`cuda:N`) that the NICs cannot register from a dma-buf (GPUDirect
+    /// RDMA) fails registering with the NIC's error, instead of being left to another
+    /// transport (default false: a warning names the NIC, and the engine moves that memory
+    /// with a transport that can, such as TCP staging). `MC_RDMA_REQUIRE_GPUDIRECT=1`.
+    pub require_gpudirect: bool,
     /// Per-NIC counters, shared with the transport this config builds.
     pub stats: Arc<RdmaStats>,
 }
@@ -112,6 +117,7 @@ impl Default for RdmaConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 0)),
             topology_json: None,
             poll_spin: 4096,
+            require_gpudirect: false,
             stats: Arc::new(RdmaStats::default()),
         }
     }
@@ -185,6 +191,9 @@ impl RdmaConfig {
         if let Some(v) = env("MC_RDMA_POLL_SPIN")? {
             c.poll_spin = v;
         }
+        if let Some(v) = env::<u8>("MC_RDMA_REQUIRE_GPUDIRECT")? {
+            c.require_gpudirect = v != 0;
+        }
         if let Some(v) = env::<String>("MC_RDMA_PATH_POLICY")? {
             c.path_policy = match v.as_str() {
                 "all" => PathPolicy::All,
@@ -201,6 +210,12 @@ impl RdmaConfig {
             };
         }
         Ok(c)
+    }
+
+    /// Sets [`require_gpudirect`](Self::require_gpudirect).
+    pub fn with_require_gpudirect(mut self, yes: bool) -> Self {
+        self.require_gpudirect = yes;
+        self
     }
 
     /// Uses only these devices.

@@ -46,6 +46,7 @@
 //! See `docs/rdma.md` for deployment, tuning knobs and the GPUDirect plan.
 
 mod config;
+mod gpudirect;
 mod handshake;
 mod passive;
 mod rail;
@@ -62,7 +63,7 @@ pub use config::{PathPolicy, RdmaConfig};
 pub use stats::{NicStats, RdmaStats};
 pub use sys::device_names;
 pub use transport::{RDMA_SCHEME, RdmaTransport};
-pub use wire::HANDSHAKE_KEY;
+pub use wire::{GPUDIRECT_KEY, HANDSHAKE_KEY};
 
 /// Entry points for the fuzz targets in `fuzz/`; not part of the supported API.
 #[doc(hidden)]

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use mooncake_core::{Access, ClusterSecret, Error, ErrorKind, Region, Result};
-use sideway::ibverbs::memory_region::MemoryRegion;
 
 use crate::config::{PathPolicy, RdmaConfig};
+use crate::gpudirect::Registration;
 use crate::rail::{Claim, RailKey, Rails};
 use crate::slice::Slice;
 use crate::sys::{self, EventFd, Nic, Qp, QpPeer, QpTiming};
@@ -80,7 +80,9 @@ struct RegionMrs {
     region: Weak<Region>,
     len: u64,
     access: Access,
-    mrs: Vec<Arc<MemoryRegion>>,
+    /// Device memory registered from a dma-buf (GPUDirect RDMA).
+    device: bool,
+    reg: Registration,
 }
 
 /// Every registered region's MRs. The MRs are only ever held here: removing a region
@@ -92,14 +94,15 @@ pub(crate) struct MrTable {
 
 impl MrTable {
     /// Adds the MRs of `region`.
-    pub fn insert(&self, region: &Arc<Region>, mrs: Vec<Arc<MemoryRegion>>) {
+    pub fn insert(&self, region: &Arc<Region>, reg: Registration) {
         let old = self.map.write().unwrap_or_else(|p| p.into_inner()).insert(
             region.base(),
             RegionMrs {
                 region: Arc::downgrade(region),
                 len: region.len(),
                 access: region.access(),
-                mrs,
+                device: reg.dmabuf.is_some(),
+                reg,
             },
         );
         // An earlier registration of the same address still being unregistered: its MRs go
@@ -123,6 +126,22 @@ impl MrTable {
         gone.is_some()
     }
 
+    /// True while this registration of `region` has its MRs.
+    pub fn has(&self, region: &Region) -> bool {
+        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
+        m.get(&region.base())
+            .is_some_and(|r| std::ptr::eq(r.region.as_ptr(), region))
+    }
+
+    /// Base addresses of the device regions registered from dma-bufs (GPUDirect RDMA).
+    pub fn device_bases(&self) -> Vec<u64> {
+        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .filter(|(_, r)| r.device)
+            .map(|(&a, _)| a)
+            .collect()
+    }
+
     /// Deregisters everything.
     pub fn clear(&self) {
         let all = std::mem::take(&mut *self.map.write().unwrap_or_else(|p| p.into_inner()));
@@ -134,7 +153,7 @@ impl MrTable {
         let m = self.map.read().unwrap_or_else(|p| p.into_inner());
         m.get(&region.base())
             .filter(|r| std::ptr::eq(r.region.as_ptr(), Arc::as_ptr(region)))
-            .and_then(|r| r.mrs.get(nic))
+            .and_then(|r| r.reg.mrs.get(nic))
             .map(|mr| mr.lkey())
     }
 
@@ -144,7 +163,7 @@ impl MrTable {
         m.iter()
             .filter(|(_, r)| r.access.remote_read() || r.access.remote_write())
             .filter_map(|(&addr, r)| {
-                r.mrs.get(nic).map(|mr| RemoteKey {
+                r.reg.mrs.get(nic).map(|mr| RemoteKey {
                     addr,
                     len: r.len,
                     rkey: mr.rkey(),

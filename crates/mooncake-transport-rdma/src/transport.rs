@@ -9,11 +9,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mooncake_core::{
-    DeviceDesc, EngineContext, Error, ErrorKind, Region, RemoteSegment, Result, SegmentDescriptor,
-    TransferTask, Transport, TransportBuilder, TransportCapabilities,
+    BufferDesc, DeviceDesc, EngineContext, Error, ErrorKind, Region, RemoteSegment, Result,
+    SegmentDescriptor, TransferTask, Transport, TransportBuilder, TransportCapabilities,
+    device_copier,
 };
 
 use crate::config::RdmaConfig;
+use crate::gpudirect::{self, MrTarget};
 use crate::handshake::{self, Reactor};
 use crate::passive::{self, Passive};
 use crate::shared::{Cmd, Mailbox, Shared};
@@ -79,10 +81,13 @@ impl RdmaTransport {
         cfg.validate()?;
         let nics = sys::open_nics(&cfg.nics, cfg.port, cfg.gid_index, cfg.cqe)?;
         let names: Vec<String> = nics.iter().map(|n| n.name.clone()).collect();
-        let topo = match &cfg.topology_json {
+        let mut topo = match &cfg.topology_json {
             Some(j) => Topology::from_json(j, &names)?,
             None => Topology::from_numa(&nics.iter().map(|n| n.numa_node).collect::<Vec<_>>()),
         };
+        if let Some(copier) = device_copier() {
+            topo.add_cuda_devices(std::path::Path::new("/"), &*copier, &names);
+        }
         let listener = TcpListener::bind(cfg.listen)
             .map_err(|e| Error::io(&format!("bind {}", cfg.listen), &e))?;
         let bound: SocketAddr = listener
@@ -166,8 +171,10 @@ impl Transport for RdmaTransport {
         RDMA_SCHEME
     }
 
+    /// Device memory when a device runtime is installed (it exports the dma-bufs); which
+    /// device buffers this transport moves is decided per request by `can_move`.
     fn capabilities(&self) -> TransportCapabilities {
-        TransportCapabilities::default()
+        TransportCapabilities::default().with_device_memory(device_copier().is_some())
     }
 
     fn publish(&self, d: &mut SegmentDescriptor) {
@@ -187,6 +194,7 @@ impl Transport for RdmaTransport {
             HANDSHAKE_KEY.into(),
             serde_json::Value::String(self.published.clone()),
         );
+        gpudirect::publish(d, &self.sh.mrs.device_bases());
     }
 
     fn can_reach(&self, remote: &RemoteSegment) -> bool {
@@ -194,6 +202,21 @@ impl Transport for RdmaTransport {
         d.speaks(self.name())
             && !d.devices.is_empty()
             && d.extra.get(HANDSHAKE_KEY).is_some_and(|v| v.is_string())
+    }
+
+    /// Host memory on both sides, or device memory registered with the NICs from a dma-buf:
+    /// a local device region whose registration succeeded here, a remote device buffer its
+    /// owner published under [`crate::GPUDIRECT_KEY`].
+    fn can_move(&self, region: &Region, remote: &RemoteSegment, buffer: &BufferDesc) -> bool {
+        if !self.can_reach(remote) {
+            return false;
+        }
+        gpudirect::can_move(
+            region.location(),
+            self.sh.mrs.has(region),
+            buffer,
+            remote.descriptor(),
+        )
     }
 
     fn submit(&self, tasks: Vec<TransferTask>) {
@@ -241,23 +264,29 @@ impl Transport for RdmaTransport {
         sh.dispatch(out);
     }
 
+    /// Registers the region on every NIC: host memory by address, device memory from the
+    /// dma-buf the installed device runtime exports (GPUDirect RDMA). Device memory that
+    /// cannot be registered so is left to other transports (`can_move` says no for it) with
+    /// a warning naming the NIC, or fails with that error under
+    /// [`RdmaConfig::require_gpudirect`].
     fn on_register(&self, region: &Arc<Region>) -> Result<()> {
-        let a = region.access();
-        let mrs = self
-            .sh
-            .nics
-            .iter()
-            .map(|n| {
-                n.reg_mr(
-                    region.base(),
-                    region.len(),
-                    a.remote_read(),
-                    a.remote_write(),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.sh.mrs.insert(region, mrs);
-        Ok(())
+        let copier = device_copier();
+        let targets: Vec<&dyn MrTarget> =
+            self.sh.nics.iter().map(|n| &**n as &dyn MrTarget).collect();
+        match gpudirect::register(&targets, region, copier.as_deref()) {
+            Ok(reg) => {
+                self.sh.mrs.insert(region, reg);
+                Ok(())
+            }
+            Err(e) if !region.location().is_host() && !self.sh.cfg.require_gpudirect => {
+                tracing::warn!(
+                    error = %e,
+                    "RDMA leaves this device region to other transports (MC_RDMA_REQUIRE_GPUDIRECT=1 makes this an error)"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn on_unregister(&self, region: &Arc<Region>) {
