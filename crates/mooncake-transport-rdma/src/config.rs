@@ -84,10 +84,11 @@ pub struct RdmaConfig {
     /// CQ polls without a completion before a worker sleeps on the completion channel
     /// (default 4096, tens of microseconds to a millisecond; raise for lower latency on dedicated cores, lower to save CPU). `MC_RDMA_POLL_SPIN`.
     pub poll_spin: u32,
-    /// Device memory (`cuda:N`) that the NICs cannot register from a dma-buf (GPUDirect
-    /// RDMA) fails registering with the NIC's error, instead of being left to another
-    /// transport (default false: a warning names the NIC, and the engine moves that memory
-    /// with a transport that can, such as TCP staging). `MC_RDMA_REQUIRE_GPUDIRECT=1`.
+    /// Device memory (`cuda:N`) that a NIC cannot register from a dma-buf (GPUDirect RDMA)
+    /// fails registering with that NIC's error. Default false: a warning names the NIC; the
+    /// region moves over RDMA through the NICs that registered it, and when none did, the
+    /// engine moves it with another transport that can (TCP, staged).
+    /// `MC_RDMA_REQUIRE_GPUDIRECT=1`.
     pub require_gpudirect: bool,
     /// Per-NIC counters, shared with the transport this config builds.
     pub stats: Arc<RdmaStats>,

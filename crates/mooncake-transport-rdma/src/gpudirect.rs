@@ -60,18 +60,24 @@ pub(crate) trait MrTarget {
 
 /// A region's MRs, one per NIC in NIC order.
 pub(crate) struct Registration {
-    /// The MRs (declared first: they are deregistered before the dma-buf is closed).
-    pub mrs: Vec<Box<dyn Mr>>,
+    /// The MRs; `None` on a NIC that refused the region's dma-buf (declared first: they are
+    /// deregistered before the dma-buf is closed).
+    pub mrs: Vec<Option<Box<dyn Mr>>>,
     /// The dma-buf of a device region, open as long as its MRs.
     pub dmabuf: Option<DmaBuf>,
+    /// Why each NIC without an MR refused the dma-buf.
+    pub refused: Vec<Error>,
 }
 
-/// Registers `region` on every NIC of `nics`, all or none.
+/// Registers `region` on the NICs `nics`.
 ///
-/// Host memory is registered by address. Device memory (a location that is not host
-/// memory) is exported by `copier` as a dma-buf and registered from it, at the region's own
-/// address as IOVA (so WRs name it as they name host memory). A NIC that refuses the dma-buf
-/// fails the whole registration with an `Unsupported` error naming it.
+/// Host memory is registered by address on every NIC, or the registration fails. Device
+/// memory (a location that is not host memory) is exported by `copier` as a dma-buf and
+/// registered from it, at the region's own address as IOVA (so WRs name it as they name host
+/// memory), on every NIC that accepts it; each refusal is an `Unsupported` error naming the
+/// NIC ("… does not support dma-buf MRs (GPUDirect RDMA)"), in
+/// [`Registration::refused`], and the registration fails with the first one when no NIC
+/// accepts it.
 pub(crate) fn register(
     nics: &[&dyn MrTarget],
     region: &Region,
@@ -82,9 +88,13 @@ pub(crate) fn register(
     if loc.is_host() {
         let mrs = nics
             .iter()
-            .map(|n| n.reg_mr(base, len, rights))
+            .map(|n| n.reg_mr(base, len, rights).map(Some))
             .collect::<Result<Vec<_>>>()?;
-        return Ok(Registration { mrs, dmabuf: None });
+        return Ok(Registration {
+            mrs,
+            dmabuf: None,
+            refused: Vec::new(),
+        });
     }
     let copier = copier.ok_or_else(|| {
         Error::new(
@@ -106,11 +116,14 @@ pub(crate) fn register(
             ),
         ));
     }
-    let mrs = nics
-        .iter()
-        .map(|n| {
-            n.reg_dmabuf_mr(buf.fd.as_fd(), buf.offset, len, base, rights)
-                .map_err(|e| {
+    let mut mrs = Vec::with_capacity(nics.len());
+    let mut refused = Vec::new();
+    for n in nics {
+        match n.reg_dmabuf_mr(buf.fd.as_fd(), buf.offset, len, base, rights) {
+            Ok(mr) => mrs.push(Some(mr)),
+            Err(e) => {
+                mrs.push(None);
+                refused.push(
                     Error::new(
                         ErrorKind::Unsupported,
                         format!(
@@ -119,29 +132,51 @@ pub(crate) fn register(
                             n.name()
                         ),
                     )
-                    .with_context("nic", n.name())
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
+                    .with_context("nic", n.name()),
+                );
+            }
+        }
+    }
+    if mrs.iter().all(Option::is_none) && !refused.is_empty() {
+        return Err(refused.swap_remove(0));
+    }
     Ok(Registration {
         mrs,
         dmabuf: Some(buf),
+        refused,
     })
 }
 
-/// Publishes the base addresses of the device regions registered from dma-bufs under
-/// [`GPUDIRECT_KEY`] (nothing when there are none).
-pub(crate) fn publish(d: &mut SegmentDescriptor, device_bases: &[u64]) {
-    if !device_bases.is_empty() {
-        d.extra
-            .insert(GPUDIRECT_KEY.into(), serde_json::json!(device_bases));
+/// Publishes the device regions registered from dma-bufs under [`GPUDIRECT_KEY`], each as
+/// `{"addr": base, "nics": [NICs holding an MR of it]}` (nothing when there are none).
+pub(crate) fn publish(d: &mut SegmentDescriptor, device: &[(u64, Vec<String>)]) {
+    if !device.is_empty() {
+        let v: Vec<serde_json::Value> = device
+            .iter()
+            .map(|(addr, nics)| serde_json::json!({ "addr": addr, "nics": nics }))
+            .collect();
+        d.extra.insert(GPUDIRECT_KEY.into(), v.into());
     }
 }
 
-/// Whether RDMA moves bytes between a local region at `local` (`registered`: its MRs exist)
-/// and `buffer` of the segment `remote`: host memory always; a local device region only when
-/// it was registered (from a dma-buf), a remote device buffer only when its owner published
-/// it under [`GPUDIRECT_KEY`].
+/// The NICs of `remote` through which its device buffer at `addr` is reachable (its entry
+/// under [`GPUDIRECT_KEY`]), `None` when it published none.
+pub(crate) fn remote_nics(remote: &SegmentDescriptor, addr: u64) -> Option<Vec<&str>> {
+    remote
+        .extra
+        .get(GPUDIRECT_KEY)?
+        .as_array()?
+        .iter()
+        .find(|e| e.get("addr").and_then(|a| a.as_u64()) == Some(addr))?
+        .get("nics")?
+        .as_array()
+        .map(|a| a.iter().filter_map(|n| n.as_str()).collect())
+}
+
+/// Whether RDMA moves bytes between a local region at `local` (`registered`: it has an MR on
+/// at least one NIC) and `buffer` of the segment `remote`: host memory always; a local
+/// device region only when it was registered (from a dma-buf), a remote device buffer only
+/// when its owner published NICs for it under [`GPUDIRECT_KEY`].
 pub(crate) fn can_move(
     local: &Location,
     registered: bool,
@@ -152,12 +187,7 @@ pub(crate) fn can_move(
         return false;
     }
     let remote_loc: Location = buffer.name.parse().unwrap_or_default();
-    remote_loc.is_host()
-        || remote
-            .extra
-            .get(GPUDIRECT_KEY)
-            .and_then(|v| v.as_array())
-            .is_some_and(|a| a.iter().any(|x| x.as_u64() == Some(buffer.addr)))
+    remote_loc.is_host() || remote_nics(remote, buffer.addr).is_some_and(|n| !n.is_empty())
 }
 
 #[cfg(test)]
@@ -401,7 +431,10 @@ mod tests {
                 .collect();
             assert_eq!(*log.lock().unwrap(), want);
             assert_eq!(
-                got.mrs.iter().map(|m| m.lkey()).collect::<Vec<_>>(),
+                got.mrs
+                    .iter()
+                    .map(|m| m.as_ref().unwrap().lkey())
+                    .collect::<Vec<_>>(),
                 [0x100, 0x101]
             );
             assert!(!ex.closed());
@@ -455,9 +488,9 @@ mod tests {
     }
 
     #[test]
-    fn a_nic_refusing_dmabuf_fails_the_registration_by_name_and_releases_the_others() {
+    fn nics_refusing_dmabuf_are_named_and_left_out_and_all_refusing_fails() {
         let log = Log::default();
-        let n = nics(&log, &[true, false]);
+        let n = nics(&log, &[false, true, false]);
         let copier = FakeCopier {
             offset: 0,
             extra: 0,
@@ -465,22 +498,41 @@ mod tests {
         };
         let reg = BufferRegistry::new();
         let r = region(&reg, 0x7f00_0000_0000, Location::Cuda(0), Access::ReadWrite);
+        // Only mlx5_1 accepts: the region gets that one MR; the others are named.
+        let got = register(&targets(&n), &r, Some(&copier)).unwrap();
+        assert_eq!(
+            got.mrs
+                .iter()
+                .map(|m| m.as_ref().map(|m| m.lkey()))
+                .collect::<Vec<_>>(),
+            [None, Some(0x101), None]
+        );
+        let why: Vec<String> = got.refused.iter().map(|e| e.to_string()).collect();
+        assert_eq!(why.len(), 2);
+        for (w, nic) in why.iter().zip(["mlx5_0", "mlx5_2"]) {
+            assert!(
+                w.contains(&format!(
+                    "RDMA device {nic} does not support dma-buf MRs (GPUDirect RDMA)"
+                )),
+                "{w}"
+            );
+            assert!(w.contains("Operation not supported"), "{w}");
+        }
+        drop(got);
+        assert!(copier.exported.lock().unwrap()[0].closed());
+        // No NIC accepts: the registration fails with the first refusal.
+        let n = nics(&log, &[false, false]);
         let e = register(&targets(&n), &r, Some(&copier)).err().unwrap();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         assert!(
             e.to_string()
-                .contains("RDMA device mlx5_1 does not support dma-buf MRs (GPUDirect RDMA)"),
+                .contains("RDMA device mlx5_0 does not support dma-buf MRs (GPUDirect RDMA)"),
             "{e}"
         );
         assert!(
-            copier.exported.lock().unwrap()[0].closed(),
+            copier.exported.lock().unwrap()[1].closed(),
             "the dma-buf is closed again"
         );
-        // mlx5_0's MR was deregistered.
-        assert!(log.lock().unwrap().contains(&Call::Dereg {
-            nic: "mlx5_0".into(),
-            key: 0x100
-        }));
     }
 
     #[test]
@@ -519,12 +571,14 @@ mod tests {
         assert!(!can_move(&Location::Cpu(0), true, &vram, &peer));
         publish(&mut peer, &[]);
         assert!(!peer.extra.contains_key(GPUDIRECT_KEY));
-        publish(&mut peer, &[0x7f00_0000_0000]);
+        publish(&mut peer, &[(0x7f00_0000_0000, vec!["mlx5_1".into()])]);
         // Through the descriptor's JSON, as a peer reads it.
         let peer: SegmentDescriptor =
             serde_json::from_str(&serde_json::to_string(&peer).unwrap()).unwrap();
         assert!(can_move(&Location::Cpu(0), true, &vram, &peer));
         assert!(!can_move(&Location::Cpu(0), true, &other, &peer));
+        assert_eq!(remote_nics(&peer, vram.addr), Some(vec!["mlx5_1"]));
+        assert_eq!(remote_nics(&peer, other.addr), None);
         // A local device region moves only once its dma-buf MRs exist.
         assert!(can_move(&Location::Cuda(0), true, &vram, &peer));
         assert!(!can_move(&Location::Cuda(0), false, &vram, &peer));

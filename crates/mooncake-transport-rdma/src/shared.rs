@@ -10,10 +10,10 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use mooncake_core::{Access, ClusterSecret, Error, ErrorKind, Region, Result};
+use mooncake_core::{Access, ClusterSecret, Error, ErrorKind, Location, Region, Result};
 
 use crate::config::{PathPolicy, RdmaConfig};
-use crate::gpudirect::Registration;
+use crate::gpudirect::{self, Registration};
 use crate::rail::{Claim, RailKey, Rails};
 use crate::slice::Slice;
 use crate::sys::{self, EventFd, Nic, Qp, QpPeer, QpTiming};
@@ -133,12 +133,23 @@ impl MrTable {
             .is_some_and(|r| std::ptr::eq(r.region.as_ptr(), region))
     }
 
-    /// Base addresses of the device regions registered from dma-bufs (GPUDirect RDMA).
-    pub fn device_bases(&self) -> Vec<u64> {
+    /// The device regions registered from dma-bufs (GPUDirect RDMA): base address and the
+    /// NICs (named by `names`) holding an MR of it.
+    pub fn device_regions(&self, names: &[String]) -> Vec<(u64, Vec<String>)> {
         let m = self.map.read().unwrap_or_else(|p| p.into_inner());
         m.iter()
             .filter(|(_, r)| r.device)
-            .map(|(&a, _)| a)
+            .map(|(&a, r)| {
+                let nics = r
+                    .reg
+                    .mrs
+                    .iter()
+                    .zip(names)
+                    .filter(|(mr, _)| mr.is_some())
+                    .map(|(_, n)| n.clone())
+                    .collect();
+                (a, nics)
+            })
             .collect()
     }
 
@@ -154,6 +165,7 @@ impl MrTable {
         m.get(&region.base())
             .filter(|r| std::ptr::eq(r.region.as_ptr(), Arc::as_ptr(region)))
             .and_then(|r| r.reg.mrs.get(nic))
+            .and_then(Option::as_ref)
             .map(|mr| mr.lkey())
     }
 
@@ -163,12 +175,16 @@ impl MrTable {
         m.iter()
             .filter(|(_, r)| r.access.remote_read() || r.access.remote_write())
             .filter_map(|(&addr, r)| {
-                r.reg.mrs.get(nic).map(|mr| RemoteKey {
-                    addr,
-                    len: r.len,
-                    rkey: mr.rkey(),
-                    writable: r.access.remote_write(),
-                })
+                r.reg
+                    .mrs
+                    .get(nic)
+                    .and_then(Option::as_ref)
+                    .map(|mr| RemoteKey {
+                        addr,
+                        len: r.len,
+                        rkey: mr.rkey(),
+                        writable: r.access.remote_write(),
+                    })
             })
             .collect()
     }
@@ -345,11 +361,23 @@ impl Shared {
         if remote_all.is_empty() {
             return None;
         }
-        let remote_loc = d
+        let buffer = d
             .buffers
             .iter()
-            .find(|b| s.remote_addr >= b.addr && s.remote_addr - b.addr < b.length)
-            .map(|b| b.name.as_str());
+            .find(|b| s.remote_addr >= b.addr && s.remote_addr - b.addr < b.length);
+        let remote_loc = buffer.map(|b| b.name.as_str());
+        // A remote device buffer is reachable only through the NICs that registered its
+        // dma-buf.
+        let mut remote_all = remote_all;
+        if let Some(b) = buffer
+            && !b.name.parse::<Location>().unwrap_or_default().is_host()
+        {
+            let through = gpudirect::remote_nics(d, b.addr).unwrap_or_default();
+            remote_all.retain(|n| through.contains(n));
+            if remote_all.is_empty() {
+                return None;
+            }
+        }
         let mut remote_pref: Vec<&str> = remote_loc
             .and_then(|l| d.priority_matrix.get(l))
             .and_then(|t| t.first())
@@ -364,6 +392,8 @@ impl Shared {
             remote_pref = remote_all.clone();
         }
         let (lp, lf) = self.topo.tiers(s.local.region().location());
+        // A local device region only on the NICs that registered its dma-buf.
+        let local_host = s.local.region().location().is_host();
         let now = Instant::now();
         let mut rails = self
             .rails_unhealthy
@@ -375,6 +405,7 @@ impl Shared {
                     .iter()
                     .copied()
                     .filter(|&i| !self.nic_down[i].load(Ordering::Acquire))
+                    .filter(|&i| local_host || self.mrs.lkey(s.local.region(), i).is_some())
                     .collect();
                 for k in 0..locals.len() {
                     let l = locals[(s.seq + k) % locals.len()];

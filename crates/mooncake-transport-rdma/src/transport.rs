@@ -194,7 +194,7 @@ impl Transport for RdmaTransport {
             HANDSHAKE_KEY.into(),
             serde_json::Value::String(self.published.clone()),
         );
-        gpudirect::publish(d, &self.sh.mrs.device_bases());
+        gpudirect::publish(d, &self.sh.mrs.device_regions(&self.sh.names));
     }
 
     fn can_reach(&self, remote: &RemoteSegment) -> bool {
@@ -265,16 +265,25 @@ impl Transport for RdmaTransport {
     }
 
     /// Registers the region on every NIC: host memory by address, device memory from the
-    /// dma-buf the installed device runtime exports (GPUDirect RDMA). Device memory that
-    /// cannot be registered so is left to other transports (`can_move` says no for it) with
-    /// a warning naming the NIC, or fails with that error under
-    /// [`RdmaConfig::require_gpudirect`].
+    /// dma-buf the installed device runtime exports (GPUDirect RDMA). A NIC refusing the
+    /// dma-buf is named in a warning and the region moves only through the others; a region
+    /// no NIC registered is left to other transports (`can_move` says no for it). Under
+    /// [`RdmaConfig::require_gpudirect`] any refusal fails the registration instead.
     fn on_register(&self, region: &Arc<Region>) -> Result<()> {
         let copier = device_copier();
         let targets: Vec<&dyn MrTarget> =
             self.sh.nics.iter().map(|n| &**n as &dyn MrTarget).collect();
         match gpudirect::register(&targets, region, copier.as_deref()) {
-            Ok(reg) => {
+            Ok(reg) if self.sh.cfg.require_gpudirect && !reg.refused.is_empty() => {
+                Err(reg.refused.into_iter().next().expect("not empty"))
+            }
+            Ok(mut reg) => {
+                for e in std::mem::take(&mut reg.refused) {
+                    tracing::warn!(
+                        error = %e,
+                        "this device region moves over RDMA only through the NICs that registered it"
+                    );
+                }
                 self.sh.mrs.insert(region, reg);
                 Ok(())
             }
