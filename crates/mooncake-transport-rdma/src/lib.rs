@@ -43,7 +43,14 @@
 //! segment names and generations; without one peers are not authenticated (as in Mooncake).
 //! See `docs/rdma.md`.
 //!
-//! See `docs/rdma.md` for deployment, tuning knobs and the GPUDirect plan.
+//! # GPUDirect RDMA
+//! Device regions (`cuda:N`) are registered from the dma-buf the installed
+//! [`mooncake_core::DeviceCopier`] exports (`ibv_reg_dmabuf_mr`, with the rights of host MRs),
+//! on the NICs that accept it; NICs are ranked for each GPU by PCIe distance (sysfs). The
+//! transport moves device memory only where both sides registered it so (`can_move`). See
+//! `docs/gpu.md`.
+//!
+//! See `docs/rdma.md` for deployment and tuning knobs.
 
 mod config;
 mod gpudirect;
