@@ -7,10 +7,12 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use mooncake_core::{Access, ClusterSecret, Error, ErrorKind, Location, Region, Result};
+use mooncake_core::{
+    Access, ClusterSecret, DeviceCopier, Error, ErrorKind, Location, Region, Result,
+};
 
 use crate::config::{PathPolicy, RdmaConfig};
 use crate::gpudirect::{self, Registration};
@@ -205,7 +207,11 @@ pub(crate) struct Shared {
     pub handshake_timeout: Duration,
     pub nics: Vec<Arc<Nic>>,
     pub names: Vec<String>,
-    pub topo: Topology,
+    /// Which NICs serve which location (`cpu:N` rows, or the JSON topology).
+    topo: Topology,
+    /// `topo` with `cuda:N` rows by PCIe distance, made when the first device region is
+    /// registered (asking the device runtime for PCI addresses loads its driver).
+    gpu_topo: OnceLock<Topology>,
     pub nic_down: Vec<AtomicBool>,
     pub mrs: MrTable,
     rails: Mutex<Rails>,
@@ -249,6 +255,7 @@ impl Shared {
             nics,
             names,
             topo,
+            gpu_topo: OnceLock::new(),
             mrs: MrTable::default(),
             rails: Mutex::new(rails),
             rails_unhealthy: AtomicBool::new(false),
@@ -353,6 +360,21 @@ impl Shared {
         .with_context("peer", s.peer())
     }
 
+    /// The NIC tiers of every location (with `cuda:N` rows once [`Self::learn_gpus`] ran).
+    pub fn topology(&self) -> &Topology {
+        self.gpu_topo.get().unwrap_or(&self.topo)
+    }
+
+    /// Adds `cuda:N` rows, ranking the NICs by PCIe distance to each GPU `copier` knows
+    /// (once; rows the JSON topology has are kept).
+    pub fn learn_gpus(&self, copier: &dyn DeviceCopier) {
+        self.gpu_topo.get_or_init(|| {
+            let mut t = self.topo.clone();
+            t.add_cuda_devices(std::path::Path::new("/"), copier, &self.names);
+            t
+        });
+    }
+
     /// Picks a rail: healthy (or claimable for a probe) first, then any rail this slice has
     /// not failed on yet. NICs whose port is down are never picked.
     pub fn choose(&self, s: &Slice) -> Option<(usize, String)> {
@@ -391,7 +413,7 @@ impl Shared {
         if remote_pref.is_empty() {
             remote_pref = remote_all.clone();
         }
-        let (lp, lf) = self.topo.tiers(s.local.region().location());
+        let (lp, lf) = self.topology().tiers(s.local.region().location());
         // A local device region only on the NICs that registered its dma-buf.
         let local_host = s.local.region().location().is_host();
         let now = Instant::now();

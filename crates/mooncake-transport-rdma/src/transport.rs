@@ -81,13 +81,10 @@ impl RdmaTransport {
         cfg.validate()?;
         let nics = sys::open_nics(&cfg.nics, cfg.port, cfg.gid_index, cfg.cqe)?;
         let names: Vec<String> = nics.iter().map(|n| n.name.clone()).collect();
-        let mut topo = match &cfg.topology_json {
+        let topo = match &cfg.topology_json {
             Some(j) => Topology::from_json(j, &names)?,
             None => Topology::from_numa(&nics.iter().map(|n| n.numa_node).collect::<Vec<_>>()),
         };
-        if let Some(copier) = device_copier() {
-            topo.add_cuda_devices(std::path::Path::new("/"), &*copier, &names);
-        }
         let listener = TcpListener::bind(cfg.listen)
             .map_err(|e| Error::io(&format!("bind {}", cfg.listen), &e))?;
         let bound: SocketAddr = listener
@@ -187,7 +184,7 @@ impl Transport for RdmaTransport {
                 });
             }
         }
-        for (k, v) in self.sh.topo.to_descriptor(&self.sh.names) {
+        for (k, v) in self.sh.topology().to_descriptor(&self.sh.names) {
             d.priority_matrix.entry(k).or_insert(v);
         }
         d.extra.insert(
@@ -213,7 +210,7 @@ impl Transport for RdmaTransport {
         }
         gpudirect::can_move(
             region.location(),
-            self.sh.mrs.has(region),
+            region.location().is_host() || self.sh.mrs.has(region),
             buffer,
             remote.descriptor(),
         )
@@ -271,6 +268,11 @@ impl Transport for RdmaTransport {
     /// [`RdmaConfig::require_gpudirect`] any refusal fails the registration instead.
     fn on_register(&self, region: &Arc<Region>) -> Result<()> {
         let copier = device_copier();
+        if let Some(c) = &copier
+            && !region.location().is_host()
+        {
+            self.sh.learn_gpus(&**c);
+        }
         let targets: Vec<&dyn MrTarget> =
             self.sh.nics.iter().map(|n| &**n as &dyn MrTarget).collect();
         match gpudirect::register(&targets, region, copier.as_deref()) {
