@@ -243,12 +243,11 @@ mod tests {
 
     impl FakeSysfs {
         fn new() -> Self {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos();
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let root =
-                std::env::temp_dir().join(format!("mooncake-sysfs-{}-{nanos}", std::process::id()));
+                std::env::temp_dir().join(format!("mooncake-sysfs-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
             std::fs::create_dir_all(root.join("sys/bus/pci/devices")).unwrap();
             std::fs::create_dir_all(root.join("sys/class/infiniband")).unwrap();
             Self(root)
