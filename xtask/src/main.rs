@@ -7,8 +7,9 @@
 //!   the soft-RoCE VM. The README's test command.
 //! - `cargo xtask rxe`: only the VM part (see `rxe.rs`).
 //! - `cargo xtask fuzz [--seconds N]`: every cargo-fuzz target for a bounded time (see `fuzz.rs`).
-//! - `cargo xtask wheel`: the Python wheel (`crates/mooncake-py`) with the `mooncake` binary
-//!   bundled, into `target/wheels` (also built and tested by `cargo xtask test`).
+//! - `cargo xtask wheel`: the Python wheel (`crates/mooncake-py`, with GPU memory: feature
+//!   `cuda`) with the `mooncake` binary bundled, into `target/wheels` (also built and tested
+//!   by `cargo xtask test`).
 
 mod apt;
 mod fuzz;
@@ -224,6 +225,11 @@ fn target_dir() -> std::path::PathBuf {
     }
 }
 
+/// Cargo features of the bundled `mooncake` binary: those of the extension, which maturin
+/// takes from `[tool.maturin] features` in `crates/mooncake-py/pyproject.toml` (GPU memory:
+/// CUDA is loaded at run time, so the wheel still imports and runs without a driver).
+const WHEEL_FEATURES: &str = "cuda";
+
 /// Builds the `mooncake` binary, bundles it into the package and builds the wheel with
 /// maturin; returns the wheel's path.
 fn wheel(py: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
@@ -232,6 +238,8 @@ fn wheel(py: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
         "--release",
         "-p",
         "mooncake-cli",
+        "--features",
+        WHEEL_FEATURES,
         "--bin",
         "mooncake",
     ]))?;

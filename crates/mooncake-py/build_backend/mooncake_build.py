@@ -2,7 +2,7 @@
 
 The console scripts `mooncake_master`, `mooncake_http_metadata_server` and `mooncake_client`
 run `mooncake/_bin/mooncake` from the installed package. This backend builds it with cargo
-(`cargo build --release -p mooncake-cli`) and copies it there before maturin packs the wheel.
+(`cargo build --release -p mooncake-cli --features cuda`, the features of the extension) and copies it there before maturin packs the wheel.
 `MOONCAKE_CLI_BIN=/path/to/mooncake` copies a binary built elsewhere instead;
 `MOONCAKE_PY_SKIP_CLI=1` skips it (the scripts then look for `mooncake` on PATH).
 """
@@ -27,7 +27,8 @@ def _bundle_cli():
         src = Path(src)
     else:
         subprocess.run(
-            ["cargo", "build", "--release", "-p", "mooncake-cli", "--bin", "mooncake"],
+            ["cargo", "build", "--release", "-p", "mooncake-cli", "--features", "cuda",
+             "--bin", "mooncake"],
             cwd=_REPO,
             check=True,
         )

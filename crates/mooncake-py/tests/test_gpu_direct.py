@@ -2,7 +2,8 @@
 split moves KV blocks from the prefill's CUDA paged pool into the decode's CUDA paged pool with
 ONE `batch_transfer_sync_write`, over TCP (staged through pinned chunks by the engine) and over
 CUDA IPC (`nvlink_intra`, same host); and a store put/get of GPU KV blocks with the zero-copy
-calls. Needs a GPU and a wheel built with the `cuda` feature; skipped elsewhere.
+calls. Needs a GPU and a wheel with the `cuda` feature (`cargo xtask wheel` builds it so);
+skipped elsewhere.
 
     python -m pytest -q test_gpu_direct.py
 """
@@ -17,7 +18,7 @@ if not torch.cuda.is_available():
 import mooncake  # noqa: E402
 
 if not mooncake.features().get("device_memory_transport"):
-    pytest.skip("this build moves no device memory (build the wheel with --features cuda)",
+    pytest.skip("this build moves no device memory (a wheel without the cuda feature)",
                 allow_module_level=True)
 pytest.importorskip("transformers")
 

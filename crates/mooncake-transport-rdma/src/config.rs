@@ -84,6 +84,12 @@ pub struct RdmaConfig {
     /// CQ polls without a completion before a worker sleeps on the completion channel
     /// (default 4096, tens of microseconds to a millisecond; raise for lower latency on dedicated cores, lower to save CPU). `MC_RDMA_POLL_SPIN`.
     pub poll_spin: u32,
+    /// Device memory (`cuda:N`) that a NIC cannot register from a dma-buf (GPUDirect RDMA)
+    /// fails registering with that NIC's error. Default false: a warning names the NIC; the
+    /// region moves over RDMA through the NICs that registered it, and when none did, the
+    /// engine moves it with another transport that can (TCP, staged).
+    /// `MC_RDMA_REQUIRE_GPUDIRECT=1`.
+    pub require_gpudirect: bool,
     /// Per-NIC counters, shared with the transport this config builds.
     pub stats: Arc<RdmaStats>,
 }
@@ -112,6 +118,7 @@ impl Default for RdmaConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 0)),
             topology_json: None,
             poll_spin: 4096,
+            require_gpudirect: false,
             stats: Arc::new(RdmaStats::default()),
         }
     }
@@ -185,6 +192,9 @@ impl RdmaConfig {
         if let Some(v) = env("MC_RDMA_POLL_SPIN")? {
             c.poll_spin = v;
         }
+        if let Some(v) = env::<u8>("MC_RDMA_REQUIRE_GPUDIRECT")? {
+            c.require_gpudirect = v != 0;
+        }
         if let Some(v) = env::<String>("MC_RDMA_PATH_POLICY")? {
             c.path_policy = match v.as_str() {
                 "all" => PathPolicy::All,
@@ -201,6 +211,12 @@ impl RdmaConfig {
             };
         }
         Ok(c)
+    }
+
+    /// Sets [`require_gpudirect`](Self::require_gpudirect).
+    pub fn with_require_gpudirect(mut self, yes: bool) -> Self {
+        self.require_gpudirect = yes;
+        self
     }
 
     /// Uses only these devices.

@@ -43,9 +43,17 @@
 //! segment names and generations; without one peers are not authenticated (as in Mooncake).
 //! See `docs/rdma.md`.
 //!
-//! See `docs/rdma.md` for deployment, tuning knobs and the GPUDirect plan.
+//! # GPUDirect RDMA
+//! Device regions (`cuda:N`) are registered from the dma-buf the installed
+//! [`mooncake_core::DeviceCopier`] exports (`ibv_reg_dmabuf_mr`, with the rights of host MRs),
+//! on the NICs that accept it; NICs are ranked for each GPU by PCIe distance (sysfs). The
+//! transport moves device memory only where both sides registered it so (`can_move`). See
+//! `docs/gpu.md`.
+//!
+//! See `docs/rdma.md` for deployment and tuning knobs.
 
 mod config;
+mod gpudirect;
 mod handshake;
 mod passive;
 mod rail;
@@ -62,7 +70,7 @@ pub use config::{PathPolicy, RdmaConfig};
 pub use stats::{NicStats, RdmaStats};
 pub use sys::device_names;
 pub use transport::{RDMA_SCHEME, RdmaTransport};
-pub use wire::HANDSHAKE_KEY;
+pub use wire::{GPUDIRECT_KEY, HANDSHAKE_KEY};
 
 /// Entry points for the fuzz targets in `fuzz/`; not part of the supported API.
 #[doc(hidden)]

@@ -7,13 +7,15 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use mooncake_core::{Access, ClusterSecret, Error, ErrorKind, Region, Result};
-use sideway::ibverbs::memory_region::MemoryRegion;
+use mooncake_core::{
+    Access, ClusterSecret, DeviceCopier, Error, ErrorKind, Location, Region, Result,
+};
 
 use crate::config::{PathPolicy, RdmaConfig};
+use crate::gpudirect::{self, Registration};
 use crate::rail::{Claim, RailKey, Rails};
 use crate::slice::Slice;
 use crate::sys::{self, EventFd, Nic, Qp, QpPeer, QpTiming};
@@ -80,7 +82,9 @@ struct RegionMrs {
     region: Weak<Region>,
     len: u64,
     access: Access,
-    mrs: Vec<Arc<MemoryRegion>>,
+    /// Device memory registered from a dma-buf (GPUDirect RDMA).
+    device: bool,
+    reg: Registration,
 }
 
 /// Every registered region's MRs. The MRs are only ever held here: removing a region
@@ -92,14 +96,15 @@ pub(crate) struct MrTable {
 
 impl MrTable {
     /// Adds the MRs of `region`.
-    pub fn insert(&self, region: &Arc<Region>, mrs: Vec<Arc<MemoryRegion>>) {
+    pub fn insert(&self, region: &Arc<Region>, reg: Registration) {
         let old = self.map.write().unwrap_or_else(|p| p.into_inner()).insert(
             region.base(),
             RegionMrs {
                 region: Arc::downgrade(region),
                 len: region.len(),
                 access: region.access(),
-                mrs,
+                device: reg.dmabuf.is_some(),
+                reg,
             },
         );
         // An earlier registration of the same address still being unregistered: its MRs go
@@ -123,6 +128,33 @@ impl MrTable {
         gone.is_some()
     }
 
+    /// True while this registration of `region` has its MRs.
+    pub fn has(&self, region: &Region) -> bool {
+        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
+        m.get(&region.base())
+            .is_some_and(|r| std::ptr::eq(r.region.as_ptr(), region))
+    }
+
+    /// The device regions registered from dma-bufs (GPUDirect RDMA): base address and the
+    /// NICs (named by `names`) holding an MR of it.
+    pub fn device_regions(&self, names: &[String]) -> Vec<(u64, Vec<String>)> {
+        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .filter(|(_, r)| r.device)
+            .map(|(&a, r)| {
+                let nics = r
+                    .reg
+                    .mrs
+                    .iter()
+                    .zip(names)
+                    .filter(|(mr, _)| mr.is_some())
+                    .map(|(_, n)| n.clone())
+                    .collect();
+                (a, nics)
+            })
+            .collect()
+    }
+
     /// Deregisters everything.
     pub fn clear(&self) {
         let all = std::mem::take(&mut *self.map.write().unwrap_or_else(|p| p.into_inner()));
@@ -134,7 +166,8 @@ impl MrTable {
         let m = self.map.read().unwrap_or_else(|p| p.into_inner());
         m.get(&region.base())
             .filter(|r| std::ptr::eq(r.region.as_ptr(), Arc::as_ptr(region)))
-            .and_then(|r| r.mrs.get(nic))
+            .and_then(|r| r.reg.mrs.get(nic))
+            .and_then(Option::as_ref)
             .map(|mr| mr.lkey())
     }
 
@@ -144,12 +177,16 @@ impl MrTable {
         m.iter()
             .filter(|(_, r)| r.access.remote_read() || r.access.remote_write())
             .filter_map(|(&addr, r)| {
-                r.mrs.get(nic).map(|mr| RemoteKey {
-                    addr,
-                    len: r.len,
-                    rkey: mr.rkey(),
-                    writable: r.access.remote_write(),
-                })
+                r.reg
+                    .mrs
+                    .get(nic)
+                    .and_then(Option::as_ref)
+                    .map(|mr| RemoteKey {
+                        addr,
+                        len: r.len,
+                        rkey: mr.rkey(),
+                        writable: r.access.remote_write(),
+                    })
             })
             .collect()
     }
@@ -170,7 +207,11 @@ pub(crate) struct Shared {
     pub handshake_timeout: Duration,
     pub nics: Vec<Arc<Nic>>,
     pub names: Vec<String>,
-    pub topo: Topology,
+    /// Which NICs serve which location (`cpu:N` rows, or the JSON topology).
+    topo: Topology,
+    /// `topo` with `cuda:N` rows by PCIe distance, made when the first device region is
+    /// registered (asking the device runtime for PCI addresses loads its driver).
+    gpu_topo: OnceLock<Topology>,
     pub nic_down: Vec<AtomicBool>,
     pub mrs: MrTable,
     rails: Mutex<Rails>,
@@ -214,6 +255,7 @@ impl Shared {
             nics,
             names,
             topo,
+            gpu_topo: OnceLock::new(),
             mrs: MrTable::default(),
             rails: Mutex::new(rails),
             rails_unhealthy: AtomicBool::new(false),
@@ -318,6 +360,21 @@ impl Shared {
         .with_context("peer", s.peer())
     }
 
+    /// The NIC tiers of every location (with `cuda:N` rows once [`Self::learn_gpus`] ran).
+    pub fn topology(&self) -> &Topology {
+        self.gpu_topo.get().unwrap_or(&self.topo)
+    }
+
+    /// Adds `cuda:N` rows, ranking the NICs by PCIe distance to each GPU `copier` knows
+    /// (once; rows the JSON topology has are kept).
+    pub fn learn_gpus(&self, copier: &dyn DeviceCopier) {
+        self.gpu_topo.get_or_init(|| {
+            let mut t = self.topo.clone();
+            t.add_cuda_devices(std::path::Path::new("/"), copier, &self.names);
+            t
+        });
+    }
+
     /// Picks a rail: healthy (or claimable for a probe) first, then any rail this slice has
     /// not failed on yet. NICs whose port is down are never picked.
     pub fn choose(&self, s: &Slice) -> Option<(usize, String)> {
@@ -326,11 +383,23 @@ impl Shared {
         if remote_all.is_empty() {
             return None;
         }
-        let remote_loc = d
+        let buffer = d
             .buffers
             .iter()
-            .find(|b| s.remote_addr >= b.addr && s.remote_addr - b.addr < b.length)
-            .map(|b| b.name.as_str());
+            .find(|b| s.remote_addr >= b.addr && s.remote_addr - b.addr < b.length);
+        let remote_loc = buffer.map(|b| b.name.as_str());
+        // A remote device buffer is reachable only through the NICs that registered its
+        // dma-buf.
+        let mut remote_all = remote_all;
+        if let Some(b) = buffer
+            && !b.name.parse::<Location>().unwrap_or_default().is_host()
+        {
+            let through = gpudirect::remote_nics(d, b.addr).unwrap_or_default();
+            remote_all.retain(|n| through.contains(n));
+            if remote_all.is_empty() {
+                return None;
+            }
+        }
         let mut remote_pref: Vec<&str> = remote_loc
             .and_then(|l| d.priority_matrix.get(l))
             .and_then(|t| t.first())
@@ -344,7 +413,9 @@ impl Shared {
         if remote_pref.is_empty() {
             remote_pref = remote_all.clone();
         }
-        let (lp, lf) = self.topo.tiers(s.local.region().location());
+        let (lp, lf) = self.topology().tiers(s.local.region().location());
+        // A local device region only on the NICs that registered its dma-buf.
+        let local_host = s.local.region().location().is_host();
         let now = Instant::now();
         let mut rails = self
             .rails_unhealthy
@@ -356,6 +427,7 @@ impl Shared {
                     .iter()
                     .copied()
                     .filter(|&i| !self.nic_down[i].load(Ordering::Acquire))
+                    .filter(|&i| local_host || self.mrs.lkey(s.local.region(), i).is_some())
                     .collect();
                 for k in 0..locals.len() {
                     let l = locals[(s.seq + k) % locals.len()];

@@ -4,16 +4,18 @@
 //! Every `unsafe` block of the crate lives here.
 
 use std::net::{Ipv6Addr, SocketAddr, TcpStream};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 
 use mooncake_core::{Error, ErrorKind, Result};
+
+use crate::gpudirect::{Mr, MrTarget, Rights};
 use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid, GidType};
 use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionChannel, CompletionQueue};
 use sideway::ibverbs::device::{DeviceInfo, DeviceList};
 use sideway::ibverbs::device_context::{DeviceContext, LinkLayer, Mtu, PortState};
-use sideway::ibverbs::memory_region::MemoryRegion;
+use sideway::ibverbs::memory_region::{MemoryRegion, RegisterMemoryRegionError};
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair, QueuePairAttribute, QueuePairState};
 
@@ -265,27 +267,6 @@ impl Nic {
         Ok(())
     }
 
-    /// Registers `len` bytes at `addr`, with remote rights as given.
-    pub fn reg_mr(
-        &self,
-        addr: u64,
-        len: u64,
-        remote_read: bool,
-        remote_write: bool,
-    ) -> Result<Arc<MemoryRegion>> {
-        let mut access = AccessFlags::LocalWrite;
-        if remote_read {
-            access |= AccessFlags::RemoteRead;
-        }
-        if remote_write {
-            access |= AccessFlags::RemoteWrite;
-        }
-        // SAFETY: `addr..addr+len` is a registered engine region, valid until `on_unregister`
-        // returns, which drops this MR first (the engine drains transfers before that).
-        unsafe { self.pd.reg_mr(addr as usize, len as usize, access) }
-            .map_err(|e| verbs_err(&format!("ibv_reg_mr({addr:#x}+{len})"), &self.name, e))
-    }
-
     /// Creates an RC QP in INIT state, allowing remote reads and writes (the MRs decide).
     pub fn create_qp(&self, max_wr: u32) -> Result<Qp> {
         let mut b = self.pd.create_qp_builder();
@@ -314,6 +295,86 @@ impl Nic {
             qp,
             nic: self.name.clone(),
         })
+    }
+}
+
+fn access_flags(rights: Rights) -> AccessFlags {
+    let mut access = AccessFlags::LocalWrite;
+    if rights.remote_read {
+        access |= AccessFlags::RemoteRead;
+    }
+    if rights.remote_write {
+        access |= AccessFlags::RemoteWrite;
+    }
+    access
+}
+
+/// The errno behind a failed registration (sideway's error displays only "failed to register
+/// memory region").
+fn reg_err(e: RegisterMemoryRegionError) -> String {
+    format!("{e}: {}", e.0)
+}
+
+impl Mr for Arc<MemoryRegion> {
+    fn lkey(&self) -> u32 {
+        MemoryRegion::lkey(self)
+    }
+    fn rkey(&self) -> u32 {
+        MemoryRegion::rkey(self)
+    }
+}
+
+impl MrTarget for Nic {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn reg_mr(&self, addr: u64, len: u64, rights: Rights) -> Result<Box<dyn Mr>> {
+        // SAFETY: `addr..addr+len` is a registered engine region, valid until `on_unregister`
+        // returns, which drops this MR first (the engine drains transfers before that).
+        let mr = unsafe {
+            self.pd
+                .reg_mr(addr as usize, len as usize, access_flags(rights))
+        }
+        .map_err(|e| {
+            verbs_err(
+                &format!("ibv_reg_mr({addr:#x}+{len})"),
+                &self.name,
+                reg_err(e),
+            )
+        })?;
+        Ok(Box::new(mr))
+    }
+
+    fn reg_dmabuf_mr(
+        &self,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        iova: u64,
+        rights: Rights,
+    ) -> Result<Box<dyn Mr>> {
+        // SAFETY: `fd` is a dma-buf the device runtime exported for the registered device
+        // region `iova..iova+len` (covering `offset..offset+len` of it); the region stays
+        // allocated until `on_unregister` returns, which drops this MR first, and the fd stays
+        // open as long as the MR (`gpudirect::Registration`).
+        let mr = unsafe {
+            self.pd.reg_dmabuf_mr(
+                offset,
+                len as usize,
+                iova,
+                fd.as_raw_fd(),
+                access_flags(rights),
+            )
+        }
+        .map_err(|e| {
+            verbs_err(
+                &format!("ibv_reg_dmabuf_mr(offset {offset:#x}, {len} bytes, iova {iova:#x})"),
+                &self.name,
+                reg_err(e),
+            )
+        })?;
+        Ok(Box::new(mr))
     }
 }
 
@@ -880,7 +941,11 @@ mod tests {
         .unwrap();
         let mem = vec![7u8; 1 << 20].into_boxed_slice();
         let base = mem.as_ptr() as u64;
-        let mr = nic.reg_mr(base, mem.len() as u64, true, true).unwrap();
+        let rights = Rights {
+            remote_read: true,
+            remote_write: true,
+        };
+        let mr = MrTarget::reg_mr(&**nic, base, mem.len() as u64, rights).unwrap();
         let wrs: Vec<Wr> = (0..64u64)
             .map(|i| Wr {
                 wr_id: 100 + i,

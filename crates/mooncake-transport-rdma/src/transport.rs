@@ -9,11 +9,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mooncake_core::{
-    DeviceDesc, EngineContext, Error, ErrorKind, Region, RemoteSegment, Result, SegmentDescriptor,
-    TransferTask, Transport, TransportBuilder, TransportCapabilities,
+    BufferDesc, DeviceDesc, EngineContext, Error, ErrorKind, Region, RemoteSegment, Result,
+    SegmentDescriptor, TransferTask, Transport, TransportBuilder, TransportCapabilities,
+    device_copier,
 };
 
 use crate::config::RdmaConfig;
+use crate::gpudirect::{self, MrTarget};
 use crate::handshake::{self, Reactor};
 use crate::passive::{self, Passive};
 use crate::shared::{Cmd, Mailbox, Shared};
@@ -166,8 +168,10 @@ impl Transport for RdmaTransport {
         RDMA_SCHEME
     }
 
+    /// Device memory when a device runtime is installed (it exports the dma-bufs); which
+    /// device buffers this transport moves is decided per request by `can_move`.
     fn capabilities(&self) -> TransportCapabilities {
-        TransportCapabilities::default()
+        TransportCapabilities::default().with_device_memory(device_copier().is_some())
     }
 
     fn publish(&self, d: &mut SegmentDescriptor) {
@@ -180,13 +184,14 @@ impl Transport for RdmaTransport {
                 });
             }
         }
-        for (k, v) in self.sh.topo.to_descriptor(&self.sh.names) {
+        for (k, v) in self.sh.topology().to_descriptor(&self.sh.names) {
             d.priority_matrix.entry(k).or_insert(v);
         }
         d.extra.insert(
             HANDSHAKE_KEY.into(),
             serde_json::Value::String(self.published.clone()),
         );
+        gpudirect::publish(d, &self.sh.mrs.device_regions(&self.sh.names));
     }
 
     fn can_reach(&self, remote: &RemoteSegment) -> bool {
@@ -194,6 +199,21 @@ impl Transport for RdmaTransport {
         d.speaks(self.name())
             && !d.devices.is_empty()
             && d.extra.get(HANDSHAKE_KEY).is_some_and(|v| v.is_string())
+    }
+
+    /// Host memory on both sides, or device memory registered with the NICs from a dma-buf:
+    /// a local device region whose registration succeeded here, a remote device buffer its
+    /// owner published under [`crate::GPUDIRECT_KEY`].
+    fn can_move(&self, region: &Region, remote: &RemoteSegment, buffer: &BufferDesc) -> bool {
+        if !self.can_reach(remote) {
+            return false;
+        }
+        gpudirect::can_move(
+            region.location(),
+            region.location().is_host() || self.sh.mrs.has(region),
+            buffer,
+            remote.descriptor(),
+        )
     }
 
     fn submit(&self, tasks: Vec<TransferTask>) {
@@ -241,23 +261,43 @@ impl Transport for RdmaTransport {
         sh.dispatch(out);
     }
 
+    /// Registers the region on every NIC: host memory by address, device memory from the
+    /// dma-buf the installed device runtime exports (GPUDirect RDMA). A NIC refusing the
+    /// dma-buf is named in a warning and the region moves only through the others; a region
+    /// no NIC registered is left to other transports (`can_move` says no for it). Under
+    /// [`RdmaConfig::require_gpudirect`] any refusal fails the registration instead.
     fn on_register(&self, region: &Arc<Region>) -> Result<()> {
-        let a = region.access();
-        let mrs = self
-            .sh
-            .nics
-            .iter()
-            .map(|n| {
-                n.reg_mr(
-                    region.base(),
-                    region.len(),
-                    a.remote_read(),
-                    a.remote_write(),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.sh.mrs.insert(region, mrs);
-        Ok(())
+        let copier = device_copier();
+        if let Some(c) = &copier
+            && !region.location().is_host()
+        {
+            self.sh.learn_gpus(&**c);
+        }
+        let targets: Vec<&dyn MrTarget> =
+            self.sh.nics.iter().map(|n| &**n as &dyn MrTarget).collect();
+        match gpudirect::register(&targets, region, copier.as_deref()) {
+            Ok(reg) if self.sh.cfg.require_gpudirect && !reg.refused.is_empty() => {
+                Err(reg.refused.into_iter().next().expect("not empty"))
+            }
+            Ok(mut reg) => {
+                for e in std::mem::take(&mut reg.refused) {
+                    tracing::warn!(
+                        error = %e,
+                        "this device region moves over RDMA only through the NICs that registered it"
+                    );
+                }
+                self.sh.mrs.insert(region, reg);
+                Ok(())
+            }
+            Err(e) if !region.location().is_host() && !self.sh.cfg.require_gpudirect => {
+                tracing::warn!(
+                    error = %e,
+                    "RDMA leaves this device region to other transports (MC_RDMA_REQUIRE_GPUDIRECT=1 makes this an error)"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn on_unregister(&self, region: &Arc<Region>) {

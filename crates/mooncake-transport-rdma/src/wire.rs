@@ -26,6 +26,11 @@ use serde::{Deserialize, Serialize};
 /// The `extra` key of the segment descriptor holding the handshake `host:port`.
 pub const HANDSHAKE_KEY: &str = "rdma_handshake";
 
+/// The descriptor field listing the base addresses of the device regions (`cuda:N`) the
+/// owner registered with its NICs from dma-bufs: peers move bytes of only those device
+/// buffers over RDMA (GPUDirect).
+pub const GPUDIRECT_KEY: &str = "rdma_gpudirect";
+
 /// Handshake protocol version; a peer speaking another one is refused.
 pub(crate) const VERSION: u32 = 3;
 /// Largest [`Hello`] a client accepts.
