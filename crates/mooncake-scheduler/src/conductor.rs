@@ -255,7 +255,8 @@ struct Booked {
     decode_start_s: f64,
     /// Blocks booked as expected on the prefill instance (a buffer of the Conductor's pool).
     expected: Option<Vec<u64>>,
-    /// Which booking of this request id the deadline heap's entries refer to.
+    /// Stamp of the expected-block booking ([`ExpectedBlocks::add`]): which booking of this
+    /// request id the deadline heap's entries refer to, and what its release passes back.
     generation: u64,
 }
 
@@ -413,8 +414,6 @@ pub struct Conductor {
     expected_stale: usize,
     /// Emptied key buffers of released bookings, reused for the next ones.
     expected_pool: Vec<Vec<u64>>,
-    /// Generation of the last booking.
-    generation: u64,
     /// Prefill instances a request may be placed on.
     candidates: u128,
     /// Instances that serve as prefix sources only (the store's pseudo-instance).
@@ -474,7 +473,6 @@ impl Conductor {
             expected_deadlines: BinaryHeap::new(),
             expected_stale: 0,
             expected_pool: Vec::new(),
-            generation: 0,
             candidates: all_bits(cfg.prefill_instances),
             sources: 0,
             decode_enabled: vec![true; cfg.decode_instances as usize],
@@ -658,7 +656,7 @@ impl Conductor {
             match self.booked.get_mut(&req) {
                 Some(b) if b.generation == generation && b.expected.is_some() => {
                     let keys = b.expected.take().unwrap_or_default();
-                    self.expected.release(b.prefill, &keys);
+                    self.expected.release(b.prefill, &keys, generation);
                     Self::recycle(&mut self.expected_pool, keys);
                 }
                 _ => self.expected_stale -= 1,
@@ -1084,15 +1082,13 @@ impl Scheduler for Conductor {
             if held < keys.len() {
                 let mut buf = self.expected_pool.pop().unwrap_or_default();
                 buf.extend_from_slice(&keys[held..]);
-                self.expected.add(c.instance, &buf);
+                booked.generation = self.expected.add(c.instance, &buf);
                 booked.expected = Some(buf);
-                self.generation += 1;
-                booked.generation = self.generation;
                 let deadline = (now_s + c.ttft + ttl).max(0.0);
                 self.expected_deadlines.push(Reverse((
                     deadline.to_bits(),
                     req.id,
-                    self.generation,
+                    booked.generation,
                 )));
             }
         }
@@ -1182,7 +1178,7 @@ impl Conductor {
     /// Releases what `b` booked (queue, decode load, expected blocks).
     fn release(&mut self, _request: u64, mut b: Booked, finished: bool, now_s: f64) {
         if let Some(keys) = b.expected.take() {
-            self.expected.release(b.prefill, &keys);
+            self.expected.release(b.prefill, &keys, b.generation);
             Self::recycle(&mut self.expected_pool, keys);
             self.expected_released_early();
         }
@@ -1743,6 +1739,38 @@ mod tests {
         let late = accept(c.schedule(&req(1, 200..210), 100.0));
         let _ = c.schedule(&req(2, 900..901), 100.0 + late.predicted_ttft_s + 1.0);
         assert_eq!(c.expected().get(200), 1 << late.prefill);
+    }
+
+    #[test]
+    fn settled_then_rebooked_block_outlives_the_earlier_release() {
+        let mut c = Conductor::new(ConductorConfig {
+            expected_ttl_s: Some(60.0),
+            ..cfg(Policy::Mooncake, 1, 1)
+        })
+        .unwrap();
+        // Request 1 books blocks 0..8 on the only prefill instance.
+        let a = accept(c.schedule(&req(1, 0..8), 0.0));
+        assert_eq!(c.expected().get(3), 1 << a.prefill);
+        // An event settles the expectation of block 3 (evicted right after its store).
+        c.observe(
+            ClusterEvent::BlocksRemoved {
+                instance: a.prefill,
+                block_hashes: &[3],
+            },
+            0.1,
+        );
+        assert_eq!(c.expected().get(3), 0);
+        // Request 2 books block 3 there again.
+        let b = accept(c.schedule(&req(2, 3..4), 0.2));
+        assert_eq!(b.prefill, a.prefill);
+        assert_eq!(c.expected().get(3), 1 << b.prefill);
+        // Request 1 ends: its booking of block 3 was settled already, so the newer
+        // request's expectation stays until that request ends or lapses.
+        c.observe(ClusterEvent::Dropped { request: 1 }, 0.3);
+        assert_eq!(c.expected().get(3), 1 << b.prefill);
+        assert_eq!(c.expected().get(4), 0);
+        c.observe(ClusterEvent::Dropped { request: 2 }, 0.4);
+        assert!(c.expected().is_empty());
     }
 
     #[test]

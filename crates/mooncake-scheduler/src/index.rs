@@ -344,18 +344,37 @@ impl CacheIndex {
 /// One map entry per block: its instance bitset and, in the common case of a single
 /// expecting instance, that instance's count of requests inline; only blocks expected on
 /// several instances keep per-instance counts in a side map.
+///
+/// Every booking gets a stamp from a counter ([`ExpectedBlocks::add`] returns it), and every
+/// (block, instance) expectation remembers the stamp of the booking that started it. When
+/// an event settles an expectation, the bookings counted in it are done with that block;
+/// a later release of one of them carries a stamp older than the entry a newer booking
+/// started since, and leaves that entry alone.
 #[derive(Debug, Clone, Default)]
 pub struct ExpectedBlocks {
     blocks: BlockMap<Expected>,
-    /// Requests expecting (block, instance), for blocks expected on two or more instances.
-    multi: HashMap<(u64, u32), u32, std::hash::BuildHasherDefault<crate::lru::BlockHasher>>,
+    /// Requests expecting (block, instance) and the stamp that started the expectation, for
+    /// blocks expected on two or more instances.
+    multi: HashMap<(u64, u32), Count, std::hash::BuildHasherDefault<crate::lru::BlockHasher>>,
+    /// Stamp of the last booking.
+    stamp: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Expected {
     bits: u128,
+    /// Stamp of the booking that started the expectation on its one instance (unused while
+    /// `bits` has several).
+    since: u64,
     /// Requests expecting the block on its one instance (unused while `bits` has several).
     n: u32,
+}
+
+/// Requests expecting a (block, instance) and the stamp of the first of them.
+#[derive(Debug, Clone, Copy)]
+struct Count {
+    n: u32,
+    since: u64,
 }
 
 impl Expected {
@@ -381,30 +400,50 @@ impl ExpectedBlocks {
         self.blocks.len()
     }
 
-    /// One more request expects `keys` on `instance`.
-    pub fn add(&mut self, instance: u32, keys: &[u64]) {
+    /// One more request expects `keys` on `instance`; returns the booking's stamp, which
+    /// its [`ExpectedBlocks::release`] passes back (stamps grow with every call).
+    pub fn add(&mut self, instance: u32, keys: &[u64]) -> u64 {
+        self.stamp += 1;
+        let stamp = self.stamp;
         let bit = 1u128 << instance;
         for &k in keys {
-            let e = self.blocks.entry(k).or_insert(Expected { bits: 0, n: 0 });
+            let e = self.blocks.entry(k).or_insert(Expected {
+                bits: 0,
+                since: stamp,
+                n: 0,
+            });
             if e.bits == 0 {
-                *e = Expected { bits: bit, n: 1 };
+                *e = Expected {
+                    bits: bit,
+                    since: stamp,
+                    n: 1,
+                };
             } else if e.bits == bit {
                 e.n += 1;
             } else {
                 if e.single() {
                     // A second instance: spill the first one's count to the side map.
-                    self.multi.insert((k, e.bits.trailing_zeros()), e.n);
+                    let first = Count {
+                        n: e.n,
+                        since: e.since,
+                    };
+                    self.multi.insert((k, e.bits.trailing_zeros()), first);
                     e.n = 0;
                 }
                 e.bits |= bit;
-                *self.multi.entry((k, instance)).or_insert(0) += 1;
+                self.multi
+                    .entry((k, instance))
+                    .or_insert(Count { n: 0, since: stamp })
+                    .n += 1;
             }
         }
+        stamp
     }
 
-    /// One request no longer expects `keys` on `instance`.
-    pub fn release(&mut self, instance: u32, keys: &[u64]) {
-        self.drop_expectations(instance, keys, false);
+    /// The request booked with `stamp` no longer expects `keys` on `instance` (blocks whose
+    /// expectation an event settled after that booking are not its to release).
+    pub fn release(&mut self, instance: u32, keys: &[u64], stamp: u64) {
+        self.drop_expectations(instance, keys, Some(stamp));
     }
 
     /// Events confirmed (or refuted) `keys` on `instance`: the expectation is settled for
@@ -413,10 +452,11 @@ impl ExpectedBlocks {
         if self.blocks.is_empty() {
             return;
         }
-        self.drop_expectations(instance, keys, true);
+        self.drop_expectations(instance, keys, None);
     }
 
-    fn drop_expectations(&mut self, instance: u32, keys: &[u64], all: bool) {
+    /// Drops one request's expectation (`Some(stamp)`) or all of them (`None`).
+    fn drop_expectations(&mut self, instance: u32, keys: &[u64], stamp: Option<u64>) {
         let bit = 1u128 << instance;
         for &k in keys {
             let Some(e) = self.blocks.get_mut(&k) else {
@@ -426,15 +466,21 @@ impl ExpectedBlocks {
                 continue;
             }
             if e.single() {
-                e.n = if all { 0 } else { e.n - 1 };
+                match stamp {
+                    // Booked before the expectation restarted: settled already.
+                    Some(s) if s < e.since => continue,
+                    Some(_) => e.n -= 1,
+                    None => e.n = 0,
+                }
                 if e.n == 0 {
                     self.blocks.remove(&k);
                 }
                 continue;
             }
-            let gone = match self.multi.get_mut(&(k, instance)) {
-                Some(c) if !all && *c > 1 => {
-                    *c -= 1;
+            let gone = match (self.multi.get_mut(&(k, instance)), stamp) {
+                (Some(c), Some(s)) if s < c.since => false,
+                (Some(c), Some(_)) if c.n > 1 => {
+                    c.n -= 1;
                     false
                 }
                 _ => true,
@@ -449,12 +495,16 @@ impl ExpectedBlocks {
 
     /// Back to the inline count when one instance is left.
     fn collapse(
-        multi: &mut HashMap<(u64, u32), u32, impl std::hash::BuildHasher>,
+        multi: &mut HashMap<(u64, u32), Count, impl std::hash::BuildHasher>,
         k: u64,
         e: &mut Expected,
     ) {
         if e.single() {
-            e.n = multi.remove(&(k, e.bits.trailing_zeros())).unwrap_or(1);
+            let c = multi
+                .remove(&(k, e.bits.trailing_zeros()))
+                .unwrap_or(Count { n: 1, since: 0 });
+            e.n = c.n;
+            e.since = c.since;
         }
     }
 
@@ -505,58 +555,93 @@ mod tests {
     #[test]
     fn expected_blocks_count_requests() {
         let mut e = ExpectedBlocks::default();
-        e.add(2, &[10, 11]);
-        e.add(2, &[10]);
-        e.add(3, &[10]);
+        let first = e.add(2, &[10, 11]);
+        let _second = e.add(2, &[10]);
+        let third = e.add(3, &[10]);
         assert_eq!(e.get(10), 0b1100);
-        e.release(2, &[10, 11]);
+        e.release(2, &[10, 11], first);
         assert_eq!((e.get(10), e.get(11)), (0b1100, 0));
         e.settle(2, &[10]);
         assert_eq!(e.get(10), 0b1000);
         e.clear_instance(3);
         assert!(e.is_empty());
-        e.release(3, &[10]);
+        e.release(3, &[10], third);
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn a_settled_booking_does_not_release_a_newer_one() {
+        let mut e = ExpectedBlocks::default();
+        // Inline count (one instance).
+        let old = e.add(2, &[10, 11]);
+        e.settle(2, &[10]);
+        let new = e.add(2, &[10]);
+        e.release(2, &[10, 11], old);
+        assert_eq!((e.get(10), e.get(11)), (0b100, 0));
+        e.release(2, &[10], new);
+        assert!(e.is_empty());
+        // Side-map count (several instances).
+        let other = e.add(3, &[10]);
+        let old = e.add(2, &[10]);
+        e.settle(2, &[10]);
+        let new = e.add(2, &[10]);
+        e.release(2, &[10], old);
+        assert_eq!(e.get(10), 0b1100);
+        e.release(3, &[10], other);
+        assert_eq!(e.get(10), 0b100);
+        e.release(2, &[10], new);
         assert!(e.is_empty());
     }
 
     proptest::proptest! {
-        /// The expected view answers like a plain map of per-(block, instance) counts.
+        /// The expected view answers like a plain list of live bookings, each holding the
+        /// (block, instance) expectations no event settled yet.
         #[test]
         fn expected_matches_reference_model(ops in proptest::collection::vec((0u8..4, 0u32..4, proptest::collection::vec(0u64..12, 0..6)), 0..150)) {
             let mut e = ExpectedBlocks::default();
-            let mut model: std::collections::HashMap<(u64, u32), u32> = Default::default();
+            // (stamp, instance, blocks still expected) per unreleased booking.
+            let mut model: Vec<(u64, u32, Vec<u64>, Vec<u64>)> = Vec::new();
             for (op, inst, keys) in ops {
                 match op {
                     0 => {
-                        e.add(inst, &keys);
-                        for &k in &keys { *model.entry((k, inst)).or_insert(0) += 1; }
+                        let stamp = e.add(inst, &keys);
+                        model.push((stamp, inst, keys.clone(), keys));
                     }
                     1 => {
-                        e.release(inst, &keys);
-                        for &k in &keys {
-                            if let Some(c) = model.get_mut(&(k, inst)) {
-                                *c -= 1;
-                                if *c == 0 {
-                                    model.remove(&(k, inst));
-                                }
-                            }
+                        // Release one booking (picked by the generated keys' length).
+                        if !model.is_empty() {
+                            let (stamp, i, booked, _) = model.remove(keys.len() % model.len());
+                            e.release(i, &booked, stamp);
                         }
                     }
                     2 => {
                         e.settle(inst, &keys);
-                        for &k in &keys { model.remove(&(k, inst)); }
+                        for (_, i, _, live) in &mut model {
+                            if *i == inst {
+                                live.retain(|k| !keys.contains(k));
+                            }
+                        }
                     }
                     _ => {
                         e.clear_instance(inst);
-                        model.retain(|&(_, i), _| i != inst);
+                        for (_, i, _, live) in &mut model {
+                            if *i == inst {
+                                live.clear();
+                            }
+                        }
                     }
                 }
-                model.retain(|_, c| *c != 0);
+                let mut distinct = std::collections::HashSet::new();
                 for k in 0..12 {
-                    let want = model.keys().filter(|(mk, _)| *mk == k).fold(0u128, |b, (_, i)| b | 1 << i);
+                    let want = model
+                        .iter()
+                        .filter(|(_, _, _, live)| live.contains(&k))
+                        .fold(0u128, |b, (_, i, _, _)| b | 1 << i);
+                    if want != 0 {
+                        distinct.insert(k);
+                    }
                     proptest::prop_assert_eq!(e.get(k), want);
                 }
-                let distinct: std::collections::HashSet<u64> = model.keys().map(|(k, _)| *k).collect();
                 proptest::prop_assert_eq!(e.len(), distinct.len());
             }
         }
