@@ -571,6 +571,11 @@ mod tests {
 
     #[test]
     fn a_settled_booking_does_not_release_a_newer_one() {
+        // The stamp fits in the entry's padding: no larger than a bitset and a count.
+        assert_eq!(
+            std::mem::size_of::<Expected>(),
+            std::mem::size_of::<(u128, u32)>()
+        );
         let mut e = ExpectedBlocks::default();
         // Inline count (one instance).
         let old = e.add(2, &[10, 11]);
