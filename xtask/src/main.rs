@@ -248,6 +248,12 @@ fn wheel(py: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     std::fs::create_dir_all(&bin_dir)?;
     std::fs::copy(target.join("release/mooncake"), bin_dir.join("mooncake"))
         .context("bundling the mooncake binary")?;
+    // The release profile keeps line tables (for profiling); the wheel does not need them.
+    // Best effort: without binutils' `strip` the wheel is only larger.
+    let _ = Command::new("strip")
+        .arg("--strip-debug")
+        .arg(bin_dir.join("mooncake"))
+        .status();
     let out = target.join("wheels");
     let _ = std::fs::remove_dir_all(&out);
     run(Command::new(py)

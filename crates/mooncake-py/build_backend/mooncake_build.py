@@ -36,6 +36,10 @@ def _bundle_cli():
         src = target / "release" / "mooncake"
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, dest)
+    # The release profile keeps line tables (for profiling); the wheel does not need them.
+    # Best effort: without binutils' `strip` the wheel is only larger.
+    if shutil.which("strip"):
+        subprocess.run(["strip", "--strip-debug", str(dest)], check=False)
 
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
