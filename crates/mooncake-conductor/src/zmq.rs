@@ -297,6 +297,54 @@ fn apply(svc: &Service, name: &str, payload: &[u8]) {
     }
 }
 
+/// The publisher's side of vLLM's KV-event wire format, as a vLLM engine speaks it (for the
+/// in-repo servers and tests that stand in for one).
+pub mod publisher {
+    use bytes::Bytes;
+    use zeromq::ZmqMessage;
+
+    /// A PUB message: empty topic, the sequence number (8 bytes, big-endian), the payload.
+    pub fn event(seq: u64, payload: Bytes) -> ZmqMessage {
+        ZmqMessage::try_from(vec![
+            Bytes::new(),
+            Bytes::copy_from_slice(&seq.to_be_bytes()),
+            payload,
+        ])
+        .expect("three frames")
+    }
+
+    /// The ROUTER's answer to a replay request (`[identity, start]` as received): every batch
+    /// of `buffer` numbered `start` or later, then the end marker (sequence `0xff…`, empty
+    /// payload). `None` for a malformed request.
+    pub fn replay<'a>(
+        request: ZmqMessage,
+        buffer: impl IntoIterator<Item = &'a (u64, Bytes)>,
+    ) -> Option<Vec<ZmqMessage>> {
+        let frames = request.into_vec();
+        if frames.len() != 3 || frames[2].len() != 8 {
+            return None;
+        }
+        let start = u64::from_be_bytes(frames[2].as_ref().try_into().expect("8 bytes"));
+        let id = frames[0].clone();
+        let reply = |seq: &[u8], payload: Bytes| {
+            ZmqMessage::try_from(vec![
+                id.clone(),
+                Bytes::new(),
+                Bytes::copy_from_slice(seq),
+                payload,
+            ])
+            .expect("four frames")
+        };
+        let mut out: Vec<ZmqMessage> = buffer
+            .into_iter()
+            .filter(|(s, _)| *s >= start)
+            .map(|(s, p)| reply(&s.to_be_bytes(), p.clone()))
+            .collect();
+        out.push(reply(&[0xff; 8], Bytes::new()));
+        Some(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

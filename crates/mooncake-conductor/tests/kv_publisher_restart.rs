@@ -15,9 +15,10 @@ use bytes::Bytes;
 use mooncake_conductor::events::{HashEncoding, OutEvent, encode_batch};
 use mooncake_conductor::hash::digest_to_u64;
 use mooncake_conductor::state::{Role, StateConfig};
+use mooncake_conductor::zmq::publisher;
 use mooncake_conductor::{Registration, RunningService, Service, ServiceConfig};
 use tokio::sync::{mpsc, oneshot};
-use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend};
 
 /// What a publisher keeps across a restart when it resumes: its numbering, its replay buffer
 /// and its engine's cache.
@@ -80,13 +81,7 @@ impl Publisher {
                                 }
                             }
                             let payload = Bytes::from(encode_batch(0.0, &events, HashEncoding::Int, 0));
-                            let msg = ZmqMessage::try_from(vec![
-                                Bytes::new(),
-                                Bytes::copy_from_slice(&h.seq.to_be_bytes()),
-                                payload.clone(),
-                            ])
-                            .expect("three frames");
-                            let _ = pubs.send(msg).await;
+                            let _ = pubs.send(publisher::event(h.seq, payload.clone())).await;
                             h.buffer.push_back((h.seq, payload));
                             h.seq += 1;
                             let _ = done.send(());
@@ -101,30 +96,12 @@ impl Publisher {
                     },
                     m = router.recv() => {
                         let Ok(m) = m else { continue };
-                        let frames = m.into_vec();
-                        if frames.len() != 3 || frames[2].len() != 8 {
+                        let Some(answer) = publisher::replay(m, &h.buffer) else {
                             continue;
-                        }
-                        let start = u64::from_be_bytes(frames[2].as_ref().try_into().unwrap());
-                        let id = frames[0].clone();
-                        for (s, p) in h.buffer.iter().filter(|(s, _)| *s >= start) {
-                            let msg = ZmqMessage::try_from(vec![
-                                id.clone(),
-                                Bytes::new(),
-                                Bytes::copy_from_slice(&s.to_be_bytes()),
-                                p.clone(),
-                            ])
-                            .expect("four frames");
+                        };
+                        for msg in answer {
                             let _ = router.send(msg).await;
                         }
-                        let end = ZmqMessage::try_from(vec![
-                            id,
-                            Bytes::new(),
-                            Bytes::copy_from_slice(&[0xff; 8]),
-                            Bytes::new(),
-                        ])
-                        .expect("four frames");
-                        let _ = router.send(end).await;
                     }
                 }
             }

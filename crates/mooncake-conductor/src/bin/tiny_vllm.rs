@@ -31,10 +31,11 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use mooncake_conductor::events::{HashEncoding, OutEvent, encode_batch};
 use mooncake_conductor::hash::{BlockHasher, DEFAULT_NONE_HASH_SEED, HashAlgo, digest_to_u64};
+use mooncake_conductor::zmq::publisher;
 use mooncake_scheduler::lru::LruSet;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend};
 
 #[derive(Debug, Clone)]
 struct Args {
@@ -480,13 +481,7 @@ async fn publisher(
                 if lost {
                     engine.stats.lock().unwrap().events_lost += 1;
                 } else {
-                    let msg = ZmqMessage::try_from(vec![
-                        Bytes::new(),
-                        Bytes::copy_from_slice(&seq.to_be_bytes()),
-                        payload.clone(),
-                    ])
-                    .expect("three frames");
-                    let _ = pubs.send(msg).await;
+                    let _ = pubs.send(publisher::event(seq, payload.clone())).await;
                     engine.stats.lock().unwrap().events_published += 1;
                 }
                 buffer.push_back((seq, payload));
@@ -496,31 +491,13 @@ async fn publisher(
                 seq += 1;
             }
             Some(m) = replay_req => {
-                let frames = m.into_vec();
-                if frames.len() != 3 || frames[2].len() != 8 {
+                let Some(answer) = publisher::replay(m, &buffer) else {
                     continue;
-                }
-                let start = u64::from_be_bytes(frames[2].as_ref().try_into().expect("8 bytes"));
-                let id = frames[0].clone();
+                };
                 let r = router.as_mut().expect("a replay request came from it");
-                for (s, p) in buffer.iter().filter(|(s, _)| *s >= start) {
-                    let msg = ZmqMessage::try_from(vec![
-                        id.clone(),
-                        Bytes::new(),
-                        Bytes::copy_from_slice(&s.to_be_bytes()),
-                        p.clone(),
-                    ])
-                    .expect("four frames");
+                for msg in answer {
                     let _ = r.send(msg).await;
                 }
-                let end = ZmqMessage::try_from(vec![
-                    id,
-                    Bytes::new(),
-                    Bytes::copy_from_slice(&[0xff; 8]),
-                    Bytes::new(),
-                ])
-                .expect("four frames");
-                let _ = r.send(end).await;
             }
         }
     }
