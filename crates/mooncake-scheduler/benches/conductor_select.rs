@@ -8,7 +8,8 @@
 //! the oldest request blocks of that instance evicted beyond 10^4, then the handover to
 //! decode), decode end. The cases run on the same trace in the same run: the load-balance
 //! policy (the baseline of the ratios), Mooncake with early rejection, and the same with
-//! expected blocks booked at decision time (the online service's setting). The event
+//! expected blocks booked at decision time (the online service's setting), and that with
+//! prediction-based rejection (a survival table over the decodes in flight per decision). The event
 //! handling a request causes is timed apart (it is not on the decision path).
 //!
 //! Then the same decisions on a still clock, each accepted request dropped at once (so no
@@ -394,6 +395,7 @@ fn bench(crit: &mut Criterion) {
         (Policy::LoadBalance, Admission::None, false),
         (Policy::Mooncake, Admission::Early, false),
         (Policy::Mooncake, Admission::Early, true),
+        (Policy::Mooncake, Admission::Predicted, true),
     ];
     let res = driven(&cases, rate);
     for (&(p, a, e), (p50, p99)) in cases.iter().zip(&res) {

@@ -13,6 +13,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::LazyLock;
 
 use mooncake_core::scheduler::{
     ClusterEvent, Decision, InstanceId, Placement, Pool, PrefixFetch, Rejection, ScheduleRequest,
@@ -329,13 +330,14 @@ impl DurationHistogram {
     const BINS: usize = 80;
     const MIN_S: f64 = 1e-3;
 
+    /// Bin `k` holds durations in `[10^(k/10 − 3), 10^((k+1)/10 − 3))` s; the first and last
+    /// take everything below and above. A search over the edges: a decision looks up a bin
+    /// per booked request, and a `log10` each cost more than the rest of the decision.
     fn bin(x: f64) -> usize {
-        if x <= Self::MIN_S {
-            return 0;
-        }
-        ((x / Self::MIN_S).log10() * 10.0)
-            .floor()
-            .clamp(0.0, (Self::BINS - 1) as f64) as usize
+        static EDGES: LazyLock<[f64; DurationHistogram::BINS - 1]> = LazyLock::new(|| {
+            std::array::from_fn(|k| 10f64.powf((k + 1) as f64 / 10.0) * DurationHistogram::MIN_S)
+        });
+        EDGES.partition_point(|&e| e <= x)
     }
 
     fn add(&mut self, x: f64) {
@@ -343,13 +345,41 @@ impl DurationHistogram {
         self.total += 1;
     }
 
-    /// Share of observed durations longer than `x` (bins counted whole from `x`'s bin on).
-    fn survival(&self, x: f64) -> f64 {
-        if self.total == 0 {
-            return 1.0;
+    /// Kaplan–Meier survival table of the finished durations and of `censored`, the ages of
+    /// decodes still running (each lasts at least its age). Without the running ones the
+    /// table would only know the decodes short enough to have finished: while long decodes
+    /// are in flight it would predict them gone too early.
+    fn survival_table(&self, censored: impl Iterator<Item = f64>) -> SurvivalTable {
+        let mut at_least = [0u32; Self::BINS];
+        for age in censored {
+            at_least[Self::bin(age)] += 1;
         }
-        let above: u32 = self.bins[Self::bin(x)..].iter().sum();
-        f64::from(above) / f64::from(self.total)
+        let mut s = [1.0f64; Self::BINS + 1];
+        // Observations in bin `k` or later: the ones at risk in bin `k` (a decode censored in
+        // bin `k` counts as surviving it, the usual tie rule).
+        let mut risk: u32 = self.total + at_least.iter().sum::<u32>();
+        for k in 0..Self::BINS {
+            let ended = self.bins[k];
+            s[k + 1] = if ended == 0 {
+                s[k]
+            } else {
+                s[k] * (1.0 - f64::from(ended) / f64::from(risk))
+            };
+            risk -= ended + at_least[k];
+        }
+        SurvivalTable { s }
+    }
+}
+
+/// `s[k]`: estimated share of decodes lasting into bin `k` of [`DurationHistogram`] or later.
+struct SurvivalTable {
+    s: [f64; DurationHistogram::BINS + 1],
+}
+
+impl SurvivalTable {
+    /// Estimated share of decodes lasting longer than `x` seconds (`x`'s bin counted whole).
+    fn survival(&self, x: f64) -> f64 {
+        self.s[DurationHistogram::bin(x)]
     }
 }
 
@@ -936,25 +966,41 @@ impl Conductor {
     fn decode_load_at(&self, d: u32, now: f64, t: f64, ctx: u64, need: u64) -> f64 {
         let td = self.decode_time_estimate();
         let hist = &self.decode_time_hist;
+        let table = (hist.total > 0).then(|| {
+            hist.survival_table(
+                self.booked
+                    .values()
+                    .filter(|b| b.stage == Stage::Decoding)
+                    .map(|b| now - b.decode_start_s),
+            )
+        });
+        // Chance that a decode started at `start` still runs at `t`, given it runs at `from`.
+        let still = |start: f64, from: f64| {
+            let Some(hist) = &table else {
+                return f64::from(u8::from(t - start < td));
+            };
+            let s_from = hist.survival((from - start).max(0.0));
+            if s_from <= 0.0 {
+                1.0
+            } else {
+                (hist.survival((t - start).max(0.0)) / s_from).min(1.0)
+            }
+        };
         let (mut batch, mut tokens, mut kv) = (1.0f64, ctx as f64, need as f64);
         for b in self.booked.values() {
             if b.decode != d {
                 continue;
             }
             let present = match b.stage {
-                Stage::Decoding if hist.total == 0 => {
-                    f64::from(u8::from(t - b.decode_start_s < td))
+                Stage::Decoding => still(b.decode_start_s, now),
+                // Its KV is at the node: its decode starts now at the earliest.
+                Stage::AtDecode => still(now, now),
+                // Its decode starts when its prefill is predicted to end; before then it is
+                // not at the node, and by `t` its decode may already be over.
+                Stage::Queued | Stage::Prefilling if b.predicted_ready_s > t => 0.0,
+                Stage::Queued | Stage::Prefilling => {
+                    still(b.predicted_ready_s, b.predicted_ready_s)
                 }
-                Stage::Decoding => {
-                    let s_now = hist.survival(now - b.decode_start_s);
-                    if s_now <= 0.0 {
-                        1.0
-                    } else {
-                        (hist.survival(t - b.decode_start_s) / s_now).min(1.0)
-                    }
-                }
-                Stage::AtDecode => 1.0,
-                Stage::Queued | Stage::Prefilling => f64::from(u8::from(b.predicted_ready_s <= t)),
             };
             batch += present;
             tokens += present * b.context_tokens as f64;
@@ -1613,6 +1659,119 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// Moves requests `ids` (2 blocks each) through prefill into decode on instance 0 at `t`.
+    fn decode_from(c: &mut Conductor, ids: std::ops::Range<u64>, t: f64) {
+        for id in ids {
+            let p = accept(c.schedule(&req(id, 0..2), t));
+            assert_eq!(p.decode, 0);
+            for e in [
+                ClusterEvent::PrefillStarted {
+                    request: id,
+                    instance: p.prefill,
+                },
+                ClusterEvent::PrefillFinished {
+                    request: id,
+                    instance: p.prefill,
+                },
+                ClusterEvent::DecodeStarted {
+                    request: id,
+                    instance: 0,
+                },
+            ] {
+                c.observe(e, t);
+            }
+        }
+    }
+
+    /// 4 ms per sequence (an artificial cost, to keep the batches small) and one decode node.
+    fn small_batch_cfg(admission: Admission, tbt_slo_s: f64) -> ConductorConfig {
+        ConductorConfig {
+            admission,
+            tbt_slo_s,
+            decode_time_s: 0.5,
+            cost: CostModel {
+                decode_c1: 4e-3,
+                ..CostModel::default()
+            },
+            ..cfg(Policy::LoadBalance, 4, 1)
+        }
+    }
+
+    #[test]
+    fn duration_bins_are_tenths_of_a_decade_from_a_millisecond() {
+        for i in 0..4000 {
+            // Between the edges (an 800th of a decade off the nearest), 1 µs to 10⁴ s.
+            let x = 10f64.powf((f64::from(i) + 0.5) / 400.0 - 6.0);
+            let want = ((x / 1e-3).log10() * 10.0).floor().clamp(0.0, 79.0) as usize;
+            assert_eq!(DurationHistogram::bin(x), want, "{x}");
+        }
+        assert_eq!(DurationHistogram::bin(0.0), 0);
+        assert_eq!(DurationHistogram::bin(1.0), 30);
+        assert_eq!(DurationHistogram::bin(f64::INFINITY), 79);
+    }
+
+    #[test]
+    fn prediction_drops_a_queued_request_whose_decode_would_be_over() {
+        // 20 short requests queued for prefill, ready within ≈ 0.6 s, then decoding for the
+        // uniform t_d. 26 ms + 4 ms × 21 = 110 ms would break the 108 ms SLO.
+        let queued = |td: f64| {
+            let mut c = Conductor::new(ConductorConfig {
+                decode_time_s: td,
+                ..small_batch_cfg(Admission::Predicted, 0.108)
+            })
+            .unwrap();
+            for id in 0..20 {
+                assert_eq!(accept(c.schedule(&req(id, 0..2), 0.0)).decode, 0);
+            }
+            c
+        };
+        // A 32-block request reaches decode ≈ 2.6 s from now: with t_d = 0.5 s every queued
+        // request's decode is over by then, so it joins an empty batch.
+        let big = req(100, 1000..1032);
+        assert_eq!(accept(queued(0.5).schedule(&big, 0.0)).decode, 0);
+        // With t_d = 100 s they all still decode then.
+        assert!(matches!(
+            queued(100.0).schedule(&big, 0.0),
+            Decision::Reject(Rejection::Overloaded {
+                pool: Pool::Decode,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn prediction_counts_running_decodes_as_censored_durations() {
+        // History: 20 decodes that lasted 1 s. At t = 30 s, 10 decodes have run for 29 s and
+        // 10 for 0.95 s. Counting only finished decodes, every young one would be gone
+        // after 1 s; the long ones still running say decodes last longer: the Kaplan–Meier
+        // estimate keeps a third of the young ones (10 of the 30 decodes at risk at 1 s).
+        let mut c = Conductor::new(small_batch_cfg(Admission::Predicted, 0.108)).unwrap();
+        // HBM of 32,000 tokens; each short request reserves 1,034.
+        c.set_decode_capacity(0, 32_000);
+        decode_from(&mut c, 0..20, 0.0);
+        for id in 0..20 {
+            c.observe(
+                ClusterEvent::DecodeFinished {
+                    request: id,
+                    instance: 0,
+                },
+                1.0,
+            );
+        }
+        decode_from(&mut c, 100..110, 1.0);
+        decode_from(&mut c, 200..210, 29.05);
+        // A 40-block request (20,490 tokens) reaches decode ≈ 2.6 s later: 20,490 + 10 ×
+        // 1,034 + 10 / 3 × 1,034 = 34,277 tokens > 32,000 (without the running ones in the
+        // estimate: 30,830).
+        match c.schedule(&req(300, 1000..1040), 30.0) {
+            Decision::Reject(Rejection::Overloaded {
+                pool: Pool::Decode,
+                load,
+            }) => assert!((1.05..1.09).contains(&load), "{load}"),
+            d => panic!("{d:?}"),
+        }
     }
 
     #[test]

@@ -417,6 +417,16 @@ pub fn standard_variants(seed: u64) -> Vec<Variant> {
             },
         },
         Variant {
+            name: "output14",
+            description: "outputs ×14 (mean 2,088, reasoning-model lengths), capped at 32,768: \
+                          the decode side binds at 8P8D",
+            spec: TransformSpec {
+                output_scale: 14.0,
+                output_cap: Some(32_768),
+                ..base.clone()
+            },
+        },
+        Variant {
             name: "context1.5",
             description: "prompts ×1.5 (reuse structure kept), arrival rate ×0.6",
             spec: TransformSpec {
