@@ -30,7 +30,8 @@ pub(crate) struct TransformArgs {
     #[arg(long, value_name = "DIR", conflicts_with = "out")]
     standard_variants: Option<PathBuf>,
     /// Start from this standard variant's settings (poisson, ticks, onoff, rate1.25,
-    /// output2.3, context1.5, sysprompt, lowreuse); other options override them.
+    /// output2.3, output14, context1.5, sysprompt, lowreuse, convlike); other options override
+    /// them.
     #[arg(long)]
     variant: Option<String>,
     /// Seed of every random choice.
