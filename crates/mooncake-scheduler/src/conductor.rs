@@ -1583,54 +1583,15 @@ mod tests {
 
     /// Puts `n` requests into decoding on decode instance 0, started at `t`.
     fn fill_decode(c: &mut Conductor, n: u64, t: f64) {
-        for i in 0..n {
-            let id = 10_000 + i;
-            let p = accept(c.schedule(&req(id, 0..2), t));
-            assert_eq!(p.decode, 0);
-            for e in [
-                ClusterEvent::PrefillStarted {
-                    request: id,
-                    instance: p.prefill,
-                },
-                ClusterEvent::PrefillFinished {
-                    request: id,
-                    instance: p.prefill,
-                },
-                ClusterEvent::DecodeStarted {
-                    request: id,
-                    instance: 0,
-                },
-            ] {
-                c.observe(e, t);
-            }
-        }
+        decode_from(c, 10_000..10_000 + n, t);
     }
 
     #[test]
     fn early_rejects_on_current_decode_load_predicted_looks_ahead() {
-        // A decode cost of 4 ms per sequence (an artificial one, to keep the batch small).
-        let cost = CostModel {
-            decode_c1: 4e-3,
-            ..CostModel::default()
-        };
-        let base = ConductorConfig {
-            tbt_slo_s: 0.108,
-            decode_time_s: 0.5,
-            cost,
-            ..cfg(Policy::LoadBalance, 4, 1)
-        };
         // 20 requests decoding: 26 ms + 4 ms × 20 = 106 ms fits the 108 ms SLO; one more does
         // not.
-        let mut early = Conductor::new(ConductorConfig {
-            admission: Admission::Early,
-            ..base.clone()
-        })
-        .unwrap();
-        let mut pred = Conductor::new(ConductorConfig {
-            admission: Admission::Predicted,
-            ..base.clone()
-        })
-        .unwrap();
+        let mut early = Conductor::new(small_batch_cfg(Admission::Early, 0.108)).unwrap();
+        let mut pred = Conductor::new(small_batch_cfg(Admission::Predicted, 0.108)).unwrap();
         fill_decode(&mut early, 20, 0.0);
         fill_decode(&mut pred, 20, 0.0);
         // At t = 0.1 the batch is still full now, but by the time a 4-block request reaches
@@ -1646,9 +1607,8 @@ mod tests {
         accept(pred.schedule(&r, 0.45));
         // Predicted still rejects when the batch will still be running then.
         let mut pred2 = Conductor::new(ConductorConfig {
-            admission: Admission::Predicted,
             decode_time_s: 100.0,
-            ..base
+            ..small_batch_cfg(Admission::Predicted, 0.108)
         })
         .unwrap();
         fill_decode(&mut pred2, 20, 0.0);
