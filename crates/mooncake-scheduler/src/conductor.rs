@@ -331,8 +331,8 @@ impl DurationHistogram {
     const MIN_S: f64 = 1e-3;
 
     /// Bin `k` holds durations in `[10^(k/10 − 3), 10^((k+1)/10 − 3))` s; the first and last
-    /// take everything below and above. A search over the edges: a decision looks up a bin
-    /// per booked request, and a `log10` each cost more than the rest of the decision.
+    /// take everything below and above. Found by a search over the edges, cheaper than a
+    /// `log10`: a prediction-based decision looks up two bins per booked request.
     fn bin(x: f64) -> usize {
         static EDGES: LazyLock<[f64; DurationHistogram::BINS - 1]> = LazyLock::new(|| {
             std::array::from_fn(|k| 10f64.powf((k + 1) as f64 / 10.0) * DurationHistogram::MIN_S)
@@ -957,12 +957,15 @@ impl Conductor {
     }
 
     /// Load of decode instance `d` predicted at time `t`, when the request would join it
-    /// (system-level prediction of arXiv v1 §6: no per-request output length): the requests
-    /// whose prefill will be done by `t`, plus each decoding request weighted by the chance it
-    /// is still decoding at `t`. The paper assumes a uniform decode time `t_d` and drops every
-    /// request older than it; with long-tailed outputs the requests in flight at any moment
-    /// are mostly the long ones, so once decodes have been observed the chance is taken from
-    /// their durations: `S(age at t) / S(age now)`, `S` the share of decodes lasting longer.
+    /// (system-level prediction of arXiv v1 §6: no per-request output length): every request
+    /// booked on `d` weighted by the chance it is decoding at `t`. A decoding request counts
+    /// with the chance its decode lasts until `t`; one whose KV is at the node with that of a
+    /// decode starting now; one in prefill only if its prefill is predicted to end by `t`, with
+    /// that of a decode starting then. The paper assumes a uniform decode time `t_d` and drops
+    /// every request older than it; with long-tailed outputs the requests in flight at any
+    /// moment are mostly the long ones, so once decodes have been observed the chance is taken
+    /// from their durations: `S(age at t) / S(age now)`, `S` the Kaplan–Meier survival of the
+    /// finished decodes with the running ones as censored observations.
     fn decode_load_at(&self, d: u32, now: f64, t: f64, ctx: u64, need: u64) -> f64 {
         let td = self.decode_time_estimate();
         let hist = &self.decode_time_hist;
