@@ -330,6 +330,16 @@ mod tests {
         exported: Mutex<Vec<Export>>,
     }
 
+    impl FakeCopier {
+        fn new(offset: u64, extra: i64) -> Self {
+            Self {
+                offset,
+                extra,
+                exported: Mutex::default(),
+            }
+        }
+    }
+
     impl DeviceCopier for FakeCopier {
         fn name(&self) -> &'static str {
             "fake"
@@ -396,11 +406,7 @@ mod tests {
     fn device_memory_is_registered_through_its_dmabuf_with_the_regions_rights() {
         let log = Log::default();
         let n = nics(&log, &[true, true]);
-        let copier = FakeCopier {
-            offset: 0x123,
-            extra: 4096,
-            exported: Mutex::default(),
-        };
+        let copier = FakeCopier::new(0x123, 4096);
         let reg = BufferRegistry::new();
         let base = 0x7f00_0000_1000;
         for (access, read, write) in [
@@ -463,11 +469,7 @@ mod tests {
     fn host_memory_is_registered_by_address() {
         let log = Log::default();
         let n = nics(&log, &[false]);
-        let copier = FakeCopier {
-            offset: 0,
-            extra: 0,
-            exported: Mutex::default(),
-        };
+        let copier = FakeCopier::new(0, 0);
         let reg = BufferRegistry::new();
         let r = region(&reg, 0x5000_0000, Location::Cpu(0), Access::ReadOnly);
         let got = register(&targets(&n), &r, Some(&copier)).unwrap();
@@ -491,11 +493,7 @@ mod tests {
     fn nics_refusing_dmabuf_are_named_and_left_out_and_all_refusing_fails() {
         let log = Log::default();
         let n = nics(&log, &[false, true, false]);
-        let copier = FakeCopier {
-            offset: 0,
-            extra: 0,
-            exported: Mutex::default(),
-        };
+        let copier = FakeCopier::new(0, 0);
         let reg = BufferRegistry::new();
         let r = region(&reg, 0x7f00_0000_0000, Location::Cuda(0), Access::ReadWrite);
         // Only mlx5_1 accepts: the region gets that one MR; the others are named.
@@ -544,11 +542,7 @@ mod tests {
         let e = register(&targets(&n), &r, None).err().unwrap();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         assert!(e.to_string().contains("no device runtime"), "{e}");
-        let short = FakeCopier {
-            offset: 0,
-            extra: -1,
-            exported: Mutex::default(),
-        };
+        let short = FakeCopier::new(0, -1);
         let e = register(&targets(&n), &r, Some(&short)).err().unwrap();
         assert!(e.to_string().contains("exported a dma-buf of"), "{e}");
         assert!(log.lock().unwrap().is_empty(), "no NIC was asked");
