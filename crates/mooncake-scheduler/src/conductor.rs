@@ -503,7 +503,7 @@ impl Conductor {
             expected_deadlines: BinaryHeap::new(),
             expected_stale: 0,
             expected_pool: Vec::new(),
-            candidates: all_bits(cfg.prefill_instances),
+            candidates: crate::index::all_bits(cfg.prefill_instances),
             sources: 0,
             decode_enabled: vec![true; cfg.decode_instances as usize],
             decode_vram: vec![cfg.cost.vram_tokens; cfg.decode_instances as usize],
@@ -1255,15 +1255,6 @@ impl Conductor {
                 }
             }
         }
-    }
-}
-
-/// Bitset of instances `0..n`.
-fn all_bits(n: u32) -> u128 {
-    if n >= 128 {
-        u128::MAX
-    } else {
-        (1u128 << n) - 1
     }
 }
 

@@ -278,12 +278,7 @@ impl CacheIndex {
     ) -> (u32, u128) {
         out.clear();
         out.resize(instances as usize, 0);
-        let all: u128 = if instances >= 128 {
-            u128::MAX
-        } else {
-            (1u128 << instances) - 1
-        };
-        let mut alive = all & mask;
+        let mut alive = all_bits(instances) & mask;
         let mut set = alive;
         while set != 0 {
             out[set.trailing_zeros() as usize] = keys.len() as u32;
@@ -524,6 +519,15 @@ impl ExpectedBlocks {
             Self::collapse(multi, k, e);
             true
         });
+    }
+}
+
+/// Bitset of instances `0..n`.
+pub(crate) fn all_bits(n: u32) -> u128 {
+    if n >= 128 {
+        u128::MAX
+    } else {
+        (1u128 << n) - 1
     }
 }
 
